@@ -1,0 +1,224 @@
+"""The checkpoint format: generator weights in safetensors, self-describing JSON metadata.
+
+A checkpoint is the only thing the trainer and the daemon share, so loading it is strict: it
+must be safetensors (never a pickle), carry our metadata, and every tensor must match the
+generator that metadata describes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from model.atomic import atomic_write_bytes
+from model.generator import ARCH, Generator, GeneratorConfig
+
+META_KEY = "upscaled"
+FORMAT_VERSION = 1
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be used as a generator checkpoint; the message says why."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    arch: str
+    generator: GeneratorConfig
+    version: str
+    created: str
+    step: int
+    validation: dict[str, Any] = field(default_factory=dict)  # {"data", "fingerprint", "metrics": {...}}
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def scale(self) -> int:
+        return self.generator.scale
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return dict(self.validation.get("metrics", {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "arch": self.arch,
+            "generator": self.generator.to_dict(),
+            "scale": self.scale,
+            "version": self.version,
+            "created": self.created,
+            "step": self.step,
+            "validation": self.validation,
+            "extra": self.extra,
+        }
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(name.encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    generator: Generator,
+    *,
+    step: int = 0,
+    validation: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> CheckpointInfo:
+    """Write `generator` atomically to `path`; returns the metadata written."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in generator.state_dict().items()}
+    # BatchNorm's batch counter is training bookkeeping, and an int64 the daemon never needs.
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+    now = datetime.now(timezone.utc)
+    info = CheckpointInfo(
+        arch=ARCH,
+        generator=generator.cfg,
+        version=f"{now:%Y%m%dT%H%M%SZ}-{weights_digest(state)[:8]}",
+        created=now.isoformat(timespec="seconds"),
+        step=int(step),
+        validation=dict(validation or {}),
+        extra=dict(extra or {}),
+    )
+    data = st_save(state, metadata={META_KEY: json.dumps(info.to_dict(), sort_keys=True)})
+    atomic_write_bytes(path, data)
+    return info
+
+
+def _header(path: Path, raw: bytes) -> dict[str, Any]:
+    if raw[:2] == b"PK" or raw[:1] == b"\x80":
+        raise CheckpointError(
+            f"{path}: is a PyTorch/pickle file, not safetensors; upscaled never unpickles model "
+            "files (they can run code) — convert it to .safetensors"
+        )
+    if len(raw) < 8:
+        raise CheckpointError(f"{path}: not a safetensors file (only {len(raw)} bytes)")
+    (n,) = struct.unpack("<Q", raw[:8])
+    if n > _MAX_HEADER or 8 + n > len(raw):
+        raise CheckpointError(
+            f"{path}: not a safetensors file, or truncated (header claims {n} bytes, "
+            f"file has {len(raw)})"
+        )
+    try:
+        header = json.loads(raw[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
+    return header
+
+
+def _info_from_header(path: Path, header: dict[str, Any]) -> CheckpointInfo:
+    meta = header.get("__metadata__") or {}
+    if META_KEY not in meta:
+        raise CheckpointError(
+            f"{path}: safetensors file without upscaled metadata (key {META_KEY!r}); it was not "
+            "written by upscaled, so its architecture is unknown"
+        )
+    try:
+        m = json.loads(meta[META_KEY])
+        if m.get("arch") != ARCH:
+            raise CheckpointError(f"{path}: architecture {m.get('arch')!r} is not supported (expected {ARCH!r})")
+        if int(m.get("format_version", 0)) > FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path}: checkpoint format {m['format_version']} is newer than this upscaled "
+                f"understands ({FORMAT_VERSION}); upgrade upscaled"
+            )
+        return CheckpointInfo(
+            arch=m["arch"],
+            generator=GeneratorConfig.from_dict(m["generator"]),
+            version=str(m["version"]),
+            created=str(m["created"]),
+            step=int(m.get("step", 0)),
+            validation=dict(m.get("validation") or {}),
+            extra=dict(m.get("extra") or {}),
+        )
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: upscaled metadata is incomplete or invalid: {e}") from None
+
+
+def read_info(path: str | os.PathLike) -> CheckpointInfo:
+    """Metadata only; cheap, and as strict about the format as a full load."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) == 8 and raw[:2] != b"PK" and raw[:1] != b"\x80":
+                (n,) = struct.unpack("<Q", raw)
+                if n <= _MAX_HEADER and 8 + n <= os.fstat(f.fileno()).st_size:
+                    raw += f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    return _info_from_header(path, _header(path, raw))
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """Read and validate a checkpoint; returns float32 CPU tensors and the metadata."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    info = _info_from_header(path, _header(path, raw))
+    try:
+        state = st_load(raw)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: damaged safetensors data ({e})") from None
+    expected = {
+        k: v
+        for k, v in Generator(info.generator).state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: tensors do not match the declared generator {info.generator}: "
+            f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}"
+        )
+    for k, want in expected.items():
+        got = state[k]
+        if tuple(got.shape) != tuple(want.shape):
+            raise CheckpointError(
+                f"{path}: tensor {k} has shape {tuple(got.shape)}, but the declared generator "
+                f"{info.generator} needs {tuple(want.shape)}"
+            )
+        if not got.is_floating_point():
+            raise CheckpointError(f"{path}: tensor {k} has dtype {got.dtype}, expected floating point")
+        state[k] = got.to(torch.float32)
+        if not torch.isfinite(state[k]).all():
+            raise CheckpointError(f"{path}: tensor {k} contains NaN or infinite values")
+    return state, info
+
+
+def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Generator, CheckpointInfo]:
+    """Rebuild the generator from the metadata alone and load its weights, in eval mode."""
+    state, info = load_checkpoint(path)
+    g = Generator(info.generator)
+    g.load_state_dict(state, strict=False)  # only num_batches_tracked may be absent (checked above)
+    return g.eval().to(device), info
+
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
+BUNDLED_DEFAULT = BUNDLED_DIR / "default.safetensors"

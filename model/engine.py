@@ -1,0 +1,213 @@
+"""Tiled, batched inference: an image in, an image `scale` times larger out, on CPU or CUDA.
+
+Seamless tiling by context cropping: every tile is run with `overlap` extra low-resolution
+pixels of real image around it and only its centre is kept. With `overlap` at least the
+generator's receptive radius the result is identical to untiled inference; all tiles share one
+input shape (border tiles are shifted inward instead of shrunk), so they batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from model.checkpoint import CheckpointInfo
+from model.fold import fold_batchnorm
+from model.generator import Generator
+from model.images import Decoded, Encoded, assemble, quantize
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto: bf16 where the CPU has native bf16, fp16 on CUDA, else fp32
+    tile: int = 0  # low-resolution tile side in pixels; 0 = chosen from available memory
+    overlap: int = -1  # context pixels around each tile; -1 = the model's receptive radius (exact)
+    batch: int = 0  # tiles per forward pass; 0 = chosen from available memory
+    threads: int = 0  # CPU threads; 0 = all cores
+    memory_budget_mb: int = 0  # 0 = a share of what the device has free
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available on this machine")
+    return dev
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AMX or AVX-512 BF16); elsewhere bf16 is emulated and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in (" amx_bf16", " avx512_bf16"))
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+@dataclass(frozen=True)
+class Tile:
+    in_y: int  # input box top-left and size (all tiles of one image share the size)
+    in_x: int
+    out_y0: int  # output rows/cols this tile owns, in image coordinates (low-res units)
+    out_y1: int
+    out_x0: int
+    out_x1: int
+
+
+def _bands(n: int, tile: int, overlap: int) -> tuple[int, list[tuple[int, int, int]]]:
+    """Split 0..n into bands of at most `tile`; returns (input size, [(in_start, own_start, own_end)])."""
+    if n <= tile + 2 * overlap:
+        return n, [(0, 0, n)]
+    count = math.ceil(n / tile)
+    edges = [round(i * n / count) for i in range(count + 1)]
+    size = max(b - a for a, b in zip(edges, edges[1:])) + 2 * overlap
+    bands = []
+    for a, b in zip(edges, edges[1:]):
+        start = min(max(a - overlap, 0), n - size)
+        bands.append((start, a, b))
+    return size, bands
+
+
+def plan_tiles(h: int, w: int, tile: int, overlap: int) -> tuple[tuple[int, int], list[Tile]]:
+    th, rows = _bands(h, tile, overlap)
+    tw, cols = _bands(w, tile, overlap)
+    tiles = [Tile(ry, cx, ra, rb, ca, cb) for ry, ra, rb in rows for cx, ca, cb in cols]
+    return (th, tw), tiles
+
+
+class Upscaler:
+    """A resident generator ready to upscale images; one per device."""
+
+    def __init__(self, generator: Generator, info: CheckpointInfo | None = None, opts: EngineOptions = EngineOptions()):
+        self.opts = opts
+        self.info = info
+        self.device = resolve_device(opts.device)
+        self.dtype = resolve_precision(opts.precision, self.device)
+        if self.device.type == "cpu" and opts.threads > 0:
+            torch.set_num_threads(opts.threads)
+        self.descriptor = generator.descriptor
+        self.scale = self.descriptor.scale
+        self.overlap = self.descriptor.receptive_radius if opts.overlap < 0 else opts.overlap
+        g = fold_batchnorm(generator).to(self.device)
+        self.model = g.to(memory_format=torch.channels_last)
+        # Bytes of activation memory per output pixel of one tile: the widest tensors are the
+        # 4*ch conv output before PixelShuffle and the ch-channel full-resolution maps, a few alive
+        # at once; 4 bytes each even under autocast (accumulation and conversions).
+        self._bytes_per_out_px = 3 * generator.cfg.channels * 4 * 2
+
+    @property
+    def version(self) -> str:
+        return self.info.version if self.info else "untracked"
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def tile_and_batch(self) -> tuple[int, int]:
+        """Tile side and batch size: from config, else from the memory the device has free."""
+        budget = self.opts.memory_budget_mb << 20
+        if not budget:
+            share = 0.5 if self.device.type == "cuda" else 0.25
+            budget = min(int(available_memory_bytes(self.device) * share), (8 << 30) if self.device.type == "cuda" else (2 << 30))
+        tile = self.opts.tile
+        if not tile:
+            # Largest multiple of 32 whose padded tile fits the budget at batch 1; 512 is enough to
+            # keep any device busy, 64 is the least that keeps overlap overhead reasonable.
+            tile = 512
+            while tile > 64 and (tile + 2 * self.overlap) ** 2 * self.scale**2 * self._bytes_per_out_px > budget:
+                tile -= 32
+        batch = self.opts.batch
+        if not batch:
+            per = (tile + 2 * self.overlap) ** 2 * self.scale**2 * self._bytes_per_out_px
+            batch = max(1, min(8 if self.device.type == "cuda" else 1, budget // max(per, 1)))
+        return tile, batch
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """N x 3 x H x W float in [0, 1] (any device) -> clamped float32 output on the CPU."""
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            y = self.model(x)
+        return y.float().clamp_(0, 1).cpu()
+
+    def upscale_rgb(
+        self,
+        rgb: np.ndarray,
+        bits: int = 8,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> np.ndarray:
+        """H x W x 3 float32 in [0, 1] -> (sH) x (sW) x 3 uint8/uint16, tile by tile.
+
+        The output is quantized tile by tile, so memory never holds full-resolution floats.
+        """
+        h, w, _ = rgb.shape
+        s = self.scale
+        tile, batch = self.tile_and_batch()
+        (th, tw), tiles = plan_tiles(h, w, tile, self.overlap)
+        out = np.empty((h * s, w * s, 3), dtype=np.uint8 if bits == 8 else np.uint16)
+        src = torch.from_numpy(rgb).permute(2, 0, 1)  # a view, no copy
+        for i in range(0, len(tiles), batch):
+            group = tiles[i : i + batch]
+            x = torch.stack([src[:, t.in_y : t.in_y + th, t.in_x : t.in_x + tw] for t in group])
+            y = self.forward(x)
+            for t, yt in zip(group, y):
+                oy, ox = (t.out_y0 - t.in_y) * s, (t.out_x0 - t.in_x) * s
+                crop = yt[:, oy : oy + (t.out_y1 - t.out_y0) * s, ox : ox + (t.out_x1 - t.out_x0) * s]
+                out[t.out_y0 * s : t.out_y1 * s, t.out_x0 * s : t.out_x1 * s] = quantize(
+                    crop.permute(1, 2, 0).numpy(), bits
+                )
+            if progress:
+                progress(min(i + batch, len(tiles)), len(tiles))
+        return out
+
+    def upscale_decoded(self, dec: Decoded, progress: Callable[[int, int], None] | None = None) -> Encoded:
+        return assemble(dec, self.upscale_rgb(dec.rgb, dec.bits, progress))
+
+    def warm_up(self) -> None:
+        """One small forward so the first real image does not pay for lazy initialisation."""
+        probe = np.full((32, 32, 3), 0.5, dtype=np.float32)
+        self.upscale_rgb(probe)
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def iter_chunks(seq: list, n: int) -> Iterator[list]:
+    for i in range(0, len(seq), n):
+        yield seq[i : i + n]

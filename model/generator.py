@@ -1,0 +1,147 @@
+"""The SRResNet/SRGAN generator and the small descriptor every caller asks questions of."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+ARCH = "srresnet"
+SCALES = (2, 4, 8)
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """Everything needed to rebuild the generator; stored verbatim in checkpoint metadata."""
+
+    scale: int = 4
+    channels: int = 64
+    blocks: int = 16
+    batchnorm: bool = True  # the original design has it; fidelity models often train better without
+
+    def __post_init__(self) -> None:
+        if self.scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, got {self.scale!r}")
+        if not (isinstance(self.channels, int) and self.channels >= 4):
+            raise ValueError(f"channels must be an integer >= 4, got {self.channels!r}")
+        if not (isinstance(self.blocks, int) and self.blocks >= 1):
+            raise ValueError(f"blocks must be an integer >= 1, got {self.blocks!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GeneratorConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown generator hyperparameters {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """What a caller needs to know to run a generator (spandrel-style)."""
+
+    arch: str
+    scale: int
+    input_channels: int
+    output_channels: int
+    supports_half: bool
+    supports_bfloat16: bool
+    receptive_radius: int  # input pixels of context that influence one output pixel, per side
+
+    @classmethod
+    def of(cls, cfg: GeneratorConfig) -> "Descriptor":
+        return cls(
+            arch=ARCH,
+            scale=cfg.scale,
+            input_channels=3,
+            output_channels=3,
+            supports_half=True,
+            supports_bfloat16=True,
+            receptive_radius=receptive_radius(cfg),
+        )
+
+
+def receptive_radius(cfg: GeneratorConfig) -> int:
+    """Radius, in low-resolution pixels, of the region that can influence one output pixel.
+
+    Tiles cropped with this much context reproduce untiled inference exactly (up to float
+    rounding), which is what the engine's seamless tiling relies on.
+    """
+    r = 4.0 + 2 * cfg.blocks + 1  # 9x9 head, two 3x3 per block, 3x3 trunk tail
+    up = 1
+    for _ in range(int(math.log2(cfg.scale))):
+        r += 1 / up  # 3x3 conv before each PixelShuffle runs at the current resolution
+        up *= 2
+    r += 4 / up  # 9x9 tail at full resolution
+    return math.ceil(r)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, ch: int, batchnorm: bool):
+        super().__init__()
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(ch) if batchnorm else nn.Identity()
+        self.act = nn.PReLU(ch)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(ch) if batchnorm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
+
+
+class UpsampleBlock(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch * 4, 3, padding=1)
+        self.shuffle = nn.PixelShuffle(2)
+        self.act = nn.PReLU(ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.shuffle(self.conv(x)))
+
+
+class Generator(nn.Module):
+    """Maps an RGB image in [0, 1] to an RGB image `scale` times larger (not clamped)."""
+
+    def __init__(self, cfg: GeneratorConfig = GeneratorConfig()):
+        super().__init__()
+        self.cfg = cfg
+        ch = cfg.channels
+        self.head = nn.Sequential(nn.Conv2d(3, ch, 9, padding=4), nn.PReLU(ch))
+        self.body = nn.Sequential(*[ResidualBlock(ch, cfg.batchnorm) for _ in range(cfg.blocks)])
+        self.body_tail = nn.Sequential(
+            nn.Conv2d(ch, ch, 3, padding=1), nn.BatchNorm2d(ch) if cfg.batchnorm else nn.Identity()
+        )
+        self.upsample = nn.Sequential(*[UpsampleBlock(ch) for _ in range(int(math.log2(cfg.scale)))])
+        self.tail = nn.Conv2d(ch, 3, 9, padding=4)
+
+    @property
+    def descriptor(self) -> Descriptor:
+        return Descriptor.of(self.cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Centre the input so a zero-initialised network is not biased towards black.
+        h = self.head(x - 0.5)
+        h = h + self.body_tail(self.body(h))
+        return self.tail(self.upsample(h)) + 0.5
+
+    def flops_per_output_pixel(self) -> float:
+        """Multiply-adds x 2 per output pixel, for throughput reports."""
+        s = self.cfg.scale
+        macs_lr = 0.0
+        for m in [*self.head, *self.body.modules(), *self.body_tail]:
+            if isinstance(m, nn.Conv2d):
+                macs_lr += m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+        macs = macs_lr / (s * s)
+        res = 1
+        for blk in self.upsample:
+            c = blk.conv
+            macs += c.in_channels * c.out_channels * 9 / (s * s) * res * res
+            res *= 2
+        macs += self.tail.in_channels * 3 * 81
+        return 2 * macs

@@ -1,0 +1,266 @@
+"""Decoding and encoding images without losing what the user cares about.
+
+EXIF orientation is applied, the ICC profile and EXIF travel to the output, alpha is upscaled
+separately, grayscale stays grayscale and 16-bit PNGs stay 16-bit (Pillow only reads 16-bit
+grayscale, so 16-bit colour PNGs go through pypng).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+import numpy as np
+import png  # pypng
+from PIL import Image, ImageOps
+
+Image.MAX_IMAGE_PIXELS = 400_000_000  # large scans are welcome; decompression bombs are not
+
+# Format name (Pillow's) -> file extension used when the format changes.
+FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "TIFF": ".tif", "BMP": ".bmp"}
+EXTENSIONS = {
+    ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".webp": "WEBP",
+    ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP", ".gif": "GIF",
+}
+# Formats we read but would damage on write (GIF: 256 colours): their output is PNG.
+WRITE_AS = {"GIF": "PNG"}
+
+
+class ImageError(ValueError):
+    """An input that cannot be decoded or an output that cannot be encoded; message is for people."""
+
+
+@dataclass
+class Decoded:
+    rgb: np.ndarray  # float32, H x W x 3, in [0, 1]
+    alpha: np.ndarray | None  # float32, H x W, in [0, 1]
+    bits: int  # 8 or 16
+    gray: bool
+    format: str  # Pillow format name of the input
+    icc: bytes | None = None
+    exif: bytes | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.rgb.shape[1], self.rgb.shape[0]
+
+
+@dataclass
+class Encoded:
+    """An upscaled image ready to write: 8- or 16-bit samples plus what travels with them."""
+
+    pixels: np.ndarray  # uint8/uint16, H x W x C with C in (1, 2, 3, 4)
+    bits: int
+    icc: bytes | None = None
+    exif: bytes | None = None
+
+
+def is_supported(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in EXTENSIONS
+
+
+def _png_ihdr(head: bytes) -> tuple[int, int] | None:
+    """(bit depth, colour type) of a PNG, from its first bytes; None if not a PNG."""
+    if head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR" or len(head) < 26:
+        return None
+    return head[24], head[25]
+
+
+def _decode_png16(data: bytes) -> tuple[np.ndarray, int]:
+    """16-bit PNG -> (uint16 H x W x C array, planes), via pypng."""
+    w, h, rows, info = png.Reader(bytes=data).asDirect()
+    planes = info["planes"]
+    arr = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(h, w, planes)
+    return arr, planes
+
+
+def decode(source: str | os.PathLike | bytes) -> Decoded:
+    """Read an image file into float RGB (+ alpha) plus its colour metadata."""
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    if not data:
+        raise ImageError("the file is empty")
+    try:
+        im = Image.open(io.BytesIO(data))
+        im.load()
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"image is too large to process safely ({e})") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError("not an image, or an image format upscaled cannot read") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"not a readable image ({e})") from None
+    fmt = im.format or "PNG"
+    if getattr(im, "n_frames", 1) > 1 and fmt in ("GIF", "WEBP", "PNG", "TIFF"):
+        raise ImageError(f"{fmt} with {im.n_frames} frames: animated/multi-page images are not supported")
+    icc = im.info.get("icc_profile") or None
+
+    ihdr = _png_ihdr(data[:32]) if fmt == "PNG" else None
+    if ihdr and ihdr[0] == 16:
+        arr, planes = _decode_png16(data)
+        gray = planes in (1, 2)
+        has_alpha = planes in (2, 4)
+        f = arr.astype(np.float32) / 65535.0
+        rgb = np.repeat(f[..., :1], 3, axis=2) if gray else f[..., :3]
+        alpha = f[..., -1] if has_alpha else None
+        # PNG has no orientation tag Pillow honours beyond eXIf; apply it the same way.
+        dec = Decoded(np.ascontiguousarray(rgb), alpha, 16, gray, fmt, icc, im.info.get("exif"))
+        return _apply_orientation(dec, im)
+
+    im = ImageOps.exif_transpose(im)  # also drops the Orientation tag from im.info["exif"]
+    exif = im.info.get("exif") or None
+    mode = im.mode
+    if mode == "P":
+        # Palette images become RGB(A): upscaled pixels would not fit back into 256 colours.
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        mode = im.mode
+    if mode == "PA":
+        im, mode = im.convert("RGBA"), "RGBA"
+    if mode == "1":
+        im, mode = im.convert("L"), "L"
+    if mode == "CMYK":
+        im, mode, icc = im.convert("RGB"), "RGB", None  # a CMYK profile no longer describes RGB pixels
+    if mode in ("La", "RGBa"):
+        im = im.convert("LA" if mode == "La" else "RGBA")
+        mode = im.mode
+
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(im, dtype=np.float64)
+        f = (np.clip(a, 0, 65535) / 65535.0).astype(np.float32)
+        return Decoded(np.ascontiguousarray(np.repeat(f[..., None], 3, axis=2)), None, 16, True, fmt, icc, exif)
+    if mode == "F":
+        a = np.asarray(im, dtype=np.float32)
+        hi = float(a.max()) if a.size else 1.0
+        f = np.clip(a / (hi if hi > 1.0 else 1.0), 0, 1)
+        return Decoded(np.ascontiguousarray(np.repeat(f[..., None], 3, axis=2)), None, 16, True, fmt, icc, exif)
+    if mode in ("L", "LA"):
+        a = np.asarray(im, dtype=np.float32) / 255.0
+        lum = a if mode == "L" else a[..., 0]
+        alpha = a[..., 1] if mode == "LA" else None
+        return Decoded(np.ascontiguousarray(np.repeat(lum[..., None], 3, axis=2)), alpha, 8, True, fmt, icc, exif)
+    if mode not in ("RGB", "RGBA", "RGBX"):
+        im = im.convert("RGBA" if "A" in mode else "RGB")
+        mode = im.mode
+    a = np.asarray(im, dtype=np.float32) / 255.0
+    alpha = a[..., 3] if mode == "RGBA" else None
+    return Decoded(np.ascontiguousarray(a[..., :3]), alpha, 8, False, fmt, icc, exif)
+
+
+def _apply_orientation(dec: Decoded, im: Image.Image) -> Decoded:
+    orientation = im.getexif().get(0x0112, 1)
+    ops = {
+        2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+        5: lambda a: np.swapaxes(a, 0, 1), 6: lambda a: np.swapaxes(a, 0, 1)[:, ::-1],
+        7: lambda a: np.swapaxes(a, 0, 1)[::-1, ::-1], 8: lambda a: np.swapaxes(a, 0, 1)[::-1],
+    }
+    op = ops.get(orientation)
+    if op is None:
+        return dec
+    exif = im.getexif()
+    del exif[0x0112]
+    return replace(
+        dec,
+        rgb=np.ascontiguousarray(op(dec.rgb)),
+        alpha=None if dec.alpha is None else np.ascontiguousarray(op(dec.alpha)),
+        exif=exif.tobytes(),
+    )
+
+
+def upscale_alpha(alpha: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bicubic upscale of an alpha plane (float, any depth) to `size` = (W, H)."""
+    up = Image.fromarray(alpha.astype(np.float32), mode="F").resize(size, Image.Resampling.BICUBIC)
+    return np.clip(np.asarray(up, dtype=np.float32), 0.0, 1.0)
+
+
+def quantize(x: np.ndarray, bits: int) -> np.ndarray:
+    """Float [0, 1] -> uint8/uint16 with rounding (values outside are clipped)."""
+    hi = 255.0 if bits == 8 else 65535.0
+    out = np.empty(x.shape, dtype=np.uint8 if bits == 8 else np.uint16)
+    np.clip(x * hi + 0.5, 0, hi, out=out, casting="unsafe")
+    return out
+
+
+def to_gray(rgb: np.ndarray) -> np.ndarray:
+    """BT.601 luma of a quantized RGB array, same dtype (grayscale in -> grayscale out)."""
+    y = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+    return np.rint(y).astype(rgb.dtype)
+
+
+def assemble(dec: Decoded, rgb_q: np.ndarray) -> Encoded:
+    """Combine the quantized upscaled colour with the source's alpha/gray/metadata."""
+    planes = to_gray(rgb_q)[..., None] if dec.gray else rgb_q
+    if dec.alpha is not None:
+        a = quantize(upscale_alpha(dec.alpha, (rgb_q.shape[1], rgb_q.shape[0])), dec.bits)
+        planes = np.concatenate([planes, a[..., None]], axis=2)
+    return Encoded(np.ascontiguousarray(planes), dec.bits, dec.icc, dec.exif)
+
+
+def output_format(src_format: str, requested: str | None) -> str:
+    if requested:
+        return {"JPG": "JPEG"}.get(requested.upper(), requested.upper())
+    return WRITE_AS.get(src_format, src_format if src_format in FORMATS else "PNG")
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+
+def _encode_png16(enc: Encoded) -> bytes:
+    h, w, c = enc.pixels.shape
+    writer = png.Writer(w, h, bitdepth=16, greyscale=c in (1, 2), alpha=c in (2, 4), compression=6)
+    buf = io.BytesIO()
+    writer.write(buf, enc.pixels.reshape(h, w * c))
+    data = buf.getvalue()
+    extra = b""
+    if enc.icc:
+        extra += _png_chunk(b"iCCP", b"icc\x00\x00" + zlib.compress(enc.icc))
+    if enc.exif:
+        extra += _png_chunk(b"eXIf", enc.exif[6:] if enc.exif.startswith(b"Exif\x00\x00") else enc.exif)
+    # IHDR is always the first chunk: 8-byte signature + 25-byte IHDR chunk.
+    return data[:33] + extra + data[33:]
+
+
+def encode(enc: Encoded, fmt: str, *, jpeg_quality: int = 95, webp_quality: int = 95, webp_lossless: bool = False) -> bytes:
+    """Encode to bytes in `fmt`. 16-bit data is kept where the format can hold it (PNG, TIFF gray)."""
+    px, c = enc.pixels, enc.pixels.shape[2]
+    if enc.bits == 16 and fmt == "PNG":
+        return _encode_png16(enc)
+    if enc.bits == 16:
+        if fmt == "TIFF" and c == 1:
+            im = Image.fromarray(px[..., 0], mode="I;16")
+        else:
+            # JPEG/WEBP/BMP hold 8 bits per sample; round rather than truncate.
+            px = ((px.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+            im = None
+    else:
+        im = None
+    if im is None:
+        mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[c]
+        im = Image.fromarray(px[..., 0] if c == 1 else px, mode=mode)
+    if fmt == "JPEG" and im.mode in ("LA", "RGBA"):
+        # JPEG has no alpha: composite on white, the least surprising background for photos.
+        bg = Image.new("RGB" if im.mode == "RGBA" else "L", im.size, 255 if im.mode == "LA" else (255, 255, 255))
+        bg.paste(im, mask=im.getchannel("A"))
+        im = bg
+    if fmt == "BMP" and im.mode == "LA":
+        im = im.convert("RGBA")
+    kw: dict = {}
+    if enc.icc:
+        kw["icc_profile"] = enc.icc
+    if enc.exif and fmt in ("JPEG", "PNG", "WEBP", "TIFF"):
+        kw["exif"] = enc.exif
+    if fmt == "JPEG":
+        kw.update(quality=jpeg_quality, subsampling=0 if jpeg_quality >= 90 else 2, optimize=True)
+    elif fmt == "WEBP":
+        kw.update(quality=webp_quality, lossless=webp_lossless, method=4)
+    elif fmt == "PNG":
+        kw.update(compress_level=6)
+    elif fmt == "TIFF":
+        kw.update(compression="tiff_lzw")
+    buf = io.BytesIO()
+    try:
+        im.save(buf, format=fmt, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        raise ImageError(f"cannot encode as {fmt}: {e}") from None
+    return buf.getvalue()

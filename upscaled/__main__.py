@@ -1,0 +1,3 @@
+from upscaled.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,138 @@
+"""The `upscaled` command line.
+
+Parsers are declared here; each command imports its implementation only when it runs, so that
+`upscaled serve` never loads trainer code and `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from loguru import logger
+
+from upscaled import __version__
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="PATH", help="config file (default: $UPSCALED_CONFIG, else ./config.yaml, else built-in defaults)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="upscaled",
+        description="4x neural super-resolution: one-shot on files, or as a hot-folder service.",
+    )
+    parser.add_argument("--version", action="version", version=f"upscaled {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "upscale", help="upscale image files or folders once",
+        description="Upscale images (files, or folders recursively) into OUTDIR, keeping each input's "
+        "relative path and name. Existing outputs are never overwritten without --overwrite. "
+        "Exits 1 if any file failed.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the upscaled images")
+    p.add_argument("--model", metavar="PATH", help="checkpoint to use (default: the configured, published or bundled one)")
+    p.add_argument("--format", choices=["png", "jpg", "webp"], help="output format (default: the input's own)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _common(p)
+
+    p = sub.add_parser(
+        "serve", help="run the hot-folder daemon",
+        description="Watch the inbox and upscale every image that lands in it into the outbox; "
+        "originals go to done/ (or failed/ with a reason). SIGTERM/SIGINT stop gracefully, SIGHUP reloads.",
+    )
+    p.add_argument("--once", action="store_true", help="process what is in the inbox now, then exit (no watching)")
+    _common(p)
+
+    p = sub.add_parser("status", help="show the running daemon's status",
+                       description="Read the status file the daemon keeps current.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _common(p)
+
+    p = sub.add_parser(
+        "train", help="train (or fine-tune) the generator",
+        description="Train the SRGAN generator: L1 pre-training, then the GAN. Flags override the "
+        "config's trainer section.",
+    )
+    p.add_argument("--data", metavar="DIR", help="folder of high-resolution images (LR made on the fly)")
+    p.add_argument("--paired-lr", metavar="DIR", help="folder of low-resolution images, matched by name with --paired-hr")
+    p.add_argument("--paired-hr", metavar="DIR", help="folder of high-resolution images, matched by name with --paired-lr")
+    p.add_argument("--val", metavar="DIR", help="folder of validation images (HR)")
+    p.add_argument("--steps", type=int, metavar="N", help="total training steps (pre-training included)")
+    p.add_argument("--out", metavar="RUN_DIR", help="run folder (state, metrics, samples, best.safetensors)")
+    p.add_argument("--init", metavar="CHECKPOINT", help="start from this checkpoint (fine-tune)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last state")
+    p.add_argument("--publish", action="store_true", help="promote the best model to the models folder if it beats the current one")
+    _common(p)
+
+    p = sub.add_parser(
+        "eval", help="measure a model against bicubic and Lanczos",
+        description="PSNR/SSIM on the Y channel (BT.601, scale-pixel border shaved, 8-bit outputs) "
+        "on a folder of HR images, downscaled with antialiased bicubic.",
+    )
+    p.add_argument("--data", required=True, metavar="DIR", help="folder of high-resolution images")
+    p.add_argument("--model", metavar="PATH", help="checkpoint (default: the configured, published or bundled one)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _common(p)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from upscaled import config as config_mod
+
+    cfg = config_mod.load(args.config)
+    if args.command == "upscale":
+        from upscaled.upscale import run
+
+        return run(cfg, args.inputs, Path(args.output), args.model, args.format, args.overwrite)
+    if args.command == "serve":
+        from daemon.service import main as serve
+
+        return serve(cfg, once=args.once)
+    if args.command == "status":
+        from daemon.status import main as status
+
+        return status(cfg, as_json=args.json)
+    if args.command == "train":
+        from trainer.train import main as train
+
+        return train(cfg, args)
+    if args.command == "eval":
+        from trainer.evaluate import main as evaluate
+
+        return evaluate(cfg, args)
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from upscaled.runtime import setup_logging
+
+    setup_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
+    from model.checkpoint import CheckpointError
+    from upscaled.config import ConfigError
+
+    try:
+        return _run(args)
+    except ConfigError as e:
+        logger.error("config error: {}", e)
+        return EXIT_USAGE
+    except CheckpointError as e:
+        logger.error("model error: {}", e)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        logger.warning("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

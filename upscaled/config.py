@@ -1,0 +1,311 @@
+"""config.yaml, parsed once into frozen dataclasses.
+
+Defaults live here, in the dataclasses; `config.yaml` at the repository root documents them
+(a test keeps the two equal). Unknown keys, wrong types and impossible values fail at start-up
+with the key's full name and what is expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+ENV_VAR = "UPSCALED_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A config problem; `str()` names the key and what is expected."""
+
+    def __init__(self, key: str, expected: str, got: Any = dataclasses.MISSING, source: str = ""):
+        self.key, self.expected, self.got, self.source = key, expected, got, source
+        super().__init__(self._text())
+
+    def _text(self) -> str:
+        where = f"{self.source}: " if self.source else ""
+        got = "" if self.got is dataclasses.MISSING else f", got {self.got!r}"
+        return f"{where}{self.key}: expected {self.expected}{got}"
+
+    def within(self, prefix: str, source: str = "") -> "ConfigError":
+        key = f"{prefix}.{self.key}" if prefix else self.key
+        return ConfigError(key, self.expected, self.got, source or self.source)
+
+
+def _need(ok: bool, key: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ConfigError(key, expected, got)
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    """Folders; relative paths resolve against the config file's folder."""
+
+    inbox: str = "data/inbox"
+    outbox: str = "data/outbox"
+    done: str = "data/done"
+    failed: str = "data/failed"
+    work: str = "data/inbox/.upscaled-work"  # must be on the inbox's filesystem (claims are renames)
+    models: str = "data/models"
+    status: str = "data/status.json"
+    runs: str = "runs"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str | None = None  # serve this checkpoint instead of the published/bundled one
+    scale: int = 4  # every served model must have this scale
+
+    def __post_init__(self) -> None:
+        _need(self.scale in (2, 4, 8), "scale", "one of 2, 4, 8", self.scale)
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    tile: int = 0
+    overlap: int = -1
+    batch: int = 0
+    threads: int = 0
+    memory_budget_mb: int = 0
+
+    def __post_init__(self) -> None:
+        d = self.device
+        _need(d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit()),
+              "device", "auto, cpu, cuda or cuda:N", d)
+        _need(self.tile == 0 or self.tile >= 16, "tile", "0 (auto) or an integer >= 16", self.tile)
+        _need(self.overlap >= -1, "overlap", "-1 (the model's receptive radius) or an integer >= 0", self.overlap)
+        _need(self.tile == 0 or self.overlap < self.tile, "overlap",
+              f"less than inference.tile ({self.tile})", self.overlap)
+        _need(self.batch >= 0, "batch", "0 (auto) or a positive integer", self.batch)
+        _need(self.threads >= 0, "threads", "0 (all cores) or a positive integer", self.threads)
+        _need(self.memory_budget_mb >= 0, "memory_budget_mb", "0 (auto) or megabytes", self.memory_budget_mb)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    format: Literal["keep", "png", "jpg", "webp"] = "keep"
+    jpeg_quality: int = 95
+    webp_quality: int = 95
+    webp_lossless: bool = False
+
+    def __post_init__(self) -> None:
+        _need(1 <= self.jpeg_quality <= 100, "jpeg_quality", "an integer 1..100", self.jpeg_quality)
+        _need(1 <= self.webp_quality <= 100, "webp_quality", "an integer 1..100", self.webp_quality)
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    mode: Literal["native", "polling"] = "native"
+    poll_interval: float = 1.0  # seconds, polling mode
+    settle_seconds: float = 2.0  # size and mtime unchanged this long => the file is complete
+    rescan_interval: float = 30.0  # seconds between reconciliation scans
+
+    def __post_init__(self) -> None:
+        _need(self.poll_interval > 0, "poll_interval", "seconds > 0", self.poll_interval)
+        _need(self.settle_seconds >= 0, "settle_seconds", "seconds >= 0", self.settle_seconds)
+        _need(self.rescan_interval > 0, "rescan_interval", "seconds > 0", self.rescan_interval)
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    originals: Literal["move", "delete", "keep"] = "move"  # what happens to an input once its output exists
+    io_workers: int = 2  # threads decoding and encoding beside the inference thread
+    retry_initial: float = 5.0  # seconds before retrying after a transient error (disk full, ...)
+    retry_max: float = 300.0
+    shutdown_timeout: float = 60.0  # seconds to finish in-flight images on SIGTERM
+    status_interval: float = 2.0  # seconds between status-file updates while busy
+
+    def __post_init__(self) -> None:
+        _need(self.io_workers >= 1, "io_workers", "an integer >= 1", self.io_workers)
+        _need(0 < self.retry_initial <= self.retry_max, "retry_initial", "0 < retry_initial <= retry_max", self.retry_initial)
+        _need(self.shutdown_timeout > 0, "shutdown_timeout", "seconds > 0", self.shutdown_timeout)
+        _need(self.status_interval > 0, "status_interval", "seconds > 0", self.status_interval)
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    keep: int = 5  # published versions kept in the models folder (the current one always is)
+    verify_probe: bool = True  # run a probe image through a candidate before serving it
+
+    def __post_init__(self) -> None:
+        _need(self.keep >= 1, "keep", "an integer >= 1", self.keep)
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    data: str | None = None  # folder of HR images (LR made on the fly)
+    paired_lr: str | None = None
+    paired_hr: str | None = None
+    val: str | None = None
+    out: str | None = None  # run folder; default: paths.runs/<timestamp>
+    init: str | None = None  # start from this checkpoint (fine-tune)
+    generator_channels: int = 64
+    generator_blocks: int = 16
+    generator_batchnorm: bool = True
+    steps: int = 20000
+    pretrain_steps: int = 10000  # phase 1, L1 only; 0 = straight to the GAN
+    batch: int = 16
+    crop: int = 96  # HR crop side
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.9
+    beta2: float = 0.99
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    adv_weight: float = 1e-3  # lambda of the adversarial MSE term
+    perceptual_weight: float = 0.0  # VGG loss; needs vgg_weights
+    vgg_weights: str | None = None  # a local VGG19 safetensors/state file; nothing is downloaded
+    ema: float = 0.999
+    downscale_min: float = 0.25  # large photos are shrunk by a random factor in this range first
+    downscale_max: float = 0.5
+    max_side: int = 0  # cap on the decoded photo's long side (0 = none), before the random shrink
+    degrade_blur: float = 0.0  # probability of each degradation on LR
+    degrade_noise: float = 0.0
+    degrade_jpeg: float = 0.0
+    cache_mb: int = 4096  # decoded images kept in memory
+    workers: int = 1  # data loader processes
+    seed: int | None = None
+    val_every: int = 1000
+    val_max_images: int = 0  # 0 = all
+    save_every: int = 500
+    publish_every_val: bool = False
+    publish_tolerance_db: float = 0.0  # candidate must beat current PSNR by more than this
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for k in ("steps", "batch", "crop", "val_every", "save_every", "generator_channels", "generator_blocks"):
+            _need(getattr(self, k) >= 1, k, "a positive integer", getattr(self, k))
+        _need(self.pretrain_steps >= 0, "pretrain_steps", "an integer >= 0", self.pretrain_steps)
+        _need(0 < self.downscale_min <= self.downscale_max <= 1, "downscale_min",
+              "0 < downscale_min <= downscale_max <= 1", (self.downscale_min, self.downscale_max))
+        _need(0 <= self.ema < 1, "ema", "a number in [0, 1)", self.ema)
+        for k in ("degrade_blur", "degrade_noise", "degrade_jpeg"):
+            _need(0 <= getattr(self, k) <= 1, k, "a probability in [0, 1]", getattr(self, k))
+        _need(self.perceptual_weight == 0 or self.vgg_weights is not None, "vgg_weights",
+              "a local VGG19 weights file when perceptual_weight > 0", self.vgg_weights)
+        _need((self.paired_lr is None) == (self.paired_hr is None), "paired_lr",
+              "paired_lr and paired_hr set together", (self.paired_lr, self.paired_hr))
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    base_dir: str = "."  # folder of the config file; not a YAML key
+
+    def resolve(self, p: str | os.PathLike) -> Path:
+        """A path from the config, made absolute against the config file's folder."""
+        p = Path(os.path.expanduser(str(p)))
+        return p if p.is_absolute() else (Path(self.base_dir) / p).resolve()
+
+    def path(self, name: str) -> Path:
+        return self.resolve(getattr(self.paths, name))
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        _need(value in choices, key, "one of " + ", ".join(map(str, choices)), value)
+        return value
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        _need(isinstance(value, dict), key, "a mapping of settings", value)
+        return _build(tp, value, key)
+    if tp is float:
+        _need(isinstance(value, (int, float)) and not isinstance(value, bool), key, "a number", value)
+        return float(value)
+    if tp is int:
+        _need(isinstance(value, int) and not isinstance(value, bool), key, "an integer", value)
+        return value
+    if tp is bool:
+        _need(isinstance(value, bool), key, "true or false", value)
+        return value
+    if tp is str:
+        _need(isinstance(value, str), key, "a string", value)
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "base_dir"]
+    for k in data:
+        if k not in names:
+            raise ConfigError(f"{prefix}.{k}" if prefix else str(k), "a known key (one of " + ", ".join(names) + ")")
+    kwargs = {k: _convert(hints[k], v, f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise e.within(prefix) from None
+
+
+def from_dict(data: dict | None, base_dir: str | os.PathLike = ".", source: str = "") -> Config:
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError("(top level)", "a mapping of sections", type(data).__name__, source)
+    try:
+        cfg = _build(Config, data, "")
+    except ConfigError as e:
+        raise ConfigError(e.key, e.expected, e.got, source) from None
+    cfg = dataclasses.replace(cfg, base_dir=str(Path(base_dir).resolve()))
+    try:
+        _cross_checks(cfg)
+    except ConfigError as e:
+        raise ConfigError(e.key, e.expected, e.got, source) from None
+    return cfg
+
+
+def _cross_checks(cfg: Config) -> None:
+    folders = {k: cfg.path(k) for k in ("inbox", "outbox", "done", "failed")}
+    for a, pa in folders.items():
+        for b, pb in folders.items():
+            if a != b and (pa == pb or (a == "inbox" and pb.is_relative_to(pa))):
+                raise ConfigError(f"paths.{b}", f"a folder outside paths.{a} ({pa})", str(pb))
+
+
+def default_path() -> Path | None:
+    """--config absent: $UPSCALED_CONFIG, else ./config.yaml if present, else built-in defaults."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env)
+    local = Path("config.yaml")
+    return local if local.is_file() else None
+
+
+def load(path: str | os.PathLike | None = None) -> Config:
+    path = Path(path) if path is not None else default_path()
+    if path is None:
+        return from_dict({}, base_dir=Path.cwd())
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError("(file)", f"a readable config file at {path}", e.strerror) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError("(syntax)", f"valid YAML ({e})", source=str(path)) from None
+    return from_dict(data, base_dir=path.resolve().parent, source=str(path))

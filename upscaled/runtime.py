@@ -1,0 +1,65 @@
+"""Glue shared by every command: logging, and building the resident upscaler from the config."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from loguru import logger
+
+from upscaled.config import Config, ConfigError
+
+
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """Log lines go through tqdm.write so they never tear a progress bar."""
+    from tqdm import tqdm
+
+    logger.remove()
+    level = "DEBUG" if verbose else ("WARNING" if quiet else "INFO")
+    logger.add(
+        lambda msg: tqdm.write(msg, end="", file=sys.stderr),
+        level=level,
+        format="<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> {message}",
+        colorize=sys.stderr.isatty(),
+    )
+
+
+def engine_options(cfg: Config):
+    from model.engine import EngineOptions
+
+    i = cfg.inference
+    return EngineOptions(
+        device=i.device, precision=i.precision, tile=i.tile, overlap=i.overlap, batch=i.batch,
+        threads=i.threads, memory_budget_mb=i.memory_budget_mb,
+    )
+
+
+def checkpoint_for(cfg: Config, override: str | None = None) -> tuple[Path, str]:
+    from model.store import select_checkpoint
+
+    explicit = override or (cfg.resolve(cfg.model.path) if cfg.model.path else None)
+    return select_checkpoint(explicit, cfg.path("models"))
+
+
+def build_upscaler(cfg: Config, override: str | None = None):
+    """Load the checkpoint the config selects and make it resident on the configured device.
+
+    Raises CheckpointError for an unusable file and ConfigError when its scale is not the
+    configured one.
+    """
+    from model.checkpoint import load_generator
+    from model.engine import Upscaler
+
+    path, origin = checkpoint_for(cfg, override)
+    generator, info = load_generator(path)
+    if info.scale != cfg.model.scale:
+        raise ConfigError(
+            "model.scale", f"{info.scale} to match the checkpoint {path} (a x{info.scale} model)", cfg.model.scale
+        )
+    up = Upscaler(generator, info, engine_options(cfg))
+    logger.info(
+        "model {} ({} checkpoint {}), x{}, {} blocks x {} channels, on {} in {}",
+        info.version, origin, path.name, info.scale, info.generator.blocks, info.generator.channels,
+        up.device, str(up.dtype).replace("torch.", ""),
+    )
+    return up

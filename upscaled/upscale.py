@@ -1,0 +1,102 @@
+"""`upscaled upscale`: files and folders in, 4x images out, one line per failure."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from loguru import logger
+
+from model.atomic import atomic_write_bytes
+from model.images import EXTENSIONS, FORMATS, ImageError, decode, encode, is_supported, output_format
+from upscaled.config import Config
+
+
+@dataclass(frozen=True)
+class Job:
+    src: Path
+    rel: Path  # relative output path, before any change of extension
+
+
+def collect(inputs: list[str]) -> tuple[list[Job], list[str]]:
+    """Expand files and folders (recursively) into jobs; returns (jobs, problems)."""
+    jobs: list[Job] = []
+    problems: list[str] = []
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_dir():
+            for f in sorted(p.rglob("*")):
+                rel = f.relative_to(p)
+                if any(part.startswith(".") for part in rel.parts):
+                    continue  # hidden files and our own temp files
+                if f.is_file() and is_supported(f):
+                    jobs.append(Job(f, rel))
+        elif p.is_file():
+            if is_supported(p):
+                jobs.append(Job(p, Path(p.name)))
+            else:
+                problems.append(f"{p}: not a supported image type ({p.suffix or 'no extension'})")
+        else:
+            problems.append(f"{p}: no such file or folder")
+    return jobs, problems
+
+
+def destination(outdir: Path, rel: Path, requested: str | None) -> tuple[Path, str]:
+    """Output path and format: the input's own (by extension) unless another is requested."""
+    src_format = EXTENSIONS[rel.suffix.lower()]
+    fmt = output_format(src_format, requested)
+    return outdir / (rel if fmt == src_format else rel.with_suffix(FORMATS[fmt])), fmt
+
+
+def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: str | None, overwrite: bool) -> int:
+    from tqdm import tqdm
+
+    from upscaled.runtime import build_upscaler
+
+    jobs, problems = collect(inputs)
+    for p in problems:
+        logger.error("failed: {}", p)
+    if not jobs:
+        logger.error("no images to upscale in {}", ", ".join(inputs))
+        return 1
+    requested = fmt or (None if cfg.output.format == "keep" else cfg.output.format)
+    up = build_upscaler(cfg, model)
+    done = skipped = 0
+    failed = len(problems)
+    mp_in = mp_out = 0.0
+    t0 = time.perf_counter()
+    with tqdm(total=len(jobs), unit="img", desc="upscaling", dynamic_ncols=True) as bar:
+        for job in jobs:
+            bar.set_postfix_str(job.rel.as_posix()[-40:], refresh=False)
+            try:
+                dst, out_fmt = destination(outdir, job.rel, requested)
+                if dst.exists() and not overwrite:
+                    logger.warning("skipped {}: {} exists (use --overwrite)", job.src, dst)
+                    skipped += 1
+                    continue
+                dec = decode(job.src)
+                enc = up.upscale_decoded(dec)
+                data = encode(
+                    enc, out_fmt, jpeg_quality=cfg.output.jpeg_quality,
+                    webp_quality=cfg.output.webp_quality, webp_lossless=cfg.output.webp_lossless,
+                )
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(dst, data)
+                done += 1
+                w, h = dec.size
+                mp_in += w * h / 1e6
+                mp_out += w * h * up.scale**2 / 1e6
+            except (ImageError, OSError) as e:
+                failed += 1
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                logger.error("failed: {}: {}", job.src, reason)
+            finally:
+                bar.update(1)
+    dt = time.perf_counter() - t0
+    rate = f", {dt / mp_out:.2f} s per output megapixel" if mp_out else ""
+    logger.info(
+        "upscaled {} image(s) x{} with model {} in {:.1f} s ({:.2f} MP in, {:.1f} MP out{}); {} failed, {} skipped",
+        done, up.scale, up.version, dt, mp_in, mp_out, rate, failed, skipped,
+    )
+    return 1 if failed else 0
