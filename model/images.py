@@ -169,7 +169,7 @@ def _apply_orientation(dec: Decoded, im: Image.Image) -> Decoded:
 
 def upscale_alpha(alpha: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bicubic upscale of an alpha plane (float, any depth) to `size` = (W, H)."""
-    up = Image.fromarray(alpha.astype(np.float32), mode="F").resize(size, Image.Resampling.BICUBIC)
+    up = Image.fromarray(np.ascontiguousarray(alpha, dtype=np.float32)).resize(size, Image.Resampling.BICUBIC)
     return np.clip(np.asarray(up, dtype=np.float32), 0.0, 1.0)
 
 
@@ -228,7 +228,7 @@ def encode(enc: Encoded, fmt: str, *, jpeg_quality: int = 95, webp_quality: int 
         return _encode_png16(enc)
     if enc.bits == 16:
         if fmt == "TIFF" and c == 1:
-            im = Image.fromarray(px[..., 0], mode="I;16")
+            im = Image.fromarray(np.ascontiguousarray(px[..., 0]))  # I;16
         else:
             # JPEG/WEBP/BMP hold 8 bits per sample; round rather than truncate.
             px = ((px.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
@@ -236,8 +236,7 @@ def encode(enc: Encoded, fmt: str, *, jpeg_quality: int = 95, webp_quality: int 
     else:
         im = None
     if im is None:
-        mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[c]
-        im = Image.fromarray(px[..., 0] if c == 1 else px, mode=mode)
+        im = Image.fromarray(np.ascontiguousarray(px[..., 0] if c == 1 else px))  # L, LA, RGB or RGBA
     if fmt == "JPEG" and im.mode in ("LA", "RGBA"):
         # JPEG has no alpha: composite on white, the least surprising background for photos.
         bg = Image.new("RGB" if im.mode == "RGBA" else "L", im.size, 255 if im.mode == "LA" else (255, 255, 255))

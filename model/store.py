@@ -1,18 +1,23 @@
 """The models folder: the only thing the trainer and the daemon share besides model/ itself.
 
 Published checkpoints are immutable `<version>.safetensors` files; a small `current` file names
-the one to serve and is replaced atomically. With nothing published, the checkpoint bundled
-inside this package is served.
+the one to serve and is replaced atomically, so a reader sees either the old or the new name,
+never a half-written file. `history` lists the names `current` has pointed to, oldest first,
+for rollback. With nothing published, the checkpoint bundled inside this package is served.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
-from model.checkpoint import BUNDLED_DEFAULT
+from model.atomic import atomic_open, atomic_write_text
+from model.checkpoint import BUNDLED_DEFAULT, CheckpointInfo, load_checkpoint, read_info
 
 CURRENT = "current"
+HISTORY = "history"
+SUFFIX = ".safetensors"
 
 
 def current_checkpoint(models_dir: str | os.PathLike) -> Path | None:
@@ -36,3 +41,60 @@ def select_checkpoint(explicit: str | os.PathLike | None, models_dir: str | os.P
         if published is not None:
             return published, "published"
     return BUNDLED_DEFAULT, "bundled"
+
+
+def history(models_dir: str | os.PathLike) -> list[str]:
+    try:
+        return [line for line in (Path(models_dir) / HISTORY).read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def set_current(models_dir: str | os.PathLike, name: str) -> None:
+    """Point `current` at an already published file (atomically), and remember it in `history`."""
+    models_dir = Path(models_dir)
+    if not (models_dir / name).is_file():
+        raise FileNotFoundError(f"{models_dir / name}: no such published checkpoint")
+    past = [n for n in history(models_dir) if n != name] + [name]
+    atomic_write_text(models_dir / HISTORY, "\n".join(past[-100:]) + "\n")
+    atomic_write_text(models_dir / CURRENT, name + "\n")
+
+
+def published(models_dir: str | os.PathLike) -> list[tuple[Path, CheckpointInfo]]:
+    """Readable published checkpoints, oldest first (unreadable files are skipped)."""
+    out = []
+    for p in Path(models_dir).glob(f"*{SUFFIX}"):
+        if p.name.startswith("."):
+            continue
+        try:
+            out.append((p, read_info(p)))
+        except Exception:  # a damaged file in the folder must not hide the others
+            continue
+    return sorted(out, key=lambda pi: (pi[1].created, pi[0].name))
+
+
+def prune(models_dir: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the `keep` newest published versions; the current one is always kept."""
+    cur = current_checkpoint(models_dir)
+    versions = published(models_dir)
+    doomed = [p for p, _ in versions[: max(0, len(versions) - keep)] if cur is None or p.name != cur.name]
+    for p in doomed:
+        p.unlink(missing_ok=True)
+    return doomed
+
+
+def publish(models_dir: str | os.PathLike, checkpoint: str | os.PathLike, keep: int = 5) -> Path:
+    """Verify `checkpoint`, copy it into the models folder as an immutable version, make it current.
+
+    Raises CheckpointError (nothing changes) if the file is not a valid checkpoint.
+    """
+    models_dir = Path(models_dir)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    _, info = load_checkpoint(checkpoint)
+    target = models_dir / f"{info.version}{SUFFIX}"
+    if not target.exists():
+        with open(checkpoint, "rb") as src, atomic_open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    set_current(models_dir, target.name)
+    prune(models_dir, keep)
+    return target

@@ -1,0 +1,165 @@
+"""Colour handling end to end: decode -> upscale (tiny real model) -> encode -> decode again."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import png
+import pytest
+from PIL import Image, ImageCms
+
+from model.engine import EngineOptions, Upscaler
+from model.images import ImageError, decode, encode
+from tests.conftest import natural_image, tiny_generator
+
+S = 4
+
+
+@pytest.fixture(scope="module")
+def up() -> Upscaler:
+    return Upscaler(tiny_generator(), opts=EngineOptions(device="cpu", precision="fp32"))
+
+
+def roundtrip(up: Upscaler, path: Path, fmt: str | None = None):
+    dec = decode(path)
+    enc = up.upscale_decoded(dec)
+    data = encode(enc, fmt or dec.format)
+    return dec, Image.open(io.BytesIO(data)), data
+
+
+def test_rgb_png(tmp_path: Path, up: Upscaler) -> None:
+    p = tmp_path / "a.png"
+    Image.fromarray(natural_image(20, 30)).save(p)
+    _, out, _ = roundtrip(up, p)
+    assert out.mode == "RGB" and out.size == (30 * S, 20 * S)
+
+
+def test_alpha_is_upscaled_and_reattached(tmp_path: Path, up: Upscaler) -> None:
+    rgba = np.dstack([natural_image(16, 24), np.tile(np.linspace(0, 255, 24).astype(np.uint8), (16, 1))])
+    p = tmp_path / "a.png"
+    Image.fromarray(rgba).save(p)
+    _, out, _ = roundtrip(up, p)
+    assert out.mode == "RGBA" and out.size == (24 * S, 16 * S)
+    a = np.asarray(out)[..., 3].astype(int)
+    expected = np.asarray(Image.fromarray(rgba[..., 3]).resize(out.size, Image.Resampling.BICUBIC)).astype(int)
+    assert np.abs(a - expected).max() <= 1
+
+
+def test_grayscale_in_grayscale_out(tmp_path: Path, up: Upscaler) -> None:
+    p = tmp_path / "g.png"
+    Image.fromarray(natural_image(16, 16)[..., 0]).save(p)
+    dec, out, _ = roundtrip(up, p)
+    assert dec.gray and out.mode == "L" and out.size == (64, 64)
+
+
+def test_16bit_rgb_png_stays_16bit(tmp_path: Path, up: Upscaler) -> None:
+    h, w = 12, 20
+    arr = (np.random.default_rng(0).random((h, w, 3)) * 65535).astype(np.uint16)
+    p = tmp_path / "deep.png"
+    with open(p, "wb") as f:
+        png.Writer(w, h, bitdepth=16, greyscale=False).write(f, arr.reshape(h, w * 3))
+    dec = decode(p)
+    assert dec.bits == 16 and np.allclose(dec.rgb, arr / 65535.0, atol=1e-6)  # nothing lost on input
+    data = encode(up.upscale_decoded(dec), "PNG")
+    ow, oh, rows, info = png.Reader(bytes=data).asDirect()
+    assert info["bitdepth"] == 16 and (ow, oh) == (w * S, h * S)
+    out = np.vstack([np.asarray(r, np.uint16) for r in rows])
+    assert (out % 257 != 0).mean() > 0.5  # real 16-bit values, not 8-bit ones scaled up
+
+
+def test_16bit_gray_png_stays_16bit(tmp_path: Path, up: Upscaler) -> None:
+    arr = (np.random.default_rng(1).random((10, 14)) * 65535).astype(np.uint16)
+    p = tmp_path / "g16.png"
+    Image.fromarray(arr).save(p)
+    dec = decode(p)
+    assert dec.gray and dec.bits == 16
+    data = encode(up.upscale_decoded(dec), "PNG")
+    _, _, _, info = png.Reader(bytes=data).asDirect()
+    assert info["bitdepth"] == 16 and info["greyscale"]
+
+
+def test_exif_orientation_applied(tmp_path: Path, up: Upscaler) -> None:
+    p = tmp_path / "rot.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    Image.fromarray(natural_image(10, 20)).save(p, exif=exif.tobytes(), quality=95)
+    dec, out, _ = roundtrip(up, p)
+    assert dec.size == (10, 20) and out.size == (40, 80)  # width/height swapped as displayed
+    assert out.getexif().get(0x0112, 1) == 1  # and not rotated a second time by viewers
+
+
+def test_icc_profile_carried(tmp_path: Path, up: Upscaler) -> None:
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+    for name, kw in (("c.jpg", {"quality": 90}), ("c.png", {}), ("c.webp", {"quality": 90})):
+        p = tmp_path / name
+        Image.fromarray(natural_image(12, 12)).save(p, icc_profile=icc, **kw)
+        _, out, _ = roundtrip(up, p)
+        assert out.info.get("icc_profile") == icc, name
+
+
+def test_icc_profile_carried_in_16bit_png(tmp_path: Path, up: Upscaler) -> None:
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    arr = (np.random.default_rng(0).random((8, 8, 3)) * 65535).astype(np.uint16)
+    buf = io.BytesIO()
+    png.Writer(8, 8, bitdepth=16, greyscale=False).write(buf, arr.reshape(8, 24))
+    dec = decode(buf.getvalue())
+    dec.icc = icc
+    out = Image.open(io.BytesIO(encode(up.upscale_decoded(dec), "PNG")))
+    assert out.info.get("icc_profile") == icc
+
+
+def test_palette_with_transparency_becomes_rgba(tmp_path: Path, up: Upscaler) -> None:
+    im = Image.fromarray(natural_image(16, 16)).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    im.info["transparency"] = 0
+    p = tmp_path / "pal.png"
+    im.save(p, transparency=0)
+    _, out, _ = roundtrip(up, p)
+    assert out.mode == "RGBA" and out.size == (64, 64)
+
+
+def test_gif_is_written_as_png(tmp_path: Path, up: Upscaler) -> None:
+    from model.images import output_format
+
+    p = tmp_path / "a.gif"
+    Image.fromarray(natural_image(8, 8)).convert("P").save(p)
+    dec = decode(p)
+    assert output_format(dec.format, None) == "PNG"
+
+
+def test_cmyk_jpeg(tmp_path: Path, up: Upscaler) -> None:
+    p = tmp_path / "cmyk.jpg"
+    Image.fromarray(natural_image(8, 8)).convert("CMYK").save(p)
+    _, out, _ = roundtrip(up, p)
+    assert out.mode == "RGB" and out.size == (32, 32)
+
+
+def test_rgba_to_jpeg_composites_on_white(up: Upscaler) -> None:
+    rgba = np.zeros((8, 8, 4), np.uint8)  # fully transparent black
+    dec = decode(_png_bytes(rgba))
+    out = Image.open(io.BytesIO(encode(up.upscale_decoded(dec), "JPEG")))
+    assert out.mode == "RGB" and np.asarray(out).mean() > 250
+
+
+def _png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("content,reason", [(b"", "empty"), (b"hello, not an image", "not an image"),
+                                            (None, "not a readable image")])
+def test_bad_inputs_have_readable_reasons(tmp_path: Path, content: bytes | None, reason: str) -> None:
+    if content is None:  # a truncated PNG
+        content = _png_bytes(natural_image(32, 32))[:200]
+    with pytest.raises(ImageError, match=reason):
+        decode(content)
+
+
+def test_animated_gif_refused(tmp_path: Path) -> None:
+    frames = [Image.fromarray(natural_image(8, 8, seed=i)).convert("P") for i in range(3)]
+    p = tmp_path / "anim.gif"
+    frames[0].save(p, save_all=True, append_images=frames[1:])
+    with pytest.raises(ImageError, match="frames"):
+        decode(p)
