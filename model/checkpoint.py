@@ -93,7 +93,7 @@ def save_checkpoint(
         arch=ARCH,
         generator=generator.cfg,
         version=f"{now:%Y%m%dT%H%M%SZ}-{weights_digest(state)[:8]}",
-        created=now.isoformat(timespec="seconds"),
+        created=now.isoformat(timespec="milliseconds"),
         step=int(step),
         validation=dict(validation or {}),
         extra=dict(extra or {}),
@@ -103,26 +103,30 @@ def save_checkpoint(
     return info
 
 
-def _header(path: Path, raw: bytes) -> dict[str, Any]:
+def _not_safetensors(path: Path, raw: bytes, why: str) -> CheckpointError:
+    # Only diagnose after the safetensors parse failed: a valid header length can start with
+    # the same bytes as a pickle or a zip.
     if raw[:2] == b"PK" or raw[:1] == b"\x80":
-        raise CheckpointError(
+        return CheckpointError(
             f"{path}: is a PyTorch/pickle file, not safetensors; upscaled never unpickles model "
             "files (they can run code) — convert it to .safetensors"
         )
+    return CheckpointError(f"{path}: not a safetensors file, or truncated ({why})")
+
+
+def _header(path: Path, raw: bytes, size: int) -> dict[str, Any]:
+    """Parse the safetensors header from `raw` (at least its first 8 + n bytes); `size` = file size."""
     if len(raw) < 8:
-        raise CheckpointError(f"{path}: not a safetensors file (only {len(raw)} bytes)")
+        raise _not_safetensors(path, raw, f"only {len(raw)} bytes")
     (n,) = struct.unpack("<Q", raw[:8])
-    if n > _MAX_HEADER or 8 + n > len(raw):
-        raise CheckpointError(
-            f"{path}: not a safetensors file, or truncated (header claims {n} bytes, "
-            f"file has {len(raw)})"
-        )
+    if n > _MAX_HEADER or 8 + n > size:
+        raise _not_safetensors(path, raw, f"header claims {n} bytes, file has {size}")
     try:
         header = json.loads(raw[8 : 8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+        raise _not_safetensors(path, raw, f"header is not JSON: {e}") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
+        raise _not_safetensors(path, raw, "header is not a JSON object")
     return header
 
 
@@ -162,14 +166,15 @@ def read_info(path: str | os.PathLike) -> CheckpointInfo:
     path = Path(path)
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             raw = f.read(8)
-            if len(raw) == 8 and raw[:2] != b"PK" and raw[:1] != b"\x80":
+            if len(raw) == 8:
                 (n,) = struct.unpack("<Q", raw)
-                if n <= _MAX_HEADER and 8 + n <= os.fstat(f.fileno()).st_size:
+                if n <= _MAX_HEADER and 8 + n <= size:
                     raw += f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
-    return _info_from_header(path, _header(path, raw))
+    return _info_from_header(path, _header(path, raw, size))
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
@@ -179,7 +184,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], C
         raw = path.read_bytes()
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
-    info = _info_from_header(path, _header(path, raw))
+    info = _info_from_header(path, _header(path, raw, len(raw)))
     try:
         state = st_load(raw)
     except (SafetensorError, ValueError, RuntimeError) as e:

@@ -83,6 +83,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="PATH", help="checkpoint (default: the configured, published or bundled one)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _common(p)
+
+    p = sub.add_parser(
+        "models", help="list, show, promote and roll back served models",
+        description="Manage the models folder (paths.models) the daemon serves from. The daemon picks "
+        "up every change of the current model by itself.",
+    )
+    msub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    q = msub.add_parser("list", help="published versions, newest last; * marks the current one")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    _common(q)
+    q = msub.add_parser("show", help="one version's metadata as JSON ('bundled' for the default model)")
+    q.add_argument("version", help="version id or file name")
+    _common(q)
+    q = msub.add_parser("promote", help="verify a checkpoint and make it the current model",
+                        description="Verify PATH with the same checks the daemon makes, then publish it as the current model.")
+    q.add_argument("path", help="checkpoint (.safetensors)")
+    q.add_argument("--gate", metavar="VAL_DIR", help="also require it to beat the current model on these HR images")
+    _common(q)
+    q = msub.add_parser("rollback", help="make the previous (or a named) version current again")
+    q.add_argument("version", nargs="?", help="version id or file name (default: the one before the current)")
+    _common(q)
     return parser
 
 
@@ -110,6 +131,10 @@ def _run(args: argparse.Namespace) -> int:
         from trainer.evaluate import main as evaluate
 
         return evaluate(cfg, args)
+    if args.command == "models":
+        from upscaled.models_cmd import main as models
+
+        return models(cfg, args)
     raise AssertionError(f"unhandled command {args.command}")
 
 

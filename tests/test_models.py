@@ -1,0 +1,127 @@
+"""The models folder, model verification, and `upscaled models` through real subprocesses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model import store
+from model.checkpoint import CheckpointError, save_checkpoint
+from model.generator import Generator, GeneratorConfig
+from model.verify import verify_checkpoint
+from tests.conftest import TINY, natural_image, run_cli, save_image, tiny_generator, write_config
+
+CLAIMS = {"data": "val", "metrics": {"psnr_y": 30.0, "bicubic_psnr_y": 28.0}}
+
+
+def gray_model() -> Generator:
+    """Outputs flat mid-gray: poor, but far better than scrambled weights."""
+    g = Generator(TINY)
+    with torch.no_grad():
+        for p in g.parameters():
+            p.zero_()
+    return g.eval()
+
+
+def scrambled_model(seed: int = 0) -> Generator:
+    g = tiny_generator(seed=seed)
+    with torch.no_grad():
+        g.tail.weight.mul_(200.0)
+    return g
+
+
+def test_publish_points_current_keeps_history_and_prunes(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    names = []
+    for i in range(4):
+        ck = tmp_path / f"c{i}.safetensors"
+        save_checkpoint(ck, tiny_generator(seed=i), step=i)
+        names.append(store.publish(models, ck, keep=2).name)
+        assert store.current_checkpoint(models).name == names[-1]
+    assert sorted(p.name for p, _ in store.published(models)) == sorted(names[-2:])
+    assert store.history(models)[-2:] == names[-2:]
+    # Rolling back keeps the rolled-back-from version: retention never deletes the current one.
+    store.set_current(models, names[-2])
+    assert store.current_checkpoint(models).name == names[-2]
+
+
+def test_publish_refuses_bad_file_and_changes_nothing(tmp_path: Path, tiny_ckpt: Path) -> None:
+    models = tmp_path / "models"
+    good = store.publish(models, tiny_ckpt)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(tiny_ckpt.read_bytes()[:300])
+    with pytest.raises(CheckpointError):
+        store.publish(models, bad)
+    assert store.current_checkpoint(models) == good and len(store.published(models)) == 1
+
+
+def test_verify_accepts_a_sound_model(tiny_ckpt: Path) -> None:
+    g, info, probe = verify_checkpoint(tiny_ckpt, 4)
+    assert info.scale == 4 and probe is not None and np.isfinite(probe.psnr_y)
+
+
+def test_verify_refuses_wrong_scale(tmp_path: Path) -> None:
+    p = tmp_path / "x2.safetensors"
+    save_checkpoint(p, tiny_generator(GeneratorConfig(scale=2, channels=8, blocks=1)))
+    with pytest.raises(CheckpointError, match="x2 model.*x4"):
+        verify_checkpoint(p, 4)
+
+
+def test_verify_refuses_scrambled_model_claiming_metrics(tmp_path: Path) -> None:
+    p = tmp_path / "scrambled.safetensors"
+    save_checkpoint(p, scrambled_model(), validation=CLAIMS)
+    with pytest.raises(CheckpointError, match="below bicubic"):
+        verify_checkpoint(p, 4)
+
+
+def test_models_cli_promote_list_show_rollback(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, {"paths": {"models": "models"}})
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    # (an untrained model may not claim to beat bicubic: verification would refuse it)
+    ia = save_checkpoint(a, tiny_generator(seed=1), step=10, validation={"metrics": {"psnr_y": 30.0, "ssim_y": 0.9}})
+    ib = save_checkpoint(b, tiny_generator(seed=2), step=20)
+    nan = tmp_path / "nan.safetensors"
+    g = tiny_generator(seed=3)
+    with torch.no_grad():
+        g.head[0].weight.fill_(float("nan"))
+    save_checkpoint(nan, g)
+
+    assert run_cli("models", "promote", str(a), "--config", str(cfg)).returncode == 0
+    assert run_cli("models", "promote", str(b), "--config", str(cfg)).returncode == 0
+    r = run_cli("models", "promote", str(nan), "--config", str(cfg))
+    assert r.returncode == 2 and "NaN" in r.stderr
+
+    listing = json.loads(run_cli("models", "list", "--json", "--config", str(cfg)).stdout)
+    assert [v["version"] for v in listing["versions"]] == [ia.version, ib.version]
+    assert [v["current"] for v in listing["versions"]] == [False, True]
+    text = run_cli("models", "list", "--config", str(cfg)).stdout
+    assert f"* {ib.version}" in text and "PSNR-Y 30.00 dB, SSIM 0.9000" in text
+
+    shown = json.loads(run_cli("models", "show", ia.version, "--config", str(cfg)).stdout)
+    assert shown["step"] == 10 and shown["validation"]["metrics"]["psnr_y"] == 30.0
+
+    assert run_cli("models", "rollback", "--config", str(cfg)).returncode == 0
+    assert store.current_checkpoint(tmp_path / "models").name == f"{ia.version}.safetensors"
+    assert run_cli("models", "rollback", ib.version, "--config", str(cfg)).returncode == 0
+    assert store.current_checkpoint(tmp_path / "models").name == f"{ib.version}.safetensors"
+
+
+def test_models_cli_gate_promotes_only_a_better_model(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, {"paths": {"models": "models"}, "inference": {"device": "cpu"}})
+    val = tmp_path / "val"
+    for i in range(2):
+        save_image(val / f"v{i}.png", natural_image(48, 48, seed=i))
+    worse, better = tmp_path / "worse.safetensors", tmp_path / "better.safetensors"
+    save_checkpoint(worse, scrambled_model())
+    ib = save_checkpoint(better, gray_model())
+    assert run_cli("models", "promote", str(worse), "--config", str(cfg)).returncode == 0
+    r = run_cli("models", "promote", str(better), "--gate", str(val), "--config", str(cfg))
+    assert r.returncode == 0 and "gate passed" in r.stderr
+    assert store.current_checkpoint(tmp_path / "models").name == f"{ib.version}.safetensors"
+    r = run_cli("models", "promote", str(worse), "--gate", str(val), "--config", str(cfg))
+    assert r.returncode == 1 and "not promoted" in r.stderr
+    assert store.current_checkpoint(tmp_path / "models").name == f"{ib.version}.safetensors"
