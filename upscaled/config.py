@@ -121,8 +121,10 @@ class DaemonConfig:
     retry_max: float = 300.0
     shutdown_timeout: float = 60.0  # seconds to finish in-flight images on SIGTERM
     status_interval: float = 2.0  # seconds between status-file updates while busy
+    lease_interval: float = 10.0  # seconds between claim-lease heartbeats; 6 missed = owner presumed dead
 
     def __post_init__(self) -> None:
+        _need(self.lease_interval > 0, "lease_interval", "seconds > 0", self.lease_interval)
         _need(self.io_workers >= 1, "io_workers", "an integer >= 1", self.io_workers)
         _need(0 < self.retry_initial <= self.retry_max, "retry_initial", "0 < retry_initial <= retry_max", self.retry_initial)
         _need(self.shutdown_timeout > 0, "shutdown_timeout", "seconds > 0", self.shutdown_timeout)
@@ -133,9 +135,11 @@ class DaemonConfig:
 class ModelsConfig:
     keep: int = 5  # published versions kept in the models folder (the current one always is)
     verify_probe: bool = True  # run a probe image through a candidate before serving it
+    probe_tolerance_db: float = 3.0  # refuse a model claiming to beat bicubic that trails it by more on the probe
 
     def __post_init__(self) -> None:
         _need(self.keep >= 1, "keep", "an integer >= 1", self.keep)
+        _need(self.probe_tolerance_db >= 0, "probe_tolerance_db", "decibels >= 0", self.probe_tolerance_db)
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,7 @@ class TrainerConfig:
     generator_channels: int = 64
     generator_blocks: int = 16
     generator_batchnorm: bool = True
+    discriminator_width: int = 64  # channels of the discriminator's first conv (64 -> 512 in 4 stages)
     steps: int = 20000
     pretrain_steps: int = 10000  # phase 1, L1 only; 0 = straight to the GAN
     batch: int = 16
@@ -173,6 +178,7 @@ class TrainerConfig:
     seed: int | None = None
     val_every: int = 1000
     val_max_images: int = 0  # 0 = all
+    log_every: int = 50  # steps between metrics.jsonl records
     save_every: int = 500
     publish_every_val: bool = False
     publish_tolerance_db: float = 0.0  # candidate must beat current PSNR by more than this
@@ -180,7 +186,8 @@ class TrainerConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        for k in ("steps", "batch", "crop", "val_every", "save_every", "generator_channels", "generator_blocks"):
+        for k in ("steps", "batch", "crop", "val_every", "save_every", "log_every", "generator_channels",
+                  "generator_blocks", "discriminator_width"):
             _need(getattr(self, k) >= 1, k, "a positive integer", getattr(self, k))
         _need(self.pretrain_steps >= 0, "pretrain_steps", "an integer >= 0", self.pretrain_steps)
         _need(0 < self.downscale_min <= self.downscale_max <= 1, "downscale_min",
