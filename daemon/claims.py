@@ -1,0 +1,368 @@
+"""Claims: which daemon owns which inbox file.
+
+A daemon claims `inbox/<rel>` by renaming it to `work/<owner>/files/<rel>`. A rename is atomic
+on one file system, so of several daemons (on one machine, or several sharing the folder) exactly
+one wins; the others get ENOENT and move on.
+
+`work/<owner>/lease.json` names the owner (host, pid, process start time) and its mtime is
+touched every `lease_interval` seconds. An owner folder is dead when its process is gone (same
+host: no such pid, or the pid now belongs to another process) or when its lease is older than
+`STALE_LEASES` intervals (any host; the age is measured against our own freshly touched lease,
+so the file server's clock is the only clock involved). A dead owner folder is recovered by
+renaming it *into* our own folder (`work/<ours>/adopted/<dead>`; again only one daemon wins),
+then renaming each file back into the inbox, where the normal scan finds it.
+
+With `daemon.originals: keep`, processed originals are renamed back into the inbox and recorded
+in `work/kept.jsonl` (relative path, size, mtime): a file matching an entry is not processed
+again; a changed file (new size or mtime) is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import secrets
+import shutil
+import socket
+import stat
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from loguru import logger
+
+from model.atomic import atomic_write_text, fsync_dir
+
+LEASE = "lease.json"
+FILES = "files"
+ADOPTED = "adopted"
+KEPT_LEDGER = "kept.jsonl"
+STALE_LEASES = 6  # a lease this many intervals old belongs to a dead (or hopelessly stuck) owner
+
+# ---------------------------------------------------------------------------------------------
+# Renames that never overwrite
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _renameat2 = _libc.renameat2
+    _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+except (OSError, AttributeError):  # not glibc >= 2.28
+    _renameat2 = None
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst`, raising FileExistsError instead of replacing an existing `dst`.
+
+    Atomic (renameat2 RENAME_NOREPLACE) where the file system supports it; elsewhere (NFS, SMB)
+    an existence check followed by rename, which only races with another writer of the same name.
+    """
+    if _renameat2 is not None:
+        r = _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
+        if r == 0:
+            return
+        e = ctypes.get_errno()
+        if e not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(e, os.strerror(e), str(src), None, str(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
+def _copy_noreplace(src: Path, dst: Path) -> None:
+    """Cross-file-system move: copy to a temp name beside `dst`, fsync, rename without replacing."""
+    tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(src, "rb") as fi, open(tmp, "xb") as fo:
+            shutil.copyfileobj(fi, fo, 1 << 20)
+            fo.flush()
+            os.fsync(fo.fileno())
+        shutil.copystat(src, tmp)
+        rename_noreplace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    os.unlink(src)
+
+
+def place(src: Path, dst: Path) -> Path:
+    """Move `src` to `dst`, or to `name-1.ext`, `name-2.ext`... if taken; returns where it went."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(100000):
+        cand = dst if n == 0 else dst.with_name(f"{dst.stem}-{n}{dst.suffix}")
+        try:
+            try:
+                rename_noreplace(src, cand)
+            except OSError as e:
+                if e.errno != errno.EXDEV:
+                    raise
+                _copy_noreplace(src, cand)
+        except FileExistsError:
+            continue
+        fsync_dir(cand.parent)
+        return cand
+    raise FileExistsError(errno.EEXIST, "no free name", str(dst))
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+
+
+def _proc_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":  # a zombie has exited; only its exit status is left
+        return "zombie"
+    return fields[19]
+
+
+def pid_alive(pid: int, start: str | None = None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    now = _proc_start(pid)
+    if now == "zombie":
+        return False
+    return start is None or now is None or now == start
+
+
+# ---------------------------------------------------------------------------------------------
+# Claims
+
+
+class Claims:
+    """This daemon's owner folder: claiming, releasing, heartbeats, and recovering dead owners."""
+
+    def __init__(self, inbox: Path, work: Path, lease_interval: float = 10.0):
+        self.inbox = inbox
+        self.work = work
+        self.lease_interval = lease_interval
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.name = f"{self.host}-{self.pid}-{secrets.token_hex(3)}"
+        self.folder = work / self.name
+        self.files = self.folder / FILES
+        self.lease = self.folder / LEASE
+        self._last_beat = 0.0
+        self._kept: set[tuple[str, int, int]] = set()
+        self._kept_size = -1
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create the owner folder and its lease. Raises OSError when the folders are unusable."""
+        self.inbox.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        if os.stat(self.inbox).st_dev != os.stat(self.work).st_dev:
+            raise OSError(errno.EXDEV, "paths.work must be on the inbox's file system (claims are renames)", str(self.work))
+        self.files.mkdir(parents=True)
+        lease = {
+            "host": self.host, "pid": self.pid, "proc_start": _proc_start(self.pid),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "lease_interval": self.lease_interval,
+        }
+        atomic_write_text(self.lease, json.dumps(lease))
+        self._last_beat = time.monotonic()
+
+    def close(self) -> None:
+        """Remove the owner folder if nothing is left in it (claims left behind are recovered later)."""
+        leftovers = [p for p in self.folder.rglob("*") if not p.is_dir() and p != self.lease]
+        if leftovers:
+            logger.warning("{} claimed file(s) left in {}; they will be recovered on the next start", len(leftovers), self.folder)
+            return
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def heartbeat(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_beat >= self.lease_interval:
+            try:
+                os.utime(self.lease)
+            except FileNotFoundError:  # someone removed our folder: take it back
+                logger.error("lease {} vanished; recreating it", self.lease)
+                self.files.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(self.lease, json.dumps({"host": self.host, "pid": self.pid,
+                                                          "proc_start": _proc_start(self.pid),
+                                                          "lease_interval": self.lease_interval}))
+            self._last_beat = now
+
+    # -- claiming ------------------------------------------------------------------------------
+
+    def claimed_path(self, rel: str) -> Path:
+        return self.files / rel
+
+    def claim(self, rel: str) -> Path | None:
+        """Take `inbox/<rel>`; None when it is gone (another daemon won), not a regular file, or
+        a file of the same name is still ours."""
+        src = self.inbox / rel
+        dst = self.files / rel
+        try:
+            st = os.lstat(src)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(st.st_mode) or os.path.lexists(dst):
+            return None
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(src, dst)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(os.lstat(dst).st_mode):  # swapped for something else in between
+            self.release(rel)
+            return None
+        return dst
+
+    def release(self, rel: str) -> bool:
+        """Give a claimed file back to the inbox; False if a new file of that name is there now
+        (then it stays claimed, and is recovered on the next start)."""
+        src = self.files / rel
+        dst = self.inbox / rel
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            rename_noreplace(src, dst)
+        except FileExistsError:
+            logger.warning("cannot give {} back: a new {} is in the inbox; left in {}", rel, dst, self.folder)
+            return False
+        except FileNotFoundError:
+            return False
+        self._prune(src.parent, self.files)
+        return True
+
+    def forget(self, claimed: Path) -> None:
+        """The claimed file has gone (done/, failed/ or deleted): tidy empty folders."""
+        self._prune(claimed.parent, self.files)
+
+    @staticmethod
+    def _prune(folder: Path, stop: Path) -> None:
+        while folder != stop and folder.is_relative_to(stop):
+            try:
+                folder.rmdir()
+            except OSError:
+                return
+            folder = folder.parent
+
+    # -- originals: keep ----------------------------------------------------------------------
+
+    def _load_kept(self) -> None:
+        ledger = self.work / KEPT_LEDGER
+        try:
+            size = ledger.stat().st_size
+        except FileNotFoundError:
+            return
+        if size == self._kept_size:
+            return
+        kept = set()
+        for line in ledger.read_text(errors="replace").splitlines():
+            try:
+                e = json.loads(line)
+                kept.add((e["file"], int(e["size"]), int(e["mtime_ns"])))
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line from a crash
+        self._kept, self._kept_size = kept, size
+
+    def is_kept(self, rel: str, st: os.stat_result) -> bool:
+        self._load_kept()
+        return (rel, st.st_size, st.st_mtime_ns) in self._kept
+
+    def keep(self, rel: str) -> bool:
+        """Record the claimed original in the ledger, then put it back in the inbox."""
+        st = os.stat(self.files / rel)
+        line = json.dumps({"file": rel, "size": st.st_size, "mtime_ns": st.st_mtime_ns}) + "\n"
+        fd = os.open(self.work / KEPT_LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._kept.add((rel, st.st_size, st.st_mtime_ns))
+        return self.release(rel)
+
+    # -- recovery ------------------------------------------------------------------------------
+
+    def _fs_now(self) -> float:
+        """"Now" on the clock of the file server that holds the work folder."""
+        self.heartbeat(force=True)
+        return os.stat(self.lease).st_mtime
+
+    def is_dead(self, folder: Path, fs_now: float) -> bool:
+        try:
+            info = json.loads((folder / LEASE).read_text())
+            mtime = (folder / LEASE).stat().st_mtime
+        except FileNotFoundError:
+            info = {}
+            try:
+                mtime = folder.stat().st_mtime
+            except FileNotFoundError:
+                return False  # gone already
+        except (ValueError, OSError):
+            info, mtime = {}, folder.stat().st_mtime
+        if info.get("host") == self.host and isinstance(info.get("pid"), int):
+            if not pid_alive(info["pid"], info.get("proc_start")):
+                return True
+        interval = float(info.get("lease_interval") or self.lease_interval)
+        return fs_now - mtime > STALE_LEASES * max(interval, self.lease_interval)
+
+    def recover(self) -> list[str]:
+        """Give back the claims of dead owners; returns the relative paths put back in the inbox."""
+        try:
+            owners = [p for p in self.work.iterdir() if p.is_dir() and p.name != self.name and not p.is_symlink()]
+        except FileNotFoundError:
+            return []
+        back: list[str] = []
+        fs_now = self._fs_now() if owners else 0.0
+        for owner in owners:
+            if not self.is_dead(owner, fs_now):
+                continue
+            target = self.folder / ADOPTED / owner.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(owner, target)
+            except (FileNotFoundError, OSError) as e:
+                if isinstance(e, FileNotFoundError) or e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    continue  # another daemon is recovering it
+                raise
+            logger.warning("recovering claims of dead daemon {}", owner.name)
+        adopted = self.folder / ADOPTED
+        if adopted.is_dir():
+            for dead in list(adopted.iterdir()):
+                back += self._give_back(dead)
+        if back:
+            logger.warning("gave {} file(s) claimed by dead daemons back to the inbox", len(back))
+        return back
+
+    def _give_back(self, owner: Path) -> list[str]:
+        back: list[str] = []
+        files = owner / FILES
+        left = False
+        if files.is_dir():
+            for p in sorted(files.rglob("*")):
+                if p.is_dir() or p.is_symlink():
+                    continue
+                rel = p.relative_to(files).as_posix()
+                dst = self.inbox / rel
+                try:
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    rename_noreplace(p, dst)
+                    back.append(rel)
+                except FileExistsError:
+                    left = True
+                    logger.warning("cannot give {} back: a new file of that name is in the inbox; trying later", rel)
+        sub = owner / ADOPTED
+        if sub.is_dir():
+            for dead in list(sub.iterdir()):
+                back += self._give_back(dead)
+        if not left and not any(p.is_file() and p.name != LEASE for p in owner.rglob("*")):
+            shutil.rmtree(owner, ignore_errors=True)
+        return back

@@ -1,0 +1,419 @@
+"""`upscaled serve`: startup → run → shutdown.
+
+startup: open our claims folder, recover what dead daemons left, load and warm the model, start
+the pipeline threads and the observer, scan the inbox, tell systemd READY=1.
+run: one loop on the main thread — drain watcher hints, rescan now and then, collect finished
+jobs, re-submit due retries, claim ready files while the pipeline has room, heartbeat the lease,
+ping the systemd watchdog, keep the status file current.
+shutdown: stop claiming, let in-flight images finish (at most daemon.shutdown_timeout), give the
+rest back to the inbox, remove our claims folder.
+
+Signal handlers only set flags: the first SIGTERM/SIGINT asks for a graceful stop, a second one
+makes the loop exit at once (claims stay and are recovered on the next start); SIGHUP reloads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from loguru import logger
+
+from daemon.claims import Claims
+from daemon.job import Job, JobState
+from daemon.notify import Notifier
+from daemon.status import ServiceState, StatusBoard
+from daemon.watcher import Hint, InboxFilter, InboxHandler, Settler, make_observer, scan
+from daemon.worker import Pipeline, Worker
+from upscaled.config import Config, ConfigError
+
+TICK = 0.25  # seconds the loop sleeps when nothing wakes it
+EXIT_FORCED = 1
+
+# Settings that only take effect on a restart (the rest apply on SIGHUP).
+RESTART_ONLY = {
+    "paths": None,  # every key
+    "model": None,
+    "inference": None,
+    "watch": ("mode", "poll_interval"),
+    "daemon": ("io_workers", "lease_interval"),
+}
+
+
+class Signals:
+    """Flags set by signal handlers, read by the loop."""
+
+    def __init__(self) -> None:
+        self.stops = 0
+        self.reload = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_stop(self, signum, frame) -> None:
+        self.stops += 1
+
+    def _on_hup(self, signum, frame) -> None:
+        self.reload = True
+
+
+class Service:
+    def __init__(self, cfg: Config, once: bool = False, config_path: str | os.PathLike | None = None,
+                 notifier: Notifier | None = None):
+        self.cfg = cfg
+        self.once = once
+        self.config_path = config_path
+        self.signals = Signals()
+        self.notify = notifier or Notifier()
+        self.wake = threading.Event()
+        self.hints: queue.SimpleQueue = queue.SimpleQueue()
+        self.finished: queue.SimpleQueue = queue.SimpleQueue()
+        self.inbox = cfg.path("inbox")
+        self.board = StatusBoard(cfg.path("status"), cfg.daemon.status_interval)
+        self.claims = Claims(self.inbox, cfg.path("work"), cfg.daemon.lease_interval)
+        self.filter = InboxFilter(self.inbox, [cfg.path("work"), cfg.path("models"), cfg.path("status")])
+        self.settler = Settler(self.inbox, cfg.watch.settle_seconds, trust_mtime=once, skip=self._skip)
+        self.retries: list[tuple[float, int, Job]] = []  # heap by retry_at
+        self.upscaler = None
+        self.worker: Worker | None = None
+        self.pipeline: Pipeline | None = None
+        self.observer = None
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.next_rescan = 0.0
+        self.gave_up: set[str] = set()  # --once: left in the inbox after a transient error
+        self.exit_code = 0
+        self._seq = 0
+        self._claims_open = False
+
+    # -- startup -------------------------------------------------------------------------------
+
+    def startup(self) -> None:
+        from upscaled.runtime import build_upscaler
+
+        cfg = self.cfg
+        self.board.write(force=True)
+        try:
+            self.claims.open()
+        except OSError as e:
+            raise ConfigError("paths.work", f"a usable folder on the inbox's file system ({e.strerror or e})",
+                              str(self.claims.work)) from None
+        self._claims_open = True
+        self.claims.recover()
+        self.upscaler = build_upscaler(cfg)
+        t0 = time.perf_counter()
+        self.upscaler.warm_up()
+        logger.debug("warm-up took {:.2f} s", time.perf_counter() - t0)
+        self.worker = Worker(cfg, self.upscaler, self.claims)
+        self.pipeline = Pipeline(self.worker, cfg.daemon.io_workers, self._on_finished)
+        self.pipeline.start()
+        if not self.once:
+            handler = InboxHandler(self.filter, self.hints, self.wake, polling=cfg.watch.mode == "polling")
+            self.observer = make_observer(cfg.watch.mode, cfg.watch.poll_interval, self.inbox, handler)
+            self.observer.start()
+        self.rescan(time.monotonic())
+        self.board.set(state=ServiceState.RUNNING, model_version=self.upscaler.version, device=str(self.upscaler.device))
+        self.board.write(force=True)
+        logger.info("{} {} -> {} (model {}, {} watching, {} I/O threads)",
+                    "processing" if self.once else "serving", self.inbox, cfg.path("outbox"), self.upscaler.version,
+                    "no" if self.once else cfg.watch.mode, cfg.daemon.io_workers)
+        self.notify.ready(self.board.summary())
+
+    def _on_finished(self, job: Job) -> None:
+        # Pipeline threads: enqueue and wake the loop, nothing else.
+        self.finished.put(job)
+        self.wake.set()
+
+    # -- run -----------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        while True:
+            if self.signals.stops >= 2:
+                logger.warning("second stop signal: exiting now; claimed files are recovered on the next start")
+                self.exit_code = EXIT_FORCED
+                return
+            if self.signals.stops == 1 and not self.stopping:
+                self.begin_stop("stop signal")
+            now = time.monotonic()
+            if self.stopping and (self.pipeline.in_flight() == 0 or now >= self.stop_deadline):
+                return
+            self.tick(now)
+            if self.once and not self.stopping and self._idle() and self.rescan(now) == 0:
+                self.begin_stop("inbox processed")
+                continue
+            self.wake.wait(TICK)
+            self.wake.clear()
+
+    def _idle(self) -> bool:
+        return (len(self.settler) == 0 and self.pipeline.in_flight() == 0 and not self.retries
+                and self.finished.empty())
+
+    def tick(self, now: float) -> None:
+        """One pass of the loop (tests call it directly)."""
+        if self.signals.reload:
+            self.signals.reload = False
+            self.reload()
+        if not self.pipeline.alive():
+            raise RuntimeError("a pipeline thread died; exiting so the service manager restarts us")
+        self._drain_hints(now)
+        if now >= self.next_rescan and not self.stopping:
+            self.rescan(now)
+        self._collect(now)
+        if not self.stopping:
+            self._resubmit_due(now)
+            self._claim_ready(now)
+        self.claims.heartbeat()
+        self.notify.watchdog(now)
+        self._update_board(now)
+
+    def _drain_hints(self, now: float) -> None:
+        while True:
+            try:
+                hint, rel = self.hints.get_nowait()
+            except queue.Empty:
+                return
+            if hint is Hint.SCANNED:
+                self.next_rescan = 0.0  # a folder moved in: scan it now
+            elif rel not in self.gave_up:
+                self.settler.note(hint, rel, now=now)
+
+    def rescan(self, now: float) -> int:
+        """Reconcile with the folder: recover dead owners' claims, note every file events missed."""
+        self.next_rescan = now + self.cfg.watch.rescan_interval
+        try:
+            self.claims.recover()
+        except OSError as e:
+            logger.warning("cannot recover claims in {}: {}", self.claims.work, e)
+        new = 0
+        for rel, st in scan(self.inbox, self.filter):
+            if rel in self.settler.candidates or rel in self.gave_up:
+                continue
+            if self._skip(rel, st):
+                continue
+            self.settler.note(Hint.SCANNED, rel, st, now)
+            new += 1
+        return new
+
+    def _skip(self, rel: str, st: os.stat_result) -> bool:
+        return self.cfg.daemon.originals == "keep" and self.claims.is_kept(rel, st)
+
+    def capacity(self) -> int:
+        # One job per I/O thread, one being upscaled and one decoded and waiting for the device.
+        return self.cfg.daemon.io_workers + 2
+
+    def _claim_ready(self, now: float) -> None:
+        free = self.capacity() - self.pipeline.in_flight()
+        if free <= 0 or len(self.settler) == 0:
+            return
+        for rel in self.settler.ready(now):
+            if free <= 0:
+                break
+            self.settler.take(rel)
+            claimed = self.claims.claim(rel)
+            if claimed is None:
+                continue  # another daemon won it, or it is gone
+            self.pipeline.submit(Job(rel, claimed))
+            free -= 1
+
+    def _resubmit_due(self, now: float) -> None:
+        while self.retries and self.retries[0][0] <= now and self.pipeline.in_flight() < self.capacity():
+            _, _, job = heapq.heappop(self.retries)
+            logger.info("retrying {} (attempt {})", job.rel, job.attempts + 1)
+            self.pipeline.submit(self.worker.advance(job))  # RETRY -> where it stopped
+
+    def _collect(self, now: float) -> None:
+        while True:
+            try:
+                job = self.finished.get_nowait()
+            except queue.Empty:
+                return
+            self._account(job, now)
+
+    def _account(self, job: Job, now: float) -> None:
+        scale = self.upscaler.scale
+        w, h = job.size
+        if job.state is JobState.DONE:
+            self.board.record_done(w * h * scale * scale / 1e6, now)
+            t = job.timings
+            logger.info(
+                "done {}: {}x{} {} -> {} {}x{}; decode {:.0f} ms, upscale {:.0f} ms, encode+write {:.0f} ms; model {}",
+                job.rel, w, h, _size(job.input_bytes), job.output, w * scale, h * scale,
+                1000 * t.get("decode", 0), 1000 * t.get("upscale", 0), 1000 * t.get("write", 0), self.worker.model_version,
+            )
+        elif job.state is JobState.FAILED:
+            f = job.failure
+            self.board.record_failed(job.rel, f.reason if f else "unknown")
+            logger.error("failed {} ({} stage): {}; moved to {}", job.rel, f.stage.value if f else "?",
+                         f.reason if f else "?", self.cfg.path("failed"))
+            self.board.write(force=True, now=now)
+        elif job.state is JobState.RETRY:
+            if self.once or self.stopping:
+                self._give_back(job)
+                if self.once:
+                    self.gave_up.add(job.rel)
+                    self.exit_code = 1
+                logger.warning("{}: {}; left in the inbox for the next run", job.rel, job.problem)
+                return
+            delay = min(self.cfg.daemon.retry_max, self.cfg.daemon.retry_initial * 2 ** (job.attempts - 1))
+            job.retry_at = now + delay
+            self._seq += 1
+            heapq.heappush(self.retries, (job.retry_at, self._seq, job))
+            logger.warning("{}: {}; retrying in {:.0f} s (attempt {})", job.rel, job.problem, delay, job.attempts)
+            self.board.last_error = {"file": job.rel, "reason": job.problem, "time": _iso()}
+            self._update_board(now)
+            self.board.write(force=True, now=now)
+        elif job.state is JobState.RELEASED:
+            logger.info("gave {} back to the inbox unfinished", job.rel)
+
+    def _give_back(self, job: Job) -> None:
+        """A job in RETRY holds a claim: return the file to the inbox (outputs are already durable
+        for a retry after WRITTEN, so that file is simply processed again later)."""
+        if job.resume is JobState.REJECTED:
+            return  # leave it claimed; it goes to failed/ after recovery and a new attempt
+        self.claims.release(job.rel)
+
+    def _update_board(self, now: float) -> None:
+        self.board.set(queued=len(self.settler), in_flight=self.pipeline.in_flight() + len(self.retries))
+        self.board.retrying = [
+            {"file": j.rel, "problem": j.problem, "attempts": j.attempts, "next_in_s": round(max(0.0, t - now), 1)}
+            for t, _, j in sorted(self.retries, key=lambda r: r[0])
+        ]
+        if self.board.write(now=now):
+            self.notify.status(self.board.summary())
+
+    # -- reload --------------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        from upscaled.config import load
+
+        if not self.config_path:
+            logger.warning("SIGHUP: started without a config file; nothing to reload")
+            return
+        try:
+            new = load(self.config_path)
+        except ConfigError as e:
+            logger.error("SIGHUP: config rejected, keeping the running one: {}", e)
+            return
+        old = self.cfg
+        changed, needs_restart = [], []
+        for section in ("paths", "model", "inference", "watch", "daemon", "output"):
+            a, b = getattr(old, section), getattr(new, section)
+            for f in dataclasses.fields(a):
+                if getattr(a, f.name) != getattr(b, f.name):
+                    key = f"{section}.{f.name}"
+                    only = RESTART_ONLY.get(section, ())
+                    (needs_restart if section in RESTART_ONLY and (only is None or f.name in only) else changed).append(key)
+        merged = dataclasses.replace(
+            new, paths=old.paths, model=old.model, inference=old.inference, base_dir=old.base_dir,
+            watch=dataclasses.replace(new.watch, mode=old.watch.mode, poll_interval=old.watch.poll_interval),
+            daemon=dataclasses.replace(new.daemon, io_workers=old.daemon.io_workers, lease_interval=old.daemon.lease_interval),
+        )
+        self.cfg = merged
+        self.worker.cfg = merged
+        self.settler.settle_seconds = merged.watch.settle_seconds
+        self.board.interval = merged.daemon.status_interval
+        self.next_rescan = min(self.next_rescan, time.monotonic() + merged.watch.rescan_interval)
+        logger.info("SIGHUP: config reloaded from {}; applied: {}", self.config_path, ", ".join(changed) or "nothing changed")
+        if needs_restart:
+            logger.warning("SIGHUP: these changes need a restart to take effect: {}", ", ".join(needs_restart))
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    def begin_stop(self, why: str) -> None:
+        self.stopping = True
+        self.stop_deadline = time.monotonic() + self.cfg.daemon.shutdown_timeout
+        if self.pipeline is not None and self.pipeline.in_flight():
+            logger.info("{}: finishing {} image(s) in flight (at most {:.0f} s)", why,
+                        self.pipeline.in_flight(), self.cfg.daemon.shutdown_timeout)
+        else:
+            logger.info("{}: stopping", why)
+        self.notify.stopping()
+        self.board.set(state=ServiceState.STOPPING)
+        self.board.write(force=True)
+        if self.observer is not None:
+            self.observer.stop()
+        while self.retries:  # waiting out a back-off is not "in flight": give them back now
+            _, _, job = heapq.heappop(self.retries)
+            self._give_back(job)
+
+    def shutdown(self) -> bool:
+        """Returns False when a pipeline thread is still busy (the caller then exits hard)."""
+        clean = True
+        if self.observer is not None:
+            self.observer.stop()
+        if self.pipeline is not None:
+            if self.exit_code != EXIT_FORCED:
+                n = self.pipeline.release_unfinished()
+                if n:
+                    logger.warning("shutdown timeout: gave {} unfinished image(s) back to the inbox", n)
+                clean = self.pipeline.stop(timeout=2.0)
+                self._collect(time.monotonic())
+            else:
+                clean = False
+        if self._claims_open and self.exit_code != EXIT_FORCED:
+            self.claims.close()
+        self.board.set(state=ServiceState.STOPPED, in_flight=0 if clean else self.board.in_flight)
+        self.board.write(force=True)
+        self.notify.close()
+        logger.info("stopped: {} done, {} failed", self.board.processed, self.board.failed)
+        return clean
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _iso() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _config_path_from_argv() -> str | None:
+    """The config file `upscaled serve` was started with, to re-read on SIGHUP."""
+    from upscaled.config import default_path
+
+    argv = sys.argv[1:]
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+    p = default_path()
+    return str(p.resolve()) if p is not None else None
+
+
+def main(cfg: Config, once: bool = False, config_path: str | os.PathLike | None = None) -> int:
+    """`upscaled serve [--once]`; returns the exit code."""
+    svc = Service(cfg, once=once, config_path=config_path or _config_path_from_argv())
+    if threading.current_thread() is threading.main_thread():
+        svc.signals.install()
+    clean = True
+    try:
+        svc.startup()
+        svc.run()
+    except BaseException:
+        svc.exit_code = svc.exit_code or 1
+        raise
+    finally:
+        clean = svc.shutdown()
+        if not clean:
+            # A thread is still inside torch; let the process go without tearing the interpreter down under it.
+            logger.complete()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(svc.exit_code)
+    return svc.exit_code

@@ -1,0 +1,198 @@
+"""The status file: written (atomically) by the daemon, read by `upscaled status`."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import socket
+import sys
+import time
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from model.atomic import atomic_write_text
+from upscaled.config import Config
+
+EXIT_RUNNING = 0
+EXIT_NOT_RUNNING = 3  # as `systemctl status` says for an inactive unit
+THROUGHPUT_WINDOW = 300.0  # seconds of history behind the throughput figures
+IDLE_REFRESH = 15.0  # the file is rewritten at least this often, so readers can tell we are alive
+
+
+class ServiceState(str, Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class StatusBoard:
+    """Counters the service updates, and the file they are written to."""
+
+    def __init__(self, path: Path, interval: float):
+        self.path = path
+        self.interval = interval
+        self.state = ServiceState.STARTING
+        self.started = _now_iso()
+        self.model_version = ""
+        self.device = ""
+        self.queued = 0
+        self.in_flight = 0
+        self.processed = 0
+        self.failed = 0
+        self.last_error: dict[str, str] | None = None
+        self.retrying: list[dict[str, Any]] = []
+        self._done: collections.deque[tuple[float, float]] = collections.deque()  # (monotonic, output MP)
+        self._written = 0.0
+        self._dirty = True
+
+    def record_done(self, output_mp: float, now: float | None = None) -> None:
+        self.processed += 1
+        self._done.append((time.monotonic() if now is None else now, output_mp))
+        self._dirty = True
+
+    def record_failed(self, file: str, reason: str) -> None:
+        self.failed += 1
+        self.last_error = {"file": file, "reason": reason, "time": _now_iso()}
+        self._dirty = True
+
+    def set(self, **values: Any) -> None:
+        for k, v in values.items():
+            if getattr(self, k) != v:
+                setattr(self, k, v)
+                self._dirty = True
+
+    def throughput(self, now: float | None = None) -> dict[str, float]:
+        now = time.monotonic() if now is None else now
+        while self._done and now - self._done[0][0] > THROUGHPUT_WINDOW:
+            self._done.popleft()
+        if not self._done:
+            return {"images_per_min": 0.0, "output_mp_per_s": 0.0, "window_s": 0.0}
+        span = max(now - self._done[0][0], 1.0)
+        mp = sum(m for _, m in self._done)
+        return {"images_per_min": round(len(self._done) / span * 60, 2),
+                "output_mp_per_s": round(mp / span, 3), "window_s": round(span, 1)}
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": self.started,
+            "updated": _now_iso(),
+            "model_version": self.model_version,
+            "device": self.device,
+            "queued": self.queued,
+            "in_flight": self.in_flight,
+            "processed": self.processed,
+            "failed": self.failed,
+            "retrying": self.retrying,
+            "last_error": self.last_error,
+            "throughput": self.throughput(),
+        }
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=."""
+        t = self.throughput()
+        s = (f"{self.state.value}: {self.processed} done, {self.failed} failed, {self.queued} queued, "
+             f"{self.in_flight} in flight, {t['images_per_min']:.1f} img/min")
+        if self.retrying:
+            s += f", {len(self.retrying)} retrying ({self.retrying[0]['problem']})"
+        return s
+
+    def write(self, force: bool = False, now: float | None = None) -> bool:
+        """Write the file if something changed and `interval` has passed (or `force`)."""
+        now = time.monotonic() if now is None else now
+        due = now - self._written >= self.interval
+        if not (force or (self._dirty and due) or now - self._written >= IDLE_REFRESH):
+            return False
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path, json.dumps(self.snapshot(), indent=2) + "\n")
+        except OSError as e:
+            logger.warning("cannot write the status file {}: {}", self.path, e.strerror or e)
+            return False
+        self._written = now
+        self._dirty = False
+        return True
+
+
+# ---------------------------------------------------------------------------------------------
+# `upscaled status`
+
+
+def read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        return {"state": "unknown", "error": f"unreadable status file: {e}"}
+
+
+def is_running(st: dict[str, Any], stale_after: float) -> bool:
+    """Whether the daemon that wrote `st` is alive: its pid (same host), else a fresh file."""
+    from daemon.claims import pid_alive
+
+    if st.get("state") == ServiceState.STOPPED.value:
+        return False
+    if st.get("host") == socket.gethostname() and isinstance(st.get("pid"), int):
+        return pid_alive(st["pid"])
+    try:
+        updated = datetime.fromisoformat(st["updated"]).timestamp()
+    except (KeyError, TypeError, ValueError):
+        return False
+    return time.time() - updated <= stale_after
+
+
+def render(st: dict[str, Any]) -> str:
+    t = st.get("throughput") or {}
+    lines = [
+        f"upscaled daemon: {st.get('state')} (pid {st.get('pid')} on {st.get('host')}, since {st.get('started')})",
+        f"  model:       {st.get('model_version')} on {st.get('device')}",
+        f"  queued:      {st.get('queued')}",
+        f"  in flight:   {st.get('in_flight')}",
+        f"  processed:   {st.get('processed')}",
+        f"  failed:      {st.get('failed')}",
+        f"  throughput:  {t.get('images_per_min', 0):.1f} images/min, {t.get('output_mp_per_s', 0):.2f} output MP/s"
+        f" (last {t.get('window_s', 0):.0f} s)",
+    ]
+    if st.get("last_error"):
+        e = st["last_error"]
+        lines.append(f"  last error:  {e.get('file')}: {e.get('reason')} ({e.get('time')})")
+    for r in st.get("retrying") or []:
+        lines.append(f"  retrying:    {r.get('file')}: {r.get('problem')} (attempt {r.get('attempts')}, next in {r.get('next_in_s')} s)")
+    lines.append(f"  updated:     {st.get('updated')}")
+    return "\n".join(lines)
+
+
+def main(cfg: Config, as_json: bool = False) -> int:
+    path = cfg.path("status")
+    st = read(path)
+    stale_after = max(3 * cfg.daemon.status_interval, 4 * IDLE_REFRESH)
+    if st is None:
+        if as_json:
+            print(json.dumps({"running": False, "status_file": str(path)}))
+        else:
+            print(f"upscaled daemon: not running (no status file at {path})")
+        return EXIT_NOT_RUNNING
+    running = is_running(st, stale_after)
+    if as_json:
+        print(json.dumps({"running": running, **st}, indent=2))
+    elif running:
+        print(render(st))
+    else:
+        print(f"upscaled daemon: not running (last seen {st.get('updated', 'never')}, pid {st.get('pid')} on {st.get('host')})")
+        if st.get("processed") is not None:
+            print(f"  processed {st.get('processed')}, failed {st.get('failed')} in its last run")
+    sys.stdout.flush()
+    return EXIT_RUNNING if running else EXIT_NOT_RUNNING

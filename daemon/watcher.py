@@ -1,0 +1,258 @@
+"""Finding finished files in the inbox: watchdog events as hints, scans as the truth.
+
+The watchdog handler runs on the observer thread and only enqueues `(Hint, path)`; the service's
+loop feeds the hints to a `Settler`, which decides when a file is ready:
+
+- CLOSED (inotify IN_CLOSE_WRITE) or MOVED_IN: ready now — unless the file is still open by
+  another writer (we count IN_OPEN / IN_CLOSE events per file);
+- CHANGED (created, modified, any polling event) or SCANNED: ready once its size and mtime have
+  not changed for `settle_seconds` and nobody has it open.
+
+A file that changes after it was found ready goes back to waiting.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Callable, Iterator
+
+from watchdog.events import (
+    FileClosedEvent,
+    FileClosedNoWriteEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileOpenedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+
+IGNORED_NAMES = frozenset({"Thumbs.db", "desktop.ini", ".DS_Store"})
+IGNORED_SUFFIXES = (".part", ".tmp", ".crdownload", "~", ".partial", ".swp")
+OPEN_GRACE = 600.0  # seconds without any event after which an "open" count is presumed stale
+
+
+class Hint(str, Enum):
+    CLOSED = "closed"  # closed after writing
+    MOVED_IN = "moved_in"
+    CHANGED = "changed"  # created or modified: wait until it settles
+    OPENED = "opened"
+    CLOSED_NOWRITE = "closed_nowrite"
+    GONE = "gone"  # deleted or moved away
+    SCANNED = "scanned"
+
+
+def ignored_name(name: str) -> bool:
+    return name.startswith(".") or name in IGNORED_NAMES or name.lower().endswith(IGNORED_SUFFIXES)
+
+
+class InboxFilter:
+    """Which paths under the inbox are ours to process, as inbox-relative POSIX paths."""
+
+    def __init__(self, inbox: Path, own: list[Path]):
+        self.inbox = inbox
+        self.own = [p for p in own if p.is_relative_to(inbox)]  # our folders inside the inbox
+
+    def rel(self, path: str | os.PathLike) -> str | None:
+        """The inbox-relative path of `path`, or None when it is outside, ignored, or ours."""
+        p = Path(os.fsdecode(path))
+        if not p.is_relative_to(self.inbox) or p == self.inbox:
+            return None
+        if any(p.is_relative_to(o) for o in self.own):
+            return None
+        rel = p.relative_to(self.inbox)
+        if any(ignored_name(part) for part in rel.parts):
+            return None
+        return rel.as_posix()
+
+
+def scan(inbox: Path, filt: InboxFilter) -> Iterator[tuple[str, os.stat_result]]:
+    """Every candidate regular file under the inbox (symlinks neither followed nor returned)."""
+    stack = [inbox]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for e in entries:
+            if ignored_name(e.name):
+                continue
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if filt.rel(e.path) is not None:
+                    stack.append(Path(e.path))
+            elif stat.S_ISREG(st.st_mode):
+                rel = filt.rel(e.path)
+                if rel is not None:
+                    yield rel, st
+
+
+class InboxHandler(FileSystemEventHandler):
+    """Runs on the observer thread: translates an event into hints and enqueues them, nothing more."""
+
+    def __init__(self, filt: InboxFilter, hints: "queue.SimpleQueue[tuple[Hint, str]]", wake: threading.Event, polling: bool):
+        self.filt = filt
+        self.hints = hints
+        self.wake = wake
+        self.polling = polling
+
+    def _put(self, hint: Hint, path: str | bytes) -> None:
+        rel = self.filt.rel(path)
+        if rel is not None:
+            self.hints.put((hint, rel))
+            if hint in (Hint.CLOSED, Hint.MOVED_IN):
+                self.wake.set()
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        if event.is_directory:
+            if event.event_type == "moved":
+                # A folder moved in: its files produce no events of their own; the scan finds them.
+                self.hints.put((Hint.SCANNED, ""))
+                self.wake.set()
+            return
+        if isinstance(event, FileMovedEvent):
+            self._put(Hint.GONE, event.src_path)
+            self._put(Hint.CHANGED if self.polling else Hint.MOVED_IN, event.dest_path)
+        elif isinstance(event, FileClosedEvent):
+            self._put(Hint.CLOSED, event.src_path)
+        elif isinstance(event, FileClosedNoWriteEvent):
+            self._put(Hint.CLOSED_NOWRITE, event.src_path)
+        elif isinstance(event, FileOpenedEvent):
+            self._put(Hint.OPENED, event.src_path)
+        elif isinstance(event, (FileCreatedEvent, FileModifiedEvent)):
+            self._put(Hint.CHANGED, event.src_path)
+        elif isinstance(event, FileDeletedEvent):
+            self._put(Hint.GONE, event.src_path)
+
+
+def make_observer(mode: str, poll_interval: float, inbox: Path, handler: InboxHandler):
+    if mode == "polling":
+        from watchdog.observers.polling import PollingObserver
+
+        observer = PollingObserver(timeout=poll_interval)
+    else:
+        from watchdog.observers import Observer
+
+        observer = Observer()
+    observer.schedule(handler, str(inbox), recursive=True)
+    return observer
+
+
+@dataclass
+class Candidate:
+    size: int
+    mtime_ns: int
+    stable_since: float  # when size and mtime were last seen to change
+    first_seen: float
+    closed: bool = False  # a close-after-write or a move-in says it is complete
+    opens: int = 0  # writers/readers holding it open, from inotify
+    last_event: float = 0.0
+
+
+class Settler:
+    """Candidates and the rule that makes them ready; driven by the service loop only."""
+
+    def __init__(self, inbox: Path, settle_seconds: float, trust_mtime: bool = False,
+                 skip: Callable[[str, os.stat_result], bool] = lambda rel, st: False):
+        self.inbox = inbox
+        self.settle_seconds = settle_seconds
+        self.trust_mtime = trust_mtime  # --once: a file untouched for settle_seconds is ready at once
+        self.skip = skip
+        self.candidates: dict[str, Candidate] = {}
+
+    def __len__(self) -> int:
+        return len(self.candidates)
+
+    def note(self, hint: Hint, rel: str, st: os.stat_result | None = None, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if hint is Hint.GONE:
+            self.candidates.pop(rel, None)
+            return
+        c = self.candidates.get(rel)
+        if hint is Hint.OPENED:
+            if c is None:
+                c = self._add(rel, st, now)
+                if c is None:
+                    return
+            c.opens += 1
+            c.last_event = now
+            return
+        if hint in (Hint.CLOSED, Hint.CLOSED_NOWRITE) and c is not None:
+            c.opens = max(0, c.opens - 1)
+            c.last_event = now
+        if hint is Hint.CLOSED_NOWRITE:
+            return
+        if c is None:
+            c = self._add(rel, st, now)
+            if c is None:
+                return
+        c.last_event = now
+        if hint in (Hint.CLOSED, Hint.MOVED_IN):
+            c.closed = True
+            self._restat(rel, c, now, keep_closed=True)
+        elif hint is Hint.CHANGED:
+            c.closed = False
+            c.stable_since = now
+
+    def _add(self, rel: str, st: os.stat_result | None, now: float) -> Candidate | None:
+        if st is None:
+            try:
+                st = os.lstat(self.inbox / rel)
+            except OSError:
+                return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        since = now
+        if self.trust_mtime and time.time() - st.st_mtime >= self.settle_seconds:
+            since = now - self.settle_seconds
+        c = Candidate(st.st_size, st.st_mtime_ns, since, now)
+        self.candidates[rel] = c
+        return c
+
+    def _restat(self, rel: str, c: Candidate, now: float, keep_closed: bool = False) -> os.stat_result | None:
+        try:
+            st = os.lstat(self.inbox / rel)
+        except OSError:
+            self.candidates.pop(rel, None)
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            self.candidates.pop(rel, None)
+            return None
+        if (st.st_size, st.st_mtime_ns) != (c.size, c.mtime_ns):
+            c.size, c.mtime_ns, c.stable_since = st.st_size, st.st_mtime_ns, now
+            if not keep_closed:
+                c.closed = False
+        return st
+
+    def ready(self, now: float | None = None) -> list[str]:
+        """Candidates that are complete, oldest first; they stay candidates until `take`n."""
+        now = time.monotonic() if now is None else now
+        out = []
+        for rel, c in list(self.candidates.items()):
+            st = self._restat(rel, c, now)
+            if st is None:
+                continue
+            if c.opens > 0 and now - c.last_event < OPEN_GRACE:
+                continue
+            if c.closed or now - c.stable_since >= self.settle_seconds:
+                if self.skip(rel, st):
+                    self.candidates.pop(rel, None)
+                    continue
+                out.append(rel)
+        out.sort(key=lambda r: self.candidates[r].first_seen)
+        return out
+
+    def take(self, rel: str) -> None:
+        self.candidates.pop(rel, None)

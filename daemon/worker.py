@@ -1,0 +1,265 @@
+"""Moving jobs through their states: `Worker.advance` does one transition, `Pipeline` runs it on
+the right thread.
+
+Decoding and encoding run on `daemon.io_workers` threads; one inference thread owns the
+Upscaler. The service keeps a few more jobs claimed than threads, so a decoded image is always
+waiting when the inference thread finishes one.
+
+Errors are sorted once, in `advance`: an OSError is the environment's fault (disk full, outbox
+not writable, read-only file system...) and is retried with back-off, the input kept claimed;
+anything else is the image's fault and sends it to failed/ with a reason.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from loguru import logger
+
+from daemon.claims import Claims, place
+from daemon.job import STAGE_OF, TERMINAL, Failure, Job, JobState, Stage
+from model.atomic import atomic_write_bytes, atomic_write_text
+from model.images import EXTENSIONS, FORMATS, ImageError, decode, encode, output_format
+from upscaled.config import Config
+
+# Which thread performs a state's next transition.
+IO_STATES = (JobState.CLAIMED, JobState.UPSCALED, JobState.WRITTEN, JobState.REJECTED)
+# I/O threads take later stages first: finishing a job frees memory and a claim.
+_IO_PRIORITY = {JobState.WRITTEN: 0, JobState.REJECTED: 0, JobState.UPSCALED: 1, JobState.CLAIMED: 2}
+
+
+def out_path(outbox: Path, rel: str, requested: str | None) -> tuple[Path, str]:
+    """Output path and format: same relative path; the extension changes only with the format."""
+    src = Path(rel)
+    src_format = EXTENSIONS.get(src.suffix.lower())
+    if src_format is None:
+        raise ImageError(f"not a supported image type ({src.suffix or 'no extension'})")
+    fmt = output_format(src_format, requested)
+    return outbox / (src if fmt == src_format else src.with_suffix(FORMATS[fmt])), fmt
+
+
+def human_reason(e: BaseException) -> str:
+    if isinstance(e, ImageError):
+        return str(e)
+    if isinstance(e, OSError):
+        return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return "out of memory while processing this image"
+    return f"internal error while processing this image ({type(e).__name__}: {e})"
+
+
+@dataclass(frozen=True)
+class Folders:
+    inbox: Path
+    outbox: Path
+    done: Path
+    failed: Path
+
+
+class Worker:
+    """Performs job transitions. `upscaler` is only ever used by the one inference thread."""
+
+    def __init__(self, cfg: Config, upscaler, claims: Claims):
+        self.cfg = cfg  # replaced by the service on reload (output.* and daemon.originals apply live)
+        self.upscaler = upscaler
+        self.claims = claims
+        self.folders = Folders(cfg.path("inbox"), cfg.path("outbox"), cfg.path("done"), cfg.path("failed"))
+
+    @property
+    def model_version(self) -> str:
+        return getattr(self.upscaler, "version", "unknown")
+
+    def advance(self, job: Job) -> Job:
+        """Perform the next transition of `job` (the only place a job's state changes)."""
+        state = job.state
+        t0 = time.perf_counter()
+        try:
+            if job.released:
+                raise _Released()
+            if state is JobState.CLAIMED:
+                job.output, fmt = out_path(self.folders.outbox, job.rel, self._requested())
+                job.input_bytes = job.claimed.stat().st_size
+                job.decoded = decode(job.claimed)
+                job.size = job.decoded.size
+                job.timings["decode"] = time.perf_counter() - t0
+                job.state = JobState.DECODED
+            elif state is JobState.DECODED:
+                job.encoded = self.upscaler.upscale_decoded(job.decoded)
+                job.decoded = None
+                job.timings["upscale"] = time.perf_counter() - t0
+                job.state = JobState.UPSCALED
+            elif state is JobState.UPSCALED:
+                out = self.cfg.output
+                job.output, fmt = out_path(self.folders.outbox, job.rel, self._requested())
+                data = encode(job.encoded, fmt, jpeg_quality=out.jpeg_quality,
+                              webp_quality=out.webp_quality, webp_lossless=out.webp_lossless)
+                job.encoded = None
+                with job.lock:
+                    if job.released:
+                        raise _Released()
+                    job.output.parent.mkdir(parents=True, exist_ok=True)
+                    atomic_write_bytes(job.output, data)
+                    job.state = JobState.WRITTEN
+                job.timings["write"] = time.perf_counter() - t0
+            elif state is JobState.WRITTEN:
+                with job.lock:
+                    self._dispose_original(job)
+                    job.state = JobState.DONE
+            elif state is JobState.REJECTED:
+                with job.lock:
+                    self._to_failed(job)
+                    job.state = JobState.FAILED
+            else:
+                raise AssertionError(f"no transition from {state}")
+        except _Released:
+            job.decoded = job.encoded = None
+            job.state = JobState.RELEASED
+        except Exception as e:  # noqa: BLE001 - a bad image never stops the daemon
+            job.decoded = job.encoded = None
+            lost = state is JobState.CLAIMED and isinstance(e, FileNotFoundError) and not job.claimed.exists()
+            if (isinstance(e, OSError) and not lost) or state is JobState.REJECTED:
+                if not isinstance(e, OSError):
+                    logger.opt(exception=e).error("cannot record the failure of {}; keeping it claimed", job.rel)
+                job.attempts += 1
+                job.problem = f"{STAGE_OF[state].value}: {human_reason(e)}"
+                # Output pixels are not kept across a back-off: a retry before WRITTEN starts over.
+                job.resume = state if state in (JobState.WRITTEN, JobState.REJECTED) else JobState.CLAIMED
+                job.state = JobState.RETRY
+            else:
+                reason = "the file vanished from the work folder" if lost else human_reason(e)
+                exc = "".join(traceback.format_exception_only(type(e), e)).strip()
+                job.failure = Failure(STAGE_OF[state], reason, exc)
+                job.state = JobState.REJECTED
+        return job
+
+    def _requested(self) -> str | None:
+        f = self.cfg.output.format
+        return None if f == "keep" else f
+
+    def _dispose_original(self, job: Job) -> None:
+        originals = self.cfg.daemon.originals
+        rel = job.rel
+        if originals == "delete":
+            os.unlink(job.claimed)
+        elif originals == "keep":
+            if not self.claims.keep(rel):
+                place(job.claimed, self.folders.done / rel)  # a new file took its name in the inbox
+        else:
+            place(job.claimed, self.folders.done / rel)
+        self.claims.forget(job.claimed)
+
+    def _to_failed(self, job: Job) -> None:
+        f = job.failure or Failure(Stage.DECODE, "unknown", "")
+        dest = self.folders.failed / job.rel
+        if job.claimed.exists():
+            dest = place(job.claimed, dest)
+        else:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "file": job.rel,
+            "stage": f.stage.value,
+            "reason": f.reason,
+            "exception": f.exception,
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model_version": self.model_version,
+        }
+        atomic_write_text(dest.with_name(dest.name + ".error.json"), json.dumps(record, indent=2) + "\n")
+        self.claims.forget(job.claimed)
+
+
+class _Released(Exception):
+    """The job was given back to the inbox (shutdown) while a thread held it."""
+
+
+class Pipeline:
+    """The threads: `io_workers` for decode/encode/write/move, one for inference."""
+
+    def __init__(self, worker: Worker, io_workers: int, on_finished: Callable[[Job], None]):
+        self.worker = worker
+        self.on_finished = on_finished  # called on a pipeline thread; must only enqueue
+        self._io: queue.PriorityQueue = queue.PriorityQueue()
+        self._infer: queue.Queue = queue.Queue()
+        self._seq = itertools.count()
+        self._threads = [threading.Thread(target=self._io_loop, name=f"io-{i}", daemon=True) for i in range(io_workers)]
+        self._threads.append(threading.Thread(target=self._infer_loop, name="inference", daemon=True))
+        self._stop = threading.Event()
+        self.jobs: set[Job] = set()  # in flight (not yet handed back through on_finished)
+        self._lock = threading.Lock()
+        self.inference_busy_since: float | None = None
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def alive(self) -> bool:
+        return all(t.is_alive() for t in self._threads)
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            self.jobs.add(job)
+        self._route(job)
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self.jobs)
+
+    def _route(self, job: Job) -> None:
+        if job.state in TERMINAL:
+            with self._lock:
+                self.jobs.discard(job)
+            self.on_finished(job)
+        elif job.state is JobState.DECODED:
+            self._infer.put(job)
+        else:
+            self._io.put((_IO_PRIORITY[job.state], next(self._seq), job))
+
+    def _io_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                _, _, job = self._io.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            self._route(self.worker.advance(job))
+
+    def _infer_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self._infer.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            self.inference_busy_since = time.monotonic()
+            try:
+                job = self.worker.advance(job)
+            finally:
+                self.inference_busy_since = None
+            self._route(job)
+
+    def release_unfinished(self) -> int:
+        """Give every in-flight job whose output is not yet durable back to the inbox."""
+        n = 0
+        with self._lock:
+            jobs = list(self.jobs)
+        for job in jobs:
+            with job.lock:
+                if job.state in (JobState.CLAIMED, JobState.DECODED, JobState.UPSCALED) and not job.released:
+                    if self.worker.claims.release(job.rel):
+                        job.released = True
+                        n += 1
+        return n
+
+    def stop(self, timeout: float = 1.0) -> bool:
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
