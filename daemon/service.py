@@ -81,7 +81,8 @@ class Service:
         self.board = StatusBoard(cfg.path("status"), cfg.daemon.status_interval)
         self.claims = Claims(self.inbox, cfg.path("work"), cfg.daemon.lease_interval)
         self.filter = InboxFilter(self.inbox, [cfg.path("work"), cfg.path("models"), cfg.path("status")])
-        self.settler = Settler(self.inbox, cfg.watch.settle_seconds, trust_mtime=once, skip=self._skip)
+        self.settler = Settler(self.inbox, cfg.watch.settle_seconds, trust_mtime=once, skip=self._skip,
+                               closed_grace=cfg.watch.closed_grace)
         self.retries: list[tuple[float, int, Job]] = []  # heap by retry_at
         self.upscaler = None
         self.worker: Worker | None = None
@@ -320,6 +321,7 @@ class Service:
         self.cfg = merged
         self.worker.cfg = merged
         self.settler.settle_seconds = merged.watch.settle_seconds
+        self.settler.closed_grace = min(merged.watch.closed_grace, merged.watch.settle_seconds)
         self.board.interval = merged.daemon.status_interval
         self.next_rescan = min(self.next_rescan, time.monotonic() + merged.watch.rescan_interval)
         logger.info("SIGHUP: config reloaded from {}; applied: {}", self.config_path, ", ".join(changed) or "nothing changed")

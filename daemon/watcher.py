@@ -3,8 +3,9 @@
 The watchdog handler runs on the observer thread and only enqueues `(Hint, path)`; the service's
 loop feeds the hints to a `Settler`, which decides when a file is ready:
 
-- CLOSED (inotify IN_CLOSE_WRITE) or MOVED_IN: ready now — unless the file is still open by
-  another writer (we count IN_OPEN / IN_CLOSE events per file);
+- MOVED_IN: ready now; CLOSED (inotify IN_CLOSE_WRITE): ready once nothing has touched it for
+  `closed_grace` (a writer that reopens the file for each chunk closes it many times) — and
+  never while some process still has it open (we count IN_OPEN / IN_CLOSE events per file);
 - CHANGED (created, modified, any polling event) or SCANNED: ready once its size and mtime have
   not changed for `settle_seconds` and nobody has it open.
 
@@ -165,9 +166,10 @@ class Settler:
     """Candidates and the rule that makes them ready; driven by the service loop only."""
 
     def __init__(self, inbox: Path, settle_seconds: float, trust_mtime: bool = False,
-                 skip: Callable[[str, os.stat_result], bool] = lambda rel, st: False):
+                 skip: Callable[[str, os.stat_result], bool] = lambda rel, st: False, closed_grace: float = 0.5):
         self.inbox = inbox
         self.settle_seconds = settle_seconds
+        self.closed_grace = min(closed_grace, settle_seconds)
         self.trust_mtime = trust_mtime  # --once: a file untouched for settle_seconds is ready at once
         self.skip = skip
         self.candidates: dict[str, Candidate] = {}
@@ -202,6 +204,7 @@ class Settler:
         if hint in (Hint.CLOSED, Hint.MOVED_IN):
             c.closed = True
             self._restat(rel, c, now, keep_closed=True)
+            c.stable_since = now - (self.closed_grace if hint is Hint.MOVED_IN else 0.0)
         elif hint is Hint.CHANGED:
             c.closed = False
             c.stable_since = now
@@ -246,7 +249,7 @@ class Settler:
                 continue
             if c.opens > 0 and now - c.last_event < OPEN_GRACE:
                 continue
-            if c.closed or now - c.stable_since >= self.settle_seconds:
+            if now - c.stable_since >= (self.closed_grace if c.closed else self.settle_seconds):
                 if self.skip(rel, st):
                     self.candidates.pop(rel, None)
                     continue

@@ -86,7 +86,9 @@ class Worker:
         try:
             if job.released:
                 raise _Released()
-            if state is JobState.CLAIMED:
+            if state is JobState.RETRY:
+                job.state = job.resume  # the back-off is over
+            elif state is JobState.CLAIMED:
                 job.output, fmt = out_path(self.folders.outbox, job.rel, self._requested())
                 job.input_bytes = job.claimed.stat().st_size
                 job.decoded = decode(job.claimed)

@@ -106,8 +106,10 @@ class WatchConfig:
     poll_interval: float = 1.0  # seconds, polling mode
     settle_seconds: float = 2.0  # size and mtime unchanged this long => the file is complete
     rescan_interval: float = 30.0  # seconds between reconciliation scans
+    closed_grace: float = 0.5  # a file closed after writing is ready once untouched this long
 
     def __post_init__(self) -> None:
+        _need(self.closed_grace >= 0, "closed_grace", "seconds >= 0", self.closed_grace)
         _need(self.poll_interval > 0, "poll_interval", "seconds > 0", self.poll_interval)
         _need(self.settle_seconds >= 0, "settle_seconds", "seconds >= 0", self.settle_seconds)
         _need(self.rescan_interval > 0, "rescan_interval", "seconds > 0", self.rescan_interval)

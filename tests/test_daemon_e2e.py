@@ -1,0 +1,256 @@
+"""`upscaled serve` as a real subprocess: real observer, real folders, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.daemon_helpers import (
+    ROOT,
+    decoded_size,
+    files_under,
+    image_bytes,
+    make_config,
+    serve,
+    stop,
+    tiny_checkpoint,
+    wait_for,
+    write_image,
+)
+from model.generator import GeneratorConfig
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="inotify and the claim scheme are tested on Linux")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny.safetensors")
+
+
+def status_of(root: Path) -> dict:
+    try:
+        return json.loads((root / "status.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def wait_running(root: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    def up():
+        assert proc.poll() is None, f"daemon exited early with {proc.returncode}: {log_tail(root)}"
+        return status_of(root).get("state") == "running"
+
+    wait_for(up, timeout, what="the daemon to be running")
+
+
+def log_tail(root: Path) -> str:
+    p = root / "daemon.log"
+    return p.read_text()[-3000:] if p.exists() else ""
+
+
+def status_cmd(config: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "upscaled", "status", "--config", str(config), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_serve_drops_by_copy_rename_and_slow_writer(tmp_path, ckpt):
+    cfg, config = make_config(tmp_path, ckpt)
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    write_image(inbox / "before" / "early.png", seed=1)  # present before start-up
+    ignored = [".hidden.png", "x.png.part", "y.tmp", "z.crdownload", "w.png~", "Thumbs.db"]
+    for name in ignored:
+        (inbox / name).write_bytes(image_bytes(Path("a.png")))
+    proc = serve(config, log=tmp_path / "daemon.log")
+    try:
+        wait_running(tmp_path, proc)
+        r = status_cmd(config)
+        assert r.returncode == 0 and "running" in r.stdout, r.stdout + r.stderr
+
+        staging = tmp_path / "staging"
+        write_image(staging / "copied.jpg", seed=2)
+        write_image(staging / "moved.png", seed=3)
+        shutil.copy(staging / "copied.jpg", inbox / "copied.jpg")  # by cp
+        os.makedirs(inbox / "deep" / "er")
+        os.rename(staging / "moved.png", inbox / "deep" / "er" / "moved.png")  # by rename (mv)
+        (inbox / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+
+        # A slow writer: one open file, chunks over ~3 s, far slower than settle_seconds (0.5).
+        data = image_bytes(Path("slow.png"), 48, 40, seed=4)
+        chunks = [data[i : i + max(1, len(data) // 15)] for i in range(0, len(data), max(1, len(data) // 15))]
+        with open(inbox / "slow.png", "wb") as f:
+            for c in chunks:
+                f.write(c)
+                f.flush()
+                time.sleep(3.0 / len(chunks))
+        # A slow writer that reopens the file for every chunk (as some network copies do).
+        data2 = image_bytes(Path("slow2.png"), 40, 32, seed=6)
+        step = max(1, len(data2) // 8)
+        for i in range(0, len(data2), step):
+            with open(inbox / "slow2.png", "ab") as f:
+                f.write(data2[i : i + step])
+            time.sleep(0.1)
+
+        expected = {"before/early.png": (128, 96), "copied.jpg": (128, 96), "deep/er/moved.png": (128, 96),
+                    "slow.png": (192, 160), "slow2.png": (160, 128)}
+        wait_for(lambda: all((outbox / k).exists() for k in expected) and (tmp_path / "failed" / "corrupt.png.error.json").exists(),
+                 60, what="all outputs")
+        for rel, size in expected.items():
+            assert decoded_size(outbox / rel) == size
+            assert (tmp_path / "done" / rel).read_bytes()  # original moved to done/
+        assert files_under(outbox) == sorted(expected)
+        assert files_under(outbox, include_hidden=True) == sorted(expected)  # no temp files left
+        err = json.loads((tmp_path / "failed" / "corrupt.png.error.json").read_text())
+        assert err["stage"] == "decode" and err["reason"]
+        assert files_under(tmp_path / "failed") == ["corrupt.png", "corrupt.png.error.json"]
+
+        # The daemon goes on after the corrupt file.
+        write_image(staging / "after.png", seed=5)
+        shutil.copy(staging / "after.png", inbox / "after.png")
+        wait_for(lambda: (tmp_path / "done" / "after.png").exists(), 30, what="a file after the corrupt one")
+
+        # SIGHUP with a broken config: logged, the old one kept, still serving.
+        good = config.read_text()
+        config.write_text("watch: {settle_seconds: -1}\n")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        config.write_text(good)
+        assert proc.poll() is None
+        wait_for(lambda: status_of(tmp_path).get("processed") == 6, 10, what="status counters")
+        st = status_of(tmp_path)
+        assert st["failed"] == 1 and st["last_error"]["file"] == "corrupt.png" and st["model_version"]
+    finally:
+        t0 = time.monotonic()
+        rc = stop(proc)
+    assert rc == 0 and time.monotonic() - t0 < 10, log_tail(tmp_path)
+    for name in ignored:  # untouched
+        assert (inbox / name).read_bytes() == image_bytes(Path("a.png"))
+    assert status_of(tmp_path)["state"] == "stopped"
+    assert status_cmd(config).returncode == 3
+    assert not any(p.is_file() for p in (inbox / ".upscaled-work").rglob("*") if p.name != "kept.jsonl")
+    log = log_tail(tmp_path)
+    assert "SIGHUP: config rejected" in log
+
+
+def test_polling_mode_picks_up_a_copy(tmp_path, ckpt):
+    cfg, config = make_config(tmp_path, ckpt, watch={"mode": "polling", "rescan_interval": 60.0})
+    proc = serve(config, log=tmp_path / "daemon.log")
+    try:
+        wait_running(tmp_path, proc)
+        write_image(tmp_path / "staging" / "p.png", seed=9)
+        shutil.copy(tmp_path / "staging" / "p.png", tmp_path / "inbox" / "p.png")
+        wait_for(lambda: (tmp_path / "done" / "p.png").exists(), 30, what="the polled file")
+        assert decoded_size(tmp_path / "outbox" / "p.png") == (128, 96)
+    finally:
+        assert stop(proc) == 0, log_tail(tmp_path)
+
+
+def test_two_daemons_process_each_file_exactly_once(tmp_path, ckpt):
+    cfg, config = make_config(tmp_path, ckpt, watch={"settle_seconds": 0.2})
+    inbox = tmp_path / "inbox"
+    names = [f"d{i % 3}/img{i:02d}.png" for i in range(24)]
+    for i, n in enumerate(names[:12]):
+        write_image(inbox / n, seed=i)
+    procs = [serve(config, log=tmp_path / "daemon.log") for _ in range(2)]
+    try:
+        for i, n in enumerate(names[12:], 12):  # more while both run
+            write_image(tmp_path / "staging" / n, seed=i)
+            (inbox / n).parent.mkdir(parents=True, exist_ok=True)
+            os.rename(tmp_path / "staging" / n, inbox / n)
+            time.sleep(0.05)
+        wait_for(lambda: len(files_under(tmp_path / "done")) >= len(names), 90, every=0.2, what="all files done")
+        time.sleep(0.5)  # a duplicate, if any, would show up now
+    finally:
+        codes = [stop(p) for p in procs]
+    assert codes == [0, 0], log_tail(tmp_path)
+    assert files_under(tmp_path / "done") == sorted(names)  # no "-1" duplicates
+    assert files_under(tmp_path / "outbox", include_hidden=True) == sorted(names)
+    assert files_under(tmp_path / "failed") == []
+    log = log_tail(tmp_path) + (tmp_path / "daemon.log").read_text()
+    assert (tmp_path / "daemon.log").read_text().count(" done ") == len(names)
+
+
+def test_kill_9_mid_batch_then_restart_loses_nothing(tmp_path, ckpt):
+    slow = tiny_checkpoint(tmp_path / "slower.safetensors", GeneratorConfig(scale=4, channels=16, blocks=2))
+    cfg, config = make_config(tmp_path, slow, watch={"settle_seconds": 0.0}, daemon={"io_workers": 1})
+    inbox = tmp_path / "inbox"
+    names = [f"k/img{i:02d}.png" for i in range(30)]
+    for i, n in enumerate(names):
+        write_image(inbox / n, 64, 48, seed=i)
+    proc = serve(config, log=tmp_path / "daemon.log")
+    try:
+        wait_for(lambda: len(files_under(tmp_path / "done")) >= 3, 60, every=0.01, what="the first outputs")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    assert len(files_under(tmp_path / "done")) < len(names), "the batch finished before the kill; make it slower"
+    r = subprocess.run([sys.executable, "-m", "upscaled", "serve", "--once", "--config", str(config)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert files_under(tmp_path / "done") == sorted(names)
+    assert files_under(tmp_path / "outbox", include_hidden=True) == sorted(names)  # no temp/partial files
+    for n in names:
+        assert decoded_size(tmp_path / "outbox" / n) == (256, 192)
+    assert files_under(inbox, include_hidden=True) == []  # claims recovered, nothing left behind
+    assert "recovering claims of dead daemon" in r.stderr
+
+
+def test_sigterm_while_busy_exits_zero_quickly_and_gives_back_unfinished(tmp_path, ckpt):
+    slow = tiny_checkpoint(tmp_path / "slower.safetensors", GeneratorConfig(scale=4, channels=16, blocks=2))
+    cfg, config = make_config(tmp_path, slow, watch={"settle_seconds": 0.0}, daemon={"shutdown_timeout": 5.0})
+    names = [f"t{i:02d}.png" for i in range(30)]
+    for i, n in enumerate(names):
+        write_image(tmp_path / "inbox" / n, 64, 48, seed=i)
+    proc = serve(config, log=tmp_path / "daemon.log")
+    wait_for(lambda: files_under(tmp_path / "done"), 60, every=0.01, what="the first output")
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0, log_tail(tmp_path)
+    assert time.monotonic() - t0 < 8
+    done, left = files_under(tmp_path / "done"), files_under(tmp_path / "inbox")
+    assert sorted(done + left) == names  # every file either finished or back in the inbox
+    assert files_under(tmp_path / "outbox", include_hidden=True) == done
+    assert files_under(tmp_path / "inbox", include_hidden=True) == left  # no claims left
+
+
+def test_notify_protocol_under_a_fake_systemd(tmp_path, ckpt):
+    cfg, config = make_config(tmp_path, ckpt)
+    write_image(tmp_path / "inbox" / "n.png")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.settimeout(0.2)
+    got: list[str] = []
+    proc = serve(config, env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"},
+                 log=tmp_path / "daemon.log")
+
+    def pump():
+        try:
+            got.append(sock.recv(4096).decode())
+        except TimeoutError:
+            pass
+        return any(m.startswith("READY=1") for m in got) and sum(m == "WATCHDOG=1" for m in got) >= 3
+
+    try:
+        wait_for(pump, 60, every=0, what="READY=1 and watchdog pings")
+        assert wait_for(lambda: (tmp_path / "done" / "n.png").exists(), 30)
+    finally:
+        assert stop(proc) == 0
+    while True:
+        try:
+            got.append(sock.recv(4096).decode())
+        except (TimeoutError, OSError):
+            break
+    sock.close()
+    ready = next(m for m in got if m.startswith("READY=1"))
+    assert "STATUS=" in ready
+    assert any(m.startswith("STATUS=") and "done" in m for m in got)
+    assert "STOPPING=1" in got
+    assert got.index(ready) < got.index("STOPPING=1")

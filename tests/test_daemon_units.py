@@ -1,0 +1,314 @@
+"""The daemon's parts driven one step at a time: handler dispatch, settling, scans, claims and
+their recovery, worker transitions (success, corrupt input, transient error), status, notify."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from watchdog.events import (
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileOpenedEvent,
+)
+
+from daemon import status as status_mod
+from daemon.claims import Claims, place
+from daemon.job import Job, JobState, TERMINAL
+from daemon.notify import Notifier
+from daemon.status import ServiceState, StatusBoard
+from daemon.watcher import Hint, InboxFilter, InboxHandler, Settler, scan
+from daemon.worker import Worker
+from tests.daemon_helpers import decoded_size, make_config, tiny_checkpoint, write_image
+from upscaled.runtime import build_upscaler
+
+IGNORED = [".hidden.png", "a.png.part", "b.tmp", "c.crdownload", "d.png~", ".DS_Store", "Thumbs.db", ".dir/e.png"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def upscaler(tmp_path_factory, ckpt):
+    cfg, _ = make_config(tmp_path_factory.mktemp("u"), ckpt)
+    return build_upscaler(cfg)
+
+
+def make_worker(root: Path, ckpt: Path, upscaler, **sections) -> tuple[Worker, Claims]:
+    cfg, _ = make_config(root, ckpt, **sections)
+    claims = Claims(cfg.path("inbox"), cfg.path("work"), cfg.daemon.lease_interval)
+    claims.open()
+    return Worker(cfg, upscaler, claims), claims
+
+
+def run_job(worker: Worker, job: Job) -> Job:
+    seen = [job.state]
+    while job.state not in TERMINAL:
+        worker.advance(job)
+        seen.append(job.state)
+    job.history = seen
+    return job
+
+
+# -- watcher ---------------------------------------------------------------------------------
+
+
+def test_handler_only_enqueues_hints_for_our_files(tmp_path):
+    import queue
+    import threading
+
+    inbox = tmp_path / "inbox"
+    work = inbox / ".upscaled-work"
+    hints: queue.SimpleQueue = queue.SimpleQueue()
+    h = InboxHandler(InboxFilter(inbox, [work]), hints, threading.Event(), polling=False)
+    h.dispatch(FileCreatedEvent(str(inbox / "a.png")))
+    h.dispatch(FileModifiedEvent(str(inbox / "a.png")))
+    h.dispatch(FileOpenedEvent(str(inbox / "a.png")))
+    h.dispatch(FileClosedEvent(str(inbox / "a.png")))
+    h.dispatch(FileMovedEvent(str(tmp_path / "x.png"), str(inbox / "sub" / "b.png")))
+    h.dispatch(FileMovedEvent(str(inbox / "c.png"), str(work / "o" / "files" / "c.png")))  # our claim
+    for name in IGNORED:
+        h.dispatch(FileClosedEvent(str(inbox / name)))
+    h.dispatch(FileClosedEvent(str(work / "o" / "files" / "d.png")))
+    got = []
+    while not hints.empty():
+        got.append(hints.get())
+    assert got == [
+        (Hint.CHANGED, "a.png"), (Hint.CHANGED, "a.png"), (Hint.OPENED, "a.png"), (Hint.CLOSED, "a.png"),
+        (Hint.MOVED_IN, "sub/b.png"), (Hint.GONE, "c.png"),
+    ]
+
+
+def test_settler_waits_for_stable_size_and_mtime(tmp_path):
+    f = tmp_path / "a.png"
+    f.write_bytes(b"x" * 10)
+    s = Settler(tmp_path, settle_seconds=2.0)
+    s.note(Hint.CHANGED, "a.png", now=100.0)
+    assert s.ready(now=101.0) == []
+    with open(f, "ab") as fh:  # still growing: the clock starts again
+        fh.write(b"y")
+    assert s.ready(now=101.5) == []
+    assert s.ready(now=103.0) == []
+    assert s.ready(now=103.6) == ["a.png"]
+
+
+def test_settler_close_means_ready_unless_still_open(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "b.png").write_bytes(b"x")
+    s = Settler(tmp_path, settle_seconds=100.0, closed_grace=0.1)
+    s.note(Hint.CLOSED, "a.png", now=1.0)
+    assert s.ready(now=1.05) == []  # the writer may reopen it for its next chunk
+    s.note(Hint.OPENED, "b.png", now=1.0)  # opened by two writers, closed by one
+    s.note(Hint.OPENED, "b.png", now=1.0)
+    s.note(Hint.CLOSED, "b.png", now=1.1)
+    assert s.ready(now=1.2) == ["a.png"]
+    s.note(Hint.CHANGED, "a.png", now=1.3)  # written again after the close
+    assert s.ready(now=1.4) == []
+    s.note(Hint.CLOSED, "b.png", now=1.5)
+    assert s.ready(now=1.55) == []
+    assert s.ready(now=1.65) == ["b.png"]
+    s.note(Hint.GONE, "b.png")
+    (tmp_path / "c.png").write_bytes(b"x")
+    s.note(Hint.MOVED_IN, "c.png", now=2.0)  # a rename is complete at once
+    assert s.ready(now=2.0) == ["c.png"]
+
+
+def test_scan_ignores_hidden_partial_symlinks_and_own_folders(tmp_path):
+    inbox = tmp_path / "inbox"
+    work = inbox / ".upscaled-work"
+    for name in IGNORED:
+        (inbox / name).parent.mkdir(parents=True, exist_ok=True)
+        (inbox / name).write_bytes(b"x")
+    write_image(inbox / "ok.png")
+    write_image(inbox / "sub" / "ok2.jpg")
+    (work / "o" / "files").mkdir(parents=True)
+    (work / "o" / "files" / "claimed.png").write_bytes(b"x")
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"x")
+    (inbox / "link.png").symlink_to(outside)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "z.png").write_bytes(b"x")
+    (inbox / "linkdir").symlink_to(tmp_path / "elsewhere")
+    found = sorted(rel for rel, _ in scan(inbox, InboxFilter(inbox, [work])))
+    assert found == ["ok.png", "sub/ok2.jpg"]
+
+
+# -- claims ----------------------------------------------------------------------------------
+
+
+def test_two_claimants_one_winner_and_place_never_overwrites(tmp_path):
+    inbox, work = tmp_path / "inbox", tmp_path / "inbox" / ".w"
+    a, b = Claims(inbox, work), Claims(inbox, work)
+    a.open(), b.open()
+    write_image(inbox / "x" / "p.png")
+    got = [a.claim("x/p.png"), b.claim("x/p.png")]
+    assert got[0] is not None and got[1] is None and got[0].is_file()
+    done = tmp_path / "done" / "x" / "p.png"
+    done.parent.mkdir(parents=True)
+    done.write_bytes(b"earlier")
+    dest = place(got[0], done)
+    assert dest.name == "p-1.png" and done.read_bytes() == b"earlier"
+
+
+def test_recover_claims_of_dead_and_stale_owners_only(tmp_path):
+    inbox, work = tmp_path / "inbox", tmp_path / "inbox" / ".w"
+    live = Claims(inbox, work, lease_interval=0.5)
+    live.open()
+    for name in ("dead.png", "stale.png", "alive.png", "sub/deep.png"):
+        write_image(inbox / name)
+    # A dead process on this host: a pid that has exited.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = Claims(inbox, work, lease_interval=0.5)
+    dead.pid = gone.pid
+    dead.open()
+    assert dead.claim("dead.png") and dead.claim("sub/deep.png")
+    lease = json.loads(dead.lease.read_text())
+    lease["pid"] = gone.pid
+    dead.lease.write_text(json.dumps(lease))
+    # Another host whose lease stopped being renewed long ago.
+    stale = Claims(inbox, work, lease_interval=0.5)
+    stale.open()
+    assert stale.claim("stale.png")
+    stale.lease.write_text(json.dumps({"host": "elsewhere", "pid": 1, "lease_interval": 0.5}))
+    old = time.time() - 60
+    os.utime(stale.lease, (old, old))
+    # Another host, alive.
+    other = Claims(inbox, work, lease_interval=0.5)
+    other.open()
+    assert other.claim("alive.png")
+    other.lease.write_text(json.dumps({"host": "elsewhere", "pid": 1, "lease_interval": 0.5}))
+
+    back = sorted(live.recover())
+    assert back == ["dead.png", "stale.png", "sub/deep.png"]
+    assert (inbox / "dead.png").is_file() and (inbox / "sub/deep.png").is_file() and (inbox / "stale.png").is_file()
+    assert not (inbox / "alive.png").exists() and other.claimed_path("alive.png").is_file()
+    assert not dead.folder.exists() and not stale.folder.exists()
+    assert list((live.folder / "adopted").iterdir()) == []
+
+
+# -- worker ----------------------------------------------------------------------------------
+
+
+def test_worker_moves_a_job_through_every_state(tmp_path, ckpt, upscaler):
+    worker, claims = make_worker(tmp_path, ckpt, upscaler, output={"format": "keep"})
+    write_image(tmp_path / "inbox" / "a" / "pic.png", 32, 24)
+    write_image(tmp_path / "inbox" / "anim.gif", 20, 12)
+    job = run_job(worker, Job("a/pic.png", claims.claim("a/pic.png")))
+    assert job.history == [JobState.CLAIMED, JobState.DECODED, JobState.UPSCALED, JobState.WRITTEN, JobState.DONE]
+    assert decoded_size(tmp_path / "outbox" / "a" / "pic.png") == (128, 96)
+    assert (tmp_path / "done" / "a" / "pic.png").is_file()
+    gif = run_job(worker, Job("anim.gif", claims.claim("anim.gif")))
+    assert gif.state is JobState.DONE and decoded_size(tmp_path / "outbox" / "anim.png") == (80, 48)
+    assert not any(claims.files.rglob("*.*"))
+
+
+def test_corrupt_input_goes_to_failed_with_a_reason(tmp_path, ckpt, upscaler):
+    worker, claims = make_worker(tmp_path, ckpt, upscaler)
+    (tmp_path / "inbox" / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (tmp_path / "inbox" / "notes.txt").write_text("hello")
+    job = run_job(worker, Job("bad.jpg", claims.claim("bad.jpg")))
+    assert job.history == [JobState.CLAIMED, JobState.REJECTED, JobState.FAILED]
+    rec = json.loads((tmp_path / "failed" / "bad.jpg.error.json").read_text())
+    assert set(rec) == {"file", "stage", "reason", "exception", "time", "model_version"}
+    assert rec["stage"] == "decode" and "image" in rec["reason"] and rec["model_version"] == upscaler.version
+    assert (tmp_path / "failed" / "bad.jpg").read_bytes() == b"\xff\xd8\xff garbage"
+    txt = run_job(worker, Job("notes.txt", claims.claim("notes.txt")))
+    assert txt.state is JobState.FAILED
+    assert "not a supported image type" in json.loads((tmp_path / "failed" / "notes.txt.error.json").read_text())["reason"]
+    assert not (tmp_path / "outbox" / "bad.jpg").exists()
+
+
+def test_transient_write_error_keeps_the_claim_and_retries(tmp_path, ckpt, upscaler):
+    worker, claims = make_worker(tmp_path, ckpt, upscaler)
+    write_image(tmp_path / "inbox" / "sub" / "x.png")
+    outbox = tmp_path / "outbox"
+    (outbox / "sub").write_bytes(b"")  # a file where the output folder should be: the write fails
+    job = run_job(worker, Job("sub/x.png", claims.claim("sub/x.png")))
+    assert job.state is JobState.RETRY and job.resume is JobState.CLAIMED and job.attempts == 1
+    assert job.problem.startswith("write:") and job.claimed.is_file()
+    assert not (tmp_path / "failed").exists() or not any((tmp_path / "failed").iterdir())
+    (outbox / "sub").unlink()  # fixed
+    worker.advance(job)  # RETRY -> CLAIMED
+    assert job.state is JobState.CLAIMED
+    run_job(worker, job)
+    assert job.state is JobState.DONE and decoded_size(outbox / "sub" / "x.png") == (128, 96)
+
+
+def test_originals_keep_leaves_the_file_and_does_not_process_it_again(tmp_path, ckpt, upscaler):
+    worker, claims = make_worker(tmp_path, ckpt, upscaler, daemon={"originals": "keep"})
+    src = write_image(tmp_path / "inbox" / "k.png")
+    before = src.read_bytes()
+    assert run_job(worker, Job("k.png", claims.claim("k.png"))).state is JobState.DONE
+    assert src.read_bytes() == before and (tmp_path / "outbox" / "k.png").is_file()
+    assert claims.is_kept("k.png", os.stat(src))
+    write_image(src, seed=5)  # replaced by a new picture of the same name: processed again
+    assert not claims.is_kept("k.png", os.stat(src))
+
+
+def test_release_gives_unfinished_work_back(tmp_path, ckpt, upscaler):
+    worker, claims = make_worker(tmp_path, ckpt, upscaler)
+    write_image(tmp_path / "inbox" / "r.png")
+    job = Job("r.png", claims.claim("r.png"))
+    worker.advance(job)
+    assert job.state is JobState.DECODED
+    assert claims.release("r.png") and (tmp_path / "inbox" / "r.png").is_file()
+    job.released = True
+    worker.advance(job)
+    assert job.state is JobState.RELEASED and not (tmp_path / "outbox" / "r.png").exists()
+
+
+# -- status and notify ------------------------------------------------------------------------
+
+
+def test_status_file_and_status_command(tmp_path, ckpt, capsys):
+    cfg, _ = make_config(tmp_path, ckpt)
+    assert status_mod.main(cfg) == status_mod.EXIT_NOT_RUNNING
+    assert "not running" in capsys.readouterr().out
+    board = StatusBoard(cfg.path("status"), interval=0.2)
+    board.set(state=ServiceState.RUNNING, model_version="v1", device="cpu", queued=3)
+    board.record_done(1.5)
+    board.record_failed("bad.jpg", "not a readable image")
+    assert board.write(force=True)
+    st = json.loads(cfg.path("status").read_text())
+    assert st["state"] == "running" and st["pid"] == os.getpid() and st["processed"] == 1 and st["failed"] == 1
+    assert st["last_error"]["reason"] == "not a readable image" and st["throughput"]["images_per_min"] > 0
+    assert status_mod.main(cfg) == status_mod.EXIT_RUNNING
+    out = capsys.readouterr().out
+    assert "running" in out and "v1" in out and "not a readable image" in out
+    assert status_mod.main(cfg, as_json=True) == 0
+    assert json.loads(capsys.readouterr().out)["running"] is True
+    board.set(state=ServiceState.STOPPED)
+    board.write(force=True)
+    assert status_mod.main(cfg) == status_mod.EXIT_NOT_RUNNING
+    assert "not running (last seen" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("abstract", [False, True])
+def test_notify_datagrams(tmp_path, abstract):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    name = f"\0upscaled-test-{os.getpid()}" if abstract else str(tmp_path / "notify.sock")
+    sock.bind(name)
+    sock.settimeout(5)
+    env = {"NOTIFY_SOCKET": "@" + name[1:] if abstract else name, "WATCHDOG_USEC": "2000000"}
+    n = Notifier(env)
+    assert n.enabled and n.watchdog_interval == 1.0
+    n.ready("running: 0 done")
+    n.watchdog(now=10.0)
+    n.watchdog(now=10.5)  # too soon: no second ping
+    n.watchdog(now=11.1)
+    n.stopping()
+    got = [sock.recv(4096).decode() for _ in range(4)]
+    assert got == ["READY=1\nSTATUS=running: 0 done", "WATCHDOG=1", "WATCHDOG=1", "STOPPING=1"]
+    sock.close()
+    assert not Notifier({}).enabled and Notifier({}).send(ready=1) is False
