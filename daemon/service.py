@@ -215,13 +215,19 @@ class Service:
         free = self.capacity() - self.pipeline.in_flight()
         if free <= 0 or len(self.settler) == 0:
             return
-        for rel in self.settler.ready(now):
+        for rel in self.settler.ready(now, want=free):
             if free <= 0:
                 break
-            self.settler.take(rel)
+            seen = self.settler.take(rel)
             claimed = self.claims.claim(rel)
             if claimed is None:
                 continue  # another daemon won it, or it is gone
+            st = claimed.stat()
+            if seen is not None and (st.st_size, st.st_mtime_ns) != (seen.size, seen.mtime_ns):
+                # Written to since it was found complete: not ready after all.
+                if self.claims.release(rel):
+                    self.settler.note(Hint.CHANGED, rel, now=now)
+                    continue
             self.pipeline.submit(Job(rel, claimed))
             free -= 1
 

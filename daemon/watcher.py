@@ -160,6 +160,7 @@ class Candidate:
     closed: bool = False  # a close-after-write or a move-in says it is complete
     opens: int = 0  # writers/readers holding it open, from inotify
     last_event: float = 0.0
+    settled: bool = False  # found ready once; not stat'ed again until claimed (or a new hint)
 
 
 class Settler:
@@ -190,6 +191,7 @@ class Settler:
                     return
             c.opens += 1
             c.last_event = now
+            c.settled = False
             return
         if hint in (Hint.CLOSED, Hint.CLOSED_NOWRITE) and c is not None:
             c.opens = max(0, c.opens - 1)
@@ -201,6 +203,7 @@ class Settler:
             if c is None:
                 return
         c.last_event = now
+        c.settled = False
         if hint in (Hint.CLOSED, Hint.MOVED_IN):
             c.closed = True
             self._restat(rel, c, now, keep_closed=True)
@@ -239,11 +242,20 @@ class Settler:
                 c.closed = False
         return st
 
-    def ready(self, now: float | None = None) -> list[str]:
-        """Candidates that are complete, oldest first; they stay candidates until `take`n."""
+    def ready(self, now: float | None = None, want: int | None = None) -> list[str]:
+        """Candidates that are complete, oldest first; they stay candidates until `take`n.
+
+        Files found ready before are not stat'ed again (the claim checks them); the others are
+        only when fewer than `want` are ready, so a deep backlog costs no stat storm.
+        """
         now = time.monotonic() if now is None else now
-        out = []
+        out = [rel for rel, c in self.candidates.items() if c.settled]
+        if want is not None and len(out) >= want:
+            out.sort(key=lambda r: self.candidates[r].first_seen)
+            return out
         for rel, c in list(self.candidates.items()):
+            if c.settled:
+                continue
             st = self._restat(rel, c, now)
             if st is None:
                 continue
@@ -253,9 +265,10 @@ class Settler:
                 if self.skip(rel, st):
                     self.candidates.pop(rel, None)
                     continue
+                c.settled = True
                 out.append(rel)
         out.sort(key=lambda r: self.candidates[r].first_seen)
         return out
 
-    def take(self, rel: str) -> None:
-        self.candidates.pop(rel, None)
+    def take(self, rel: str) -> Candidate | None:
+        return self.candidates.pop(rel, None)

@@ -12,6 +12,8 @@ anything else is the image's fault and sends it to failed/ with a reason.
 
 from __future__ import annotations
 
+import collections
+import heapq
 import itertools
 import json
 import os
@@ -32,10 +34,10 @@ from model.atomic import atomic_write_bytes, atomic_write_text
 from model.images import EXTENSIONS, FORMATS, ImageError, decode, encode, output_format
 from upscaled.config import Config
 
-# Which thread performs a state's next transition.
+# Which thread performs a state's next transition: DECODED goes to the inference thread, these
+# to the I/O threads.
 IO_STATES = (JobState.CLAIMED, JobState.UPSCALED, JobState.WRITTEN, JobState.REJECTED)
-# I/O threads take later stages first: finishing a job frees memory and a claim.
-_IO_PRIORITY = {JobState.WRITTEN: 0, JobState.REJECTED: 0, JobState.UPSCALED: 1, JobState.CLAIMED: 2}
+_FINISHING = {JobState.WRITTEN: 0, JobState.REJECTED: 0, JobState.UPSCALED: 1}
 
 
 def out_path(outbox: Path, rel: str, requested: str | None) -> tuple[Path, str]:
@@ -189,7 +191,10 @@ class Pipeline:
     def __init__(self, worker: Worker, io_workers: int, on_finished: Callable[[Job], None]):
         self.worker = worker
         self.on_finished = on_finished  # called on a pipeline thread; must only enqueue
-        self._io: queue.PriorityQueue = queue.PriorityQueue()
+        # I/O work in two lists under one condition: decodes, and the rest (encode, write, move).
+        self._io_cv = threading.Condition()
+        self._decode: collections.deque[Job] = collections.deque()
+        self._finish: list[tuple[int, int, Job]] = []  # heap: later stages first
         self._infer: queue.Queue = queue.Queue()
         self._seq = itertools.count()
         self._threads = [threading.Thread(target=self._io_loop, name=f"io-{i}", daemon=True) for i in range(io_workers)]
@@ -223,14 +228,31 @@ class Pipeline:
         elif job.state is JobState.DECODED:
             self._infer.put(job)
         else:
-            self._io.put((_IO_PRIORITY[job.state], next(self._seq), job))
+            with self._io_cv:
+                if job.state is JobState.CLAIMED:
+                    self._decode.append(job)
+                else:
+                    heapq.heappush(self._finish, (_FINISHING[job.state], next(self._seq), job))
+                self._io_cv.notify()
+
+    def _next_io(self) -> Job | None:
+        """A decode first when the inference thread has nothing waiting (the device must not
+        starve), otherwise finishing work first (it frees memory and claims)."""
+        with self._io_cv:
+            while not self._stop.is_set():
+                starving = self._infer.empty()
+                if self._decode and (starving or not self._finish):
+                    return self._decode.popleft()
+                if self._finish:
+                    return heapq.heappop(self._finish)[2]
+                self._io_cv.wait(0.5)
+        return None
 
     def _io_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                _, _, job = self._io.get(timeout=0.5)
-            except queue.Empty:
-                continue
+        while True:
+            job = self._next_io()
+            if job is None:
+                return
             self._route(self.worker.advance(job))
 
     def _infer_loop(self) -> None:
@@ -261,6 +283,8 @@ class Pipeline:
 
     def stop(self, timeout: float = 1.0) -> bool:
         self._stop.set()
+        with self._io_cv:
+            self._io_cv.notify_all()
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
