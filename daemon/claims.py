@@ -114,7 +114,7 @@ def place(src: Path, dst: Path) -> Path:
 # Processes
 
 
-def _proc_start(pid: int) -> str | None:
+def proc_start(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
@@ -133,7 +133,7 @@ def pid_alive(pid: int, start: str | None = None) -> bool:
         return False
     except PermissionError:
         pass
-    now = _proc_start(pid)
+    now = proc_start(pid)
     if now == "zombie":
         return False
     return start is None or now is None or now == start
@@ -170,7 +170,7 @@ class Claims:
             raise OSError(errno.EXDEV, "paths.work must be on the inbox's file system (claims are renames)", str(self.work))
         self.files.mkdir(parents=True)
         lease = {
-            "host": self.host, "pid": self.pid, "proc_start": _proc_start(self.pid),
+            "host": self.host, "pid": self.pid, "proc_start": proc_start(self.pid),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "lease_interval": self.lease_interval,
         }
@@ -194,7 +194,7 @@ class Claims:
                 logger.error("lease {} vanished; recreating it", self.lease)
                 self.files.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(self.lease, json.dumps({"host": self.host, "pid": self.pid,
-                                                          "proc_start": _proc_start(self.pid),
+                                                          "proc_start": proc_start(self.pid),
                                                           "lease_interval": self.lease_interval}))
             self._last_beat = now
 

@@ -14,7 +14,9 @@ makes the loop exit at once (claims stay and are recovered on the next start); S
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
 import heapq
 import os
 import queue
@@ -31,7 +33,7 @@ from daemon.job import Job, JobState
 from daemon.notify import Notifier
 from daemon.status import ServiceState, StatusBoard
 from daemon.watcher import Hint, InboxFilter, InboxHandler, Settler, make_observer, scan
-from daemon.worker import Pipeline, Worker
+from daemon.worker import Pipeline, Worker, out_path
 from upscaled.config import Config, ConfigError
 
 TICK = 0.25  # seconds the loop sleeps when nothing wakes it
@@ -95,6 +97,7 @@ class Service:
         self.exit_code = 0
         self._seq = 0
         self._claims_open = False
+        self._stall_logged = False
 
     # -- startup -------------------------------------------------------------------------------
 
@@ -109,7 +112,7 @@ class Service:
             raise ConfigError("paths.work", f"a usable folder on the inbox's file system ({e.strerror or e})",
                               str(self.claims.work)) from None
         self._claims_open = True
-        self.claims.recover()
+        self._recover()
         self.upscaler = build_upscaler(cfg)
         t0 = time.perf_counter()
         self.upscaler.warm_up()
@@ -173,8 +176,21 @@ class Service:
             self._resubmit_due(now)
             self._claim_ready(now)
         self.claims.heartbeat()
-        self.notify.watchdog(now)
+        self._watchdog(now)
         self._update_board(now)
+
+    def _watchdog(self, now: float) -> None:
+        """Ping systemd's watchdog unless the inference thread is stuck: an upscale that has not
+        finished one batch of tiles for a whole watchdog period is a hang (a GPU fault, a
+        deadlock), and the restart it earns recovers our claims."""
+        period = self.notify.watchdog_interval
+        if period is not None and self.pipeline.stalled(2 * period):
+            if not self._stall_logged:
+                logger.error("inference has made no progress for {:.0f} s; no longer pinging the watchdog", 2 * period)
+                self._stall_logged = True
+            return
+        self._stall_logged = False
+        self.notify.watchdog(now)
 
     def _drain_hints(self, now: float) -> None:
         while True:
@@ -190,10 +206,7 @@ class Service:
     def rescan(self, now: float) -> int:
         """Reconcile with the folder: recover dead owners' claims, note every file events missed."""
         self.next_rescan = now + self.cfg.watch.rescan_interval
-        try:
-            self.claims.recover()
-        except OSError as e:
-            logger.warning("cannot recover claims in {}: {}", self.claims.work, e)
+        self._recover()
         new = 0
         for rel, st in scan(self.inbox, self.filter):
             if rel in self.settler.candidates or rel in self.gave_up:
@@ -203,6 +216,25 @@ class Service:
             self.settler.note(Hint.SCANNED, rel, st, now)
             new += 1
         return new
+
+    def _recover(self) -> None:
+        """Give dead daemons' claims back to the inbox, and remove the temp outputs they were
+        writing when they died (complete outputs are never temp files)."""
+        try:
+            back = self.claims.recover()
+        except OSError as e:
+            logger.warning("cannot recover claims in {}: {}", self.claims.work, e)
+            return
+        requested = None if self.cfg.output.format == "keep" else self.cfg.output.format
+        for rel in back:
+            try:
+                out, _ = out_path(self.cfg.path("outbox"), rel, requested)
+            except ValueError:
+                continue
+            for tmp in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                    logger.info("removed {}, a partial output of a dead daemon", tmp)
 
     def _skip(self, rel: str, st: os.stat_result) -> bool:
         return self.cfg.daemon.originals == "keep" and self.claims.is_kept(rel, st)

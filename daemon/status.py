@@ -15,6 +15,7 @@ from typing import Any
 
 from loguru import logger
 
+from daemon.claims import proc_start as _proc_start
 from model.atomic import atomic_write_text
 from upscaled.config import Config
 
@@ -86,6 +87,7 @@ class StatusBoard:
         return {
             "state": self.state.value,
             "pid": os.getpid(),
+            "proc_start": _proc_start(os.getpid()),
             "host": socket.gethostname(),
             "started": self.started,
             "updated": _now_iso(),
@@ -146,7 +148,7 @@ def is_running(st: dict[str, Any], stale_after: float) -> bool:
     if st.get("state") == ServiceState.STOPPED.value:
         return False
     if st.get("host") == socket.gethostname() and isinstance(st.get("pid"), int):
-        return pid_alive(st["pid"])
+        return pid_alive(st["pid"], st.get("proc_start"))
     try:
         updated = datetime.fromisoformat(st["updated"]).timestamp()
     except (KeyError, TypeError, ValueError):

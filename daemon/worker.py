@@ -75,6 +75,7 @@ class Worker:
         self.cfg = cfg  # replaced by the service on reload (output.* and daemon.originals apply live)
         self.upscaler = upscaler
         self.claims = claims
+        self.on_progress: Callable[[int, int], None] | None = None  # tile progress of the running upscale
         self.folders = Folders(cfg.path("inbox"), cfg.path("outbox"), cfg.path("done"), cfg.path("failed"))
 
     @property
@@ -98,7 +99,7 @@ class Worker:
                 job.timings["decode"] = time.perf_counter() - t0
                 job.state = JobState.DECODED
             elif state is JobState.DECODED:
-                job.encoded = self.upscaler.upscale_decoded(job.decoded)
+                job.encoded = self.upscaler.upscale_decoded(job.decoded, self.on_progress)
                 job.decoded = None
                 job.timings["upscale"] = time.perf_counter() - t0
                 job.state = JobState.UPSCALED
@@ -190,6 +191,7 @@ class Pipeline:
 
     def __init__(self, worker: Worker, io_workers: int, on_finished: Callable[[Job], None]):
         self.worker = worker
+        worker.on_progress = self.progress
         self.on_finished = on_finished  # called on a pipeline thread; must only enqueue
         # I/O work in two lists under one condition: decodes, and the rest (encode, write, move).
         self._io_cv = threading.Condition()
@@ -202,7 +204,7 @@ class Pipeline:
         self._stop = threading.Event()
         self.jobs: set[Job] = set()  # in flight (not yet handed back through on_finished)
         self._lock = threading.Lock()
-        self.inference_busy_since: float | None = None
+        self.inference_progress: float | None = None  # last sign of life of a running upscale; None when idle
 
     def start(self) -> None:
         for t in self._threads:
@@ -261,12 +263,21 @@ class Pipeline:
                 job = self._infer.get(timeout=0.5)
             except queue.Empty:
                 continue
-            self.inference_busy_since = time.monotonic()
+            self.inference_progress = time.monotonic()
             try:
                 job = self.worker.advance(job)
             finally:
-                self.inference_busy_since = None
+                self.inference_progress = None
             self._route(job)
+
+    def progress(self, done: int, total: int) -> None:
+        """Called by the engine after each batch of tiles, on the inference thread."""
+        self.inference_progress = time.monotonic()
+
+    def stalled(self, limit: float) -> bool:
+        """True when an upscale has shown no progress (not even one batch of tiles) for `limit` s."""
+        t = self.inference_progress
+        return t is not None and time.monotonic() - t > limit
 
     def release_unfinished(self) -> int:
         """Give every in-flight job whose output is not yet durable back to the inbox."""

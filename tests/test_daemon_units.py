@@ -312,3 +312,16 @@ def test_notify_datagrams(tmp_path, abstract):
     assert got == ["READY=1\nSTATUS=running: 0 done", "WATCHDOG=1", "WATCHDOG=1", "STOPPING=1"]
     sock.close()
     assert not Notifier({}).enabled and Notifier({}).send(ready=1) is False
+
+
+def test_daemon_never_imports_trainer():
+    import ast
+
+    for path in (Path(__file__).resolve().parents[1] / "daemon").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "trainer" or n.startswith("trainer.") for n in names), f"{path.name} imports {names}"
+    code = ("import sys, daemon.service, daemon.status, upscaled.runtime, model.engine; "
+            "sys.exit(any(m.split('.')[0] == 'trainer' for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1]).returncode == 0
