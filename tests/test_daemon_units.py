@@ -325,3 +325,43 @@ def test_daemon_never_imports_trainer():
     code = ("import sys, daemon.service, daemon.status, upscaled.runtime, model.engine; "
             "sys.exit(any(m.split('.')[0] == 'trainer' for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1]).returncode == 0
+
+
+def test_service_retries_a_transient_error_until_fixed(tmp_path, ckpt):
+    """The service loop, in-process with the real observer: an outbox that cannot be written
+    (a file in its place) keeps the input claimed and retrying, shown in the status; once fixed,
+    the image goes through. Nothing goes to failed/."""
+    from daemon.service import Service
+    from tests.daemon_helpers import wait_for
+
+    cfg, config = make_config(tmp_path, ckpt, watch={"settle_seconds": 0.1})
+    outbox = tmp_path / "outbox"
+    outbox.rmdir()
+    outbox.write_bytes(b"not a folder")
+    svc = Service(cfg, config_path=config)
+    svc.startup()
+    try:
+        def spin(cond):
+            def step():
+                svc.tick(time.monotonic())
+                return cond()
+            return step
+
+        write_image(tmp_path / "inbox" / "t.png")
+        wait_for(spin(lambda: svc.board.retrying), 30, what="a retry")
+        st = json.loads(cfg.path("status").read_text())
+        assert st["retrying"][0]["file"] == "t.png" and "write" in st["retrying"][0]["problem"]
+        assert not any((tmp_path / "failed").iterdir())
+        assert svc.claims.claimed_path("t.png").is_file()  # still ours, not back in the inbox
+        wait_for(spin(lambda: svc.retries and svc.retries[0][2].attempts >= 2), 30, what="a second attempt")
+        outbox.unlink()
+        outbox.mkdir()
+        wait_for(spin(lambda: (tmp_path / "done" / "t.png").exists()), 30, what="success after the fix")
+        assert decoded_size(outbox / "t.png") == (128, 96)
+        assert svc.board.processed == 1 and svc.board.failed == 0 and not svc.retries
+    finally:
+        svc.begin_stop("test over")
+        svc.run()
+        assert svc.shutdown()
+    assert json.loads(cfg.path("status").read_text())["state"] == "stopped"
+    assert not svc.claims.folder.exists()
