@@ -390,6 +390,7 @@ class Service:
         clean = True
         if self.observer is not None:
             self.observer.stop()
+            self.observer.join(2.0)
         if self.pipeline is not None:
             if self.exit_code != EXIT_FORCED:
                 n = self.pipeline.release_unfinished()
