@@ -82,6 +82,9 @@ def test_serve_drops_by_copy_rename_and_slow_writer(tmp_path, ckpt):
         os.makedirs(inbox / "deep" / "er")
         os.rename(staging / "moved.png", inbox / "deep" / "er" / "moved.png")  # by rename (mv)
         (inbox / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+        write_image(staging / "album" / "one.png", seed=7)  # a whole folder moved in
+        write_image(staging / "album" / "inner" / "two.jpg", seed=8)
+        os.rename(staging / "album", inbox / "album")
 
         # A slow writer: one open file, chunks over ~3 s, far slower than settle_seconds (0.5).
         data = image_bytes(Path("slow.png"), 48, 40, seed=4)
@@ -100,7 +103,8 @@ def test_serve_drops_by_copy_rename_and_slow_writer(tmp_path, ckpt):
             time.sleep(0.1)
 
         expected = {"before/early.png": (128, 96), "copied.jpg": (128, 96), "deep/er/moved.png": (128, 96),
-                    "slow.png": (192, 160), "slow2.png": (160, 128)}
+                    "slow.png": (192, 160), "slow2.png": (160, 128), "album/one.png": (128, 96),
+                    "album/inner/two.jpg": (128, 96)}
         wait_for(lambda: all((outbox / k).exists() for k in expected) and (tmp_path / "failed" / "corrupt.png.error.json").exists(),
                  60, what="all outputs")
         for rel, size in expected.items():
@@ -124,7 +128,7 @@ def test_serve_drops_by_copy_rename_and_slow_writer(tmp_path, ckpt):
         wait_for(lambda: "SIGHUP: config rejected" in log_tail(tmp_path), 20, what="the SIGHUP to be handled")
         config.write_text(good)
         assert proc.poll() is None
-        wait_for(lambda: status_of(tmp_path).get("processed") == 6, 10, what="status counters")
+        wait_for(lambda: status_of(tmp_path).get("processed") == 8, 10, what="status counters")
         st = status_of(tmp_path)
         assert st["failed"] == 1 and st["last_error"]["file"] == "corrupt.png" and st["model_version"]
     finally:
