@@ -1,0 +1,55 @@
+"""`upscaled eval`: the validation protocol as a table (per image and mean) for any folder of HR
+images: the model (through the same engine users get: configured device and precision, tiled,
+BatchNorm folded) against bicubic and Lanczos."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from loguru import logger
+
+from model.quality import METHODS, evaluate_images, fingerprint
+from trainer.data import DataError, load_validation
+from upscaled.config import Config
+from upscaled.runtime import build_upscaler
+
+EXIT_USAGE = 2
+
+
+def format_table(report, model_name: str) -> str:
+    methods = [m for m in METHODS if m in report.mean_psnr_y]
+    name_w = max([len("image"), len("mean")] + [len(s.name) for s in report.images])
+    head = f"{'image':<{name_w}}  {'size':>11}" + "".join(f"  {m + ' PSNR':>13} {'SSIM':>6}" for m in methods) + f"  {'s/MP':>6}"
+    lines = [f"x{report.scale}, Y (BT.601) PSNR dB / SSIM, {report.scale}-pixel border shaved, 8-bit outputs; model: {model_name}", head, "-" * len(head)]
+    for s in report.images:
+        row = f"{s.name:<{name_w}}  {f'{s.size[0]}x{s.size[1]}':>11}"
+        row += "".join(f"  {s.psnr_y[m]:>13.3f} {s.ssim_y[m]:>6.4f}" for m in methods)
+        mp = s.size[0] * s.size[1] / 1e6
+        lines.append(row + f"  {s.seconds / mp:>6.2f}")
+    lines.append("-" * len(head))
+    mean = f"{'mean':<{name_w}}  {'':>11}" + "".join(f"  {report.mean_psnr_y[m]:>13.3f} {report.mean_ssim_y[m]:>6.4f}" for m in methods)
+    lines.append(mean + f"  {report.model_seconds_per_mp:>6.2f}")
+    return "\n".join(lines)
+
+
+def main(cfg: Config, args) -> int:
+    up = build_upscaler(cfg, args.model)
+    folder = Path(args.data)
+    try:
+        images, files = load_validation(folder, up.scale, getattr(args, "max_images", 0) or 0)
+    except DataError as e:
+        logger.error("{}", e)
+        return EXIT_USAGE
+    up.warm_up()  # the first forward pays for lazy initialisation; keep it out of the timings
+    report = evaluate_images(up.upscale_rgb, images, up.scale)
+    if args.json:
+        out = report.to_dict()
+        out.update(model=up.version, fingerprint=fingerprint(files, folder, up.scale), data=str(folder),
+                   device=str(up.device), precision=str(up.dtype).replace("torch.", ""))
+        json.dump(out, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_table(report, f"{up.version} on {up.device} ({str(up.dtype).replace('torch.', '')})"))
+    return 0
