@@ -24,7 +24,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 from loguru import logger
 
@@ -423,23 +422,9 @@ def _iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _config_path_from_argv() -> str | None:
-    """The config file `upscaled serve` was started with, to re-read on SIGHUP."""
-    from upscaled.config import default_path
-
-    argv = sys.argv[1:]
-    for i, a in enumerate(argv):
-        if a == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--config="):
-            return a.split("=", 1)[1]
-    p = default_path()
-    return str(p.resolve()) if p is not None else None
-
-
 def main(cfg: Config, once: bool = False, config_path: str | os.PathLike | None = None) -> int:
     """`upscaled serve [--once]`; returns the exit code."""
-    svc = Service(cfg, once=once, config_path=config_path or _config_path_from_argv())
+    svc = Service(cfg, once=once, config_path=config_path)
     if threading.current_thread() is threading.main_thread():
         svc.signals.install()
     clean = True

@@ -22,15 +22,12 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from model.atomic import atomic_write_bytes
+from model.errors import CheckpointError
 from model.generator import ARCH, Generator, GeneratorConfig
 
 META_KEY = "upscaled"
 FORMAT_VERSION = 1
 _MAX_HEADER = 100 * 1024 * 1024
-
-
-class CheckpointError(ValueError):
-    """A file that cannot be used as a generator checkpoint; the message says why."""
 
 
 @dataclass(frozen=True)

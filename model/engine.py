@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
+from loguru import logger
 
 from model.checkpoint import CheckpointInfo
 from model.fold import fold_batchnorm
 from model.generator import Generator
-from model.images import Decoded, Encoded, assemble, quantize
+from model.images import Decoded, Encoded, assemble
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -160,11 +160,14 @@ class Upscaler:
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """N x 3 x H x W float in [0, 1] (any device) -> clamped float32 output on the CPU."""
+        return self._run(x).float().clamp_(0, 1).cpu()
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            y = self.model(x)
-        return y.float().clamp_(0, 1).cpu()
+            return self.model(x)
 
+    @torch.inference_mode()
     def upscale_rgb(
         self,
         rgb: np.ndarray,
@@ -173,26 +176,63 @@ class Upscaler:
     ) -> np.ndarray:
         """H x W x 3 float32 in [0, 1] -> (sH) x (sW) x 3 uint8/uint16, tile by tile.
 
-        The output is quantized tile by tile, so memory never holds full-resolution floats.
+        The output is quantized tile by tile (on the device), so memory never holds
+        full-resolution floats. On CUDA out-of-memory the image is retried with smaller tiles.
         """
+        tile, batch = self.tile_and_batch()
+        while True:
+            try:
+                return self._upscale_tiled(rgb, bits, tile, batch, progress)
+            except torch.cuda.OutOfMemoryError:
+                if tile <= 32 and batch == 1:
+                    raise
+                torch.cuda.empty_cache()
+                tile, batch = (tile, batch // 2) if batch > 1 else (max(32, tile // 2), 1)
+                logger.warning("CUDA out of memory; retrying with tile {} and batch {}", tile, batch)
+
+    def _upscale_tiled(self, rgb: np.ndarray, bits: int, tile: int, batch: int, progress) -> np.ndarray:
         h, w, _ = rgb.shape
         s = self.scale
-        tile, batch = self.tile_and_batch()
         (th, tw), tiles = plan_tiles(h, w, tile, self.overlap)
         out = np.empty((h * s, w * s, 3), dtype=np.uint8 if bits == 8 else np.uint16)
         src = torch.from_numpy(rgb).permute(2, 0, 1)  # a view, no copy
+        cuda = self.device.type == "cuda"
+        hi = 255.0 if bits == 8 else 65535.0
+        qdtype = torch.uint8 if bits == 8 else torch.int32  # torch has no general uint16 arithmetic
+
+        def finish(group: list[Tile], yq: torch.Tensor, ready) -> None:
+            if ready is not None:
+                ready.synchronize()
+            ynp = yq.numpy()
+            for t, yt in zip(group, ynp):
+                oy, ox = (t.out_y0 - t.in_y) * s, (t.out_x0 - t.in_x) * s
+                out[t.out_y0 * s : t.out_y1 * s, t.out_x0 * s : t.out_x1 * s] = yt[
+                    oy : oy + (t.out_y1 - t.out_y0) * s, ox : ox + (t.out_x1 - t.out_x0) * s
+                ]
+
+        pending = None
         for i in range(0, len(tiles), batch):
             group = tiles[i : i + batch]
             x = torch.stack([src[:, t.in_y : t.in_y + th, t.in_x : t.in_x + tw] for t in group])
-            y = self.forward(x)
-            for t, yt in zip(group, y):
-                oy, ox = (t.out_y0 - t.in_y) * s, (t.out_x0 - t.in_x) * s
-                crop = yt[:, oy : oy + (t.out_y1 - t.out_y0) * s, ox : ox + (t.out_x1 - t.out_x0) * s]
-                out[t.out_y0 * s : t.out_y1 * s, t.out_x0 * s : t.out_x1 * s] = quantize(
-                    crop.permute(1, 2, 0).numpy(), bits
-                )
+            if cuda:
+                x = x.pin_memory()  # lets the copy to the device run asynchronously
+            y = self._run(x)
+            # Quantize where the data is (fewer bytes to copy back), channels last like the output.
+            yq = (y.float().clamp_(0, 1).mul_(hi).add_(0.5)).to(qdtype).permute(0, 2, 3, 1)
+            ready = None
+            if cuda:
+                host = torch.empty(yq.shape, dtype=qdtype, pin_memory=True)
+                host.copy_(yq, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+                yq = host
+            if pending is not None:
+                finish(*pending)  # the previous batch is copied out while this one computes
+            pending = (group, yq, ready)
             if progress:
                 progress(min(i + batch, len(tiles)), len(tiles))
+        if pending is not None:
+            finish(*pending)
         return out
 
     def upscale_decoded(self, dec: Decoded, progress: Callable[[int, int], None] | None = None) -> Encoded:
@@ -203,11 +243,3 @@ class Upscaler:
         probe = np.full((32, 32, 3), 0.5, dtype=np.float32)
         self.upscale_rgb(probe)
 
-
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def iter_chunks(seq: list, n: int) -> Iterator[list]:
-    for i in range(0, len(seq), n):
-        yield seq[i : i + n]

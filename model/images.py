@@ -13,6 +13,7 @@ import struct
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import IO
 import numpy as np
 import png  # pypng
 from PIL import Image, ImageOps
@@ -142,7 +143,8 @@ def decode(source: str | os.PathLike | bytes) -> Decoded:
     if mode not in ("RGB", "RGBA", "RGBX"):
         im = im.convert("RGBA" if "A" in mode else "RGB")
         mode = im.mode
-    a = np.asarray(im, dtype=np.float32) / 255.0
+    a = np.asarray(im, dtype=np.float32)
+    a *= 1 / 255.0  # in place: a 24-megapixel photo is 288 MB as floats
     alpha = a[..., 3] if mode == "RGBA" else None
     return Decoded(np.ascontiguousarray(a[..., :3]), alpha, 8, False, fmt, icc, exif)
 
@@ -167,10 +169,16 @@ def _apply_orientation(dec: Decoded, im: Image.Image) -> Decoded:
     )
 
 
-def upscale_alpha(alpha: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bicubic upscale of an alpha plane (float, any depth) to `size` = (W, H)."""
+def upscale_alpha(alpha: np.ndarray, size: tuple[int, int], bits: int) -> np.ndarray:
+    """Bicubic upscale of an alpha plane to `size` = (W, H), quantized to `bits`.
+
+    8-bit alpha is resized as an 8-bit plane (a quarter of the memory of a float one, which
+    matters for a 400-megapixel output); 16-bit alpha goes through float to keep its precision.
+    """
+    if bits == 8:
+        return np.asarray(Image.fromarray(quantize(alpha, 8)).resize(size, Image.Resampling.BICUBIC))
     up = Image.fromarray(np.ascontiguousarray(alpha, dtype=np.float32)).resize(size, Image.Resampling.BICUBIC)
-    return np.clip(np.asarray(up, dtype=np.float32), 0.0, 1.0)
+    return quantize(np.asarray(up, dtype=np.float32), 16)
 
 
 def quantize(x: np.ndarray, bits: int) -> np.ndarray:
@@ -182,16 +190,22 @@ def quantize(x: np.ndarray, bits: int) -> np.ndarray:
 
 
 def to_gray(rgb: np.ndarray) -> np.ndarray:
-    """BT.601 luma of a quantized RGB array, same dtype (grayscale in -> grayscale out)."""
-    y = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
-    return np.rint(y).astype(rgb.dtype)
+    """BT.601 luma of a quantized RGB array, same dtype (grayscale in -> grayscale out).
+
+    Computed in bands of rows so a huge output never gets a full-size float copy.
+    """
+    out = np.empty(rgb.shape[:2], dtype=rgb.dtype)
+    for y in range(0, rgb.shape[0], 256):
+        band = rgb[y : y + 256].astype(np.float32)
+        out[y : y + 256] = np.rint(band @ np.array([0.299, 0.587, 0.114], np.float32))
+    return out
 
 
 def assemble(dec: Decoded, rgb_q: np.ndarray) -> Encoded:
     """Combine the quantized upscaled colour with the source's alpha/gray/metadata."""
     planes = to_gray(rgb_q)[..., None] if dec.gray else rgb_q
     if dec.alpha is not None:
-        a = quantize(upscale_alpha(dec.alpha, (rgb_q.shape[1], rgb_q.shape[0])), dec.bits)
+        a = upscale_alpha(dec.alpha, (rgb_q.shape[1], rgb_q.shape[0]), dec.bits)
         planes = np.concatenate([planes, a[..., None]], axis=2)
     return Encoded(np.ascontiguousarray(planes), dec.bits, dec.icc, dec.exif)
 
@@ -221,11 +235,23 @@ def _encode_png16(enc: Encoded) -> bytes:
     return data[:33] + extra + data[33:]
 
 
-def encode(enc: Encoded, fmt: str, *, jpeg_quality: int = 95, webp_quality: int = 95, webp_lossless: bool = False) -> bytes:
-    """Encode to bytes in `fmt`. 16-bit data is kept where the format can hold it (PNG, TIFF gray)."""
+def encode(enc: Encoded, fmt: str, **options) -> bytes:
+    """Encode to bytes in `fmt` (see encode_to for the options)."""
+    buf = io.BytesIO()
+    encode_to(buf, enc, fmt, **options)
+    return buf.getvalue()
+
+
+def encode_to(f: IO[bytes], enc: Encoded, fmt: str, *, jpeg_quality: int = 95, webp_quality: int = 95,
+              webp_lossless: bool = False) -> None:
+    """Encode into an open binary file, without holding the encoded bytes in memory.
+
+    16-bit data is kept where the format can hold it (PNG, TIFF gray).
+    """
     px, c = enc.pixels, enc.pixels.shape[2]
     if enc.bits == 16 and fmt == "PNG":
-        return _encode_png16(enc)
+        f.write(_encode_png16(enc))
+        return
     if enc.bits == 16:
         if fmt == "TIFF" and c == 1:
             im = Image.fromarray(np.ascontiguousarray(px[..., 0]))  # I;16
@@ -250,16 +276,21 @@ def encode(enc: Encoded, fmt: str, *, jpeg_quality: int = 95, webp_quality: int 
     if enc.exif and fmt in ("JPEG", "PNG", "WEBP", "TIFF"):
         kw["exif"] = enc.exif
     if fmt == "JPEG":
-        kw.update(quality=jpeg_quality, subsampling=0 if jpeg_quality >= 90 else 2, optimize=True)
+        # Huffman optimisation makes libjpeg hold every coefficient of the image (~6 bytes per
+        # pixel): worth a few percent of file size on normal images, gigabytes on huge ones.
+        small = im.width * im.height <= 16_000_000
+        kw.update(quality=jpeg_quality, subsampling=0 if jpeg_quality >= 90 else 2, optimize=small)
     elif fmt == "WEBP":
         kw.update(quality=webp_quality, lossless=webp_lossless, method=4)
     elif fmt == "PNG":
         kw.update(compress_level=6)
     elif fmt == "TIFF":
         kw.update(compression="tiff_lzw")
-    buf = io.BytesIO()
     try:
-        im.save(buf, format=fmt, **kw)
-    except (OSError, ValueError, KeyError) as e:
+        im.save(f, format=fmt, **kw)
+    except OSError as e:
+        if e.errno is not None:
+            raise  # a real I/O error (disk full, ...): the caller decides whether to retry
         raise ImageError(f"cannot encode as {fmt}: {e}") from None
-    return buf.getvalue()
+    except (ValueError, KeyError) as e:
+        raise ImageError(f"cannot encode as {fmt}: {e}") from None

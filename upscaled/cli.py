@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     from upscaled import config as config_mod
 
-    cfg = config_mod.load(args.config)
+    config_path = Path(args.config) if args.config else config_mod.default_path()
+    cfg = config_mod.load_file(config_path)
     if args.command == "upscale":
         from upscaled.upscale import run
 
@@ -118,7 +119,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from daemon.service import main as serve
 
-        return serve(cfg, once=args.once)
+        # The file is re-read on SIGHUP; None means built-in defaults, nothing to re-read.
+        return serve(cfg, once=args.once, config_path=config_path.resolve() if config_path else None)
     if args.command == "status":
         from daemon.status import main as status
 
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     from upscaled.runtime import setup_logging
 
     setup_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
-    from model.checkpoint import CheckpointError
+    from model.errors import CheckpointError  # no torch import: `upscaled status` stays instant
     from upscaled.config import ConfigError
 
     try:

@@ -307,6 +307,10 @@ def default_path() -> Path | None:
 
 def load(path: str | os.PathLike | None = None) -> Config:
     path = Path(path) if path is not None else default_path()
+    return load_file(path)
+
+
+def load_file(path: Path | None) -> Config:
     if path is None:
         return from_dict({}, base_dir=Path.cwd())
     try:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from loguru import logger
 
-from model.atomic import atomic_write_bytes
-from model.images import EXTENSIONS, FORMATS, ImageError, decode, encode, is_supported, output_format
+from model.atomic import atomic_open
+from model.images import EXTENSIONS, FORMATS, ImageError, decode, encode_to, is_supported, output_format
 from upscaled.config import Config
 
 
@@ -77,16 +77,17 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
                     continue
                 dec = decode(job.src)
                 enc = up.upscale_decoded(dec)
-                data = encode(
-                    enc, out_fmt, jpeg_quality=cfg.output.jpeg_quality,
-                    webp_quality=cfg.output.webp_quality, webp_lossless=cfg.output.webp_lossless,
-                )
+                del dec  # the float input is as large as the 8-bit output: free it before encoding
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(dst, data)
+                with atomic_open(dst, "wb") as f:
+                    encode_to(
+                        f, enc, out_fmt, jpeg_quality=cfg.output.jpeg_quality,
+                        webp_quality=cfg.output.webp_quality, webp_lossless=cfg.output.webp_lossless,
+                    )
                 done += 1
-                w, h = dec.size
-                mp_in += w * h / 1e6
-                mp_out += w * h * up.scale**2 / 1e6
+                h, w = enc.pixels.shape[:2]
+                mp_in += w * h / up.scale**2 / 1e6
+                mp_out += w * h / 1e6
             except (ImageError, OSError) as e:
                 failed += 1
                 reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)

@@ -1,0 +1,315 @@
+"""Speed and memory benchmark: prints one table, every ratio measured in this one run.
+
+    .venv/bin/python bench/benchmark.py            # the full benchmark (long on a 2-core CPU)
+    .venv/bin/python bench/benchmark.py --quick    # fewer/smaller images, same measurements
+
+Rows:
+  1. bf16/fp32 matmul peak of this process; the default generator's throughput (output MP/s,
+     GFLOP/s, share of both peaks) as a plain fp32 NCHW forward and through the engine.
+  2. quality guard: the engine's fast path against fp32 on photo crops (PSNR of each against
+     the original, difference in dB).
+  3. daemon end-to-end throughput (images dropped into a real `upscaled serve`) over the bare
+     engine's throughput on the same images.
+  4. latency from one small file's arrival to its output being in place, minus model time.
+  5. peak RSS and seconds per output megapixel for one large image through `upscaled upscale`.
+The same rows run on CUDA when a GPU is present (rows 1, 2 and 5 on the device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model.checkpoint import BUNDLED_DEFAULT, load_generator  # noqa: E402
+from model.engine import EngineOptions, Upscaler, cpu_has_native_bf16  # noqa: E402
+from model.quality import downscale, psnr_ssim_y  # noqa: E402
+
+VAL_PHOTOS = ROOT.parent / "shared" / "data" / "photos" / "val"
+
+
+def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048, seconds: float = 2.0) -> float:
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    sync(device)
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_call(fn, min_seconds: float = 3.0, device: str = "cpu") -> float:
+    fn()  # warm-up
+    sync(device)
+    reps, t0 = 0, time.perf_counter()
+    while reps < 2 or time.perf_counter() - t0 < min_seconds:
+        fn()
+        reps += 1
+    sync(device)
+    return (time.perf_counter() - t0) / reps
+
+
+def synthetic_photo(h: int, w: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([0.5 + 0.4 * np.sin(x / 17 + y / 29), 0.5 + 0.4 * np.cos(y / 13 - x / 31),
+                    0.5 + 0.3 * np.sin((x + y) / 23)], axis=2)
+    img += rng.normal(0, 0.03, img.shape)
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def photo_crops(count: int, side: int) -> list[np.ndarray]:
+    """Centre crops of the validation photos when present, else synthetic images."""
+    files = sorted(VAL_PHOTOS.rglob("*.png")) if VAL_PHOTOS.is_dir() else []
+    crops = []
+    for f in files[:count]:
+        a = np.asarray(Image.open(f).convert("RGB"))
+        h, w = a.shape[:2]
+        s = min(side, h, w)
+        crops.append(a[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s])
+    while len(crops) < count:
+        crops.append(synthetic_photo(side, side, len(crops)))
+    return crops
+
+
+def generator_rows(gen, device: str, lr_side: int) -> list[dict]:
+    flops_px = gen.flops_per_output_pixel()
+    out_px = (lr_side * gen.cfg.scale) ** 2
+    rows = []
+    x = torch.rand(1, 3, lr_side, lr_side, device=device)
+    plain = gen.to(device).eval()
+
+    def run_plain():
+        with torch.inference_mode():
+            plain(x)
+
+    rows.append(("plain fp32 NCHW forward", time_call(run_plain, device=device)))
+    for precision in ["fp32"] + (["bf16"] if device == "cpu" and cpu_has_native_bf16() else []) + \
+            (["fp16"] if device.startswith("cuda") else []):
+        up = Upscaler(gen, None, EngineOptions(device=device, precision=precision, tile=lr_side, batch=1))
+        rows.append((f"engine {precision} (BN folded, channels_last)", time_call(lambda: up.forward(x), device=device)))
+    return [
+        {"path": name, "s_per_mp": t / (out_px / 1e6), "mp_per_s": out_px / 1e6 / t,
+         "gflops": flops_px * out_px / t / 1e9}
+        for name, t in rows
+    ]
+
+
+def quality_guard(gen, device: str, crops: list[np.ndarray]) -> dict:
+    s = gen.cfg.scale
+    ref = Upscaler(gen, None, EngineOptions(device=device, precision="fp32"))
+    fast = Upscaler(gen, None, EngineOptions(device=device, precision="auto"))
+    p_ref, p_fast = [], []
+    for hr in crops:
+        lr = downscale(hr, s).astype(np.float32) / 255.0
+        hr_c = hr[: lr.shape[0] * s, : lr.shape[1] * s]
+        p_ref.append(psnr_ssim_y(ref.upscale_rgb(lr), hr_c, s)[0])
+        p_fast.append(psnr_ssim_y(fast.upscale_rgb(lr), hr_c, s)[0])
+    return {"fast_precision": str(fast.dtype).replace("torch.", ""), "psnr_fp32": float(np.mean(p_ref)),
+            "psnr_fast": float(np.mean(p_fast)), "delta_db": float(np.mean(p_fast) - np.mean(p_ref))}
+
+
+def write_images(folder: Path, specs: list[tuple[int, int, int]]) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (w, h, seed) in enumerate(specs):
+        p = folder / f"img{i:04d}_{w}x{h}.png"
+        Image.fromarray(synthetic_photo(h, w, seed)).save(p, compress_level=1)
+        paths.append(p)
+    return paths
+
+
+def bare_engine_seconds(up: Upscaler, files: list[Path]) -> float:
+    from model.images import decode
+
+    arrays = [decode(f).rgb for f in files]
+    t0 = time.perf_counter()
+    for a in arrays:
+        up.upscale_rgb(a)
+    return time.perf_counter() - t0
+
+
+def start_daemon(base: Path, model: Path, device: str) -> tuple[subprocess.Popen, Path]:
+    cfg = {"model": {"path": str(model)}, "inference": {"device": device},
+           "paths": {"inbox": "inbox", "outbox": "outbox", "done": "done", "failed": "failed",
+                     "work": "inbox/.work", "models": "models", "status": "status.json"},
+           "watch": {"settle_seconds": 0.2}}
+    path = base / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    for d in ("inbox", "outbox"):
+        (base / d).mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "upscaled", "serve", "--config", str(path), "-q"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        st = base / "status.json"
+        if st.exists() and json.loads(st.read_text()).get("state") == "running":
+            return proc, base
+        if proc.poll() is not None:
+            raise RuntimeError(f"daemon exited: {proc.stderr.read()}")
+        time.sleep(0.2)
+    raise RuntimeError("daemon did not become ready")
+
+
+def stop_daemon(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def wait_outputs(outbox: Path, count: int, timeout: float) -> float:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        n = sum(1 for p in outbox.rglob("*.png") if not p.name.startswith("."))
+        if n >= count:
+            return time.perf_counter()
+        time.sleep(0.01)
+    raise TimeoutError(f"only {n} of {count} outputs after {timeout} s")
+
+
+def daemon_rows(model: Path, device: str, up: Upscaler, n_small: int, n_large: int, tmp: Path) -> dict:
+    specs = [(256, 256, i) for i in range(n_small)] + [(1024, 768, 1000 + i) for i in range(n_large)]
+    staged = write_images(tmp / "staged", specs)
+    bare = bare_engine_seconds(up, staged)
+    proc, base = start_daemon(tmp / "d", model, device)
+    try:
+        t0 = time.perf_counter()
+        for f in staged:
+            os.replace(f, base / "inbox" / f.name)  # a rename: the file is complete when it appears
+        t1 = wait_outputs(base / "outbox", len(staged), timeout=max(600, bare * 5))
+        e2e = t1 - t0
+        # latency: one small file, the daemon idle
+        small = write_images(tmp / "single", [(64, 64, 7)])[0]
+        model_time = time_call(lambda: up.upscale_rgb(np.asarray(Image.open(small), np.float32) / 255), 1.0)
+        time.sleep(1.0)
+        t0 = time.perf_counter()
+        os.replace(small, base / "inbox" / "single.png")
+        deadline = time.time() + 60
+        while not (base / "outbox" / "single.png").exists():
+            if time.time() > deadline:
+                raise TimeoutError("single file never came out")
+            time.sleep(0.002)
+        latency = time.perf_counter() - t0
+    finally:
+        stop_daemon(proc)
+    out_mp = sum(w * h * up.scale**2 for w, h, _ in specs) / 1e6
+    return {"images": f"{n_small} x 256x256 + {n_large} x 1024x768", "out_mp": out_mp,
+            "bare_s": bare, "daemon_s": e2e, "ratio": bare / e2e,
+            "latency_ms": latency * 1e3, "model_ms": model_time * 1e3, "overhead_ms": (latency - model_time) * 1e3}
+
+
+def large_image_row(model: Path, device: str, w: int, h: int, tmp: Path) -> dict:
+    src = tmp / "large" / f"large_{w}x{h}.jpg"
+    src.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(synthetic_photo(h, w, 3)).save(src, quality=92)
+    cfg = tmp / "large.yaml"
+    cfg.write_text(yaml.safe_dump({"inference": {"device": device}}))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "upscaled", "upscale", str(src), "-o", str(tmp / "large_out"),
+                        "--model", str(model), "--config", str(cfg), "-q"], capture_output=True, text=True)
+    dt = time.perf_counter() - t0
+    if r.returncode:
+        raise RuntimeError(r.stderr)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"input": f"{w}x{h}", "out_mp": w * h * 16 / 1e6, "seconds": dt, "s_per_mp": dt / (w * h * 16 / 1e6),
+            "peak_rss_gb": max(peak, before) / 1e6}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer and smaller images (same measurements)")
+    ap.add_argument("--model", default=str(BUNDLED_DEFAULT), help="checkpoint (default: the bundled model)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["generator", "quality", "daemon", "large"])
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = ap.parse_args()
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    gen, info = load_generator(args.model)
+    res: dict = {"date": time.strftime("%Y-%m-%d"), "device": device, "model": info.version,
+                 "generator": info.generator.to_dict(), "threads": torch.get_num_threads(),
+                 "cpu": platform.processor() or platform.machine(), "native_bf16": cpu_has_native_bf16(),
+                 "quick": args.quick}
+    if device == "cuda":
+        res["gpu"] = torch.cuda.get_device_name()
+    tmp = Path(tempfile.mkdtemp(prefix="upscaled-bench-"))
+    try:
+        res["fp32_peak_gflops"] = matmul_peak(torch.float32, device) / 1e9
+        res["bf16_peak_gflops"] = matmul_peak(torch.bfloat16, device) / 1e9
+        if "generator" not in args.skip:
+            res["generator"] = generator_rows(gen, device, 96 if args.quick else 128)
+        if "quality" not in args.skip:
+            res["quality"] = quality_guard(gen, device, photo_crops(4 if args.quick else 10, 96 if args.quick else 192))
+        up = Upscaler(gen, info, EngineOptions(device=device))
+        if "daemon" not in args.skip:
+            res["daemon"] = daemon_rows(Path(args.model), device, up, 10 if args.quick else 100,
+                                        1 if args.quick else 10, tmp)
+        if "large" not in args.skip:
+            w, h = (1500, 1000) if args.quick else (6000, 4000)
+            res["large"] = large_image_row(Path(args.model), device, w, h, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(table(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+def table(r: dict) -> str:
+    lines = [f"upscaled benchmark {r['date']} on {r['device']} ({r.get('gpu') or r['cpu']}, {r['threads']} threads, "
+             f"native bf16: {r['native_bf16']}){' [quick]' if r['quick'] else ''}",
+             f"model {r['model']} {r['generator']}", "",
+             f"matmul peak: fp32 {r['fp32_peak_gflops']:.0f} GFLOP/s, bf16 {r['bf16_peak_gflops']:.0f} GFLOP/s", ""]
+    if "generator" in r:
+        lines += ["| generator path | s / output MP | output MP/s | GFLOP/s | % fp32 peak | % bf16 peak |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for g in r["generator"]:
+            lines.append(f"| {g['path']} | {g['s_per_mp']:.3f} | {g['mp_per_s']:.3f} | {g['gflops']:.0f} | "
+                         f"{100 * g['gflops'] / r['fp32_peak_gflops']:.0f}% | {100 * g['gflops'] / r['bf16_peak_gflops']:.0f}% |")
+        lines.append("")
+    if "quality" in r:
+        q = r["quality"]
+        lines.append(f"quality guard: fast path ({q['fast_precision']}) {q['psnr_fast']:.3f} dB vs fp32 "
+                     f"{q['psnr_fp32']:.3f} dB: {q['delta_db']:+.4f} dB (limit 0.05 dB)")
+    if "daemon" in r:
+        d = r["daemon"]
+        lines.append(f"daemon end-to-end: {d['images']} ({d['out_mp']:.0f} output MP): bare engine {d['bare_s']:.1f} s, "
+                     f"daemon {d['daemon_s']:.1f} s, throughput ratio {d['ratio']:.2f} (goal >= 0.9)")
+        lines.append(f"latency, one 64x64 file: {d['latency_ms']:.0f} ms arrival-to-output, model {d['model_ms']:.0f} ms, "
+                     f"overhead {d['overhead_ms']:.0f} ms (goal < 100 ms)")
+    if "large" in r:
+        big = r["large"]
+        lines.append(f"large image {big['input']} -> {big['out_mp']:.0f} output MP via `upscaled upscale`: "
+                     f"{big['seconds']:.0f} s ({big['s_per_mp']:.2f} s per output MP), peak RSS {big['peak_rss_gb']:.2f} GB")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
