@@ -104,6 +104,9 @@ def test_eval_prints_the_table(trained, capsys):
     rc = cli_main(["eval", "--data", str(trained["photos"]), "--model", str(trained["run"] / "best.safetensors"), "--json"])
     report = json.loads(capsys.readouterr().out)
     assert rc == 0 and len(report["images"]) == 3 and report["mean_psnr_y"]["model"] > report["mean_psnr_y"]["bicubic"]
+    assert report["fingerprint"] == read_info(trained["run"] / "best.safetensors").validation["fingerprint"]
+    rc = cli_main(["eval", "--data", str(trained["photos"]), "--model", str(trained["run"] / "best.safetensors"), "--json", "--max-images", "1"])
+    assert rc == 0 and len(json.loads(capsys.readouterr().out)["images"]) == 1
 
 
 def _small(photos: Path, **kw) -> TrainerConfig:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 
 from model.images import EXTENSIONS, ImageError, decode
 from model.quality import to_uint8
@@ -44,11 +44,16 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return sorted(out)
 
 
-def load_rgb8(path: Path, max_side: int = 0) -> Image.Image:
-    """Decode (EXIF orientation applied, 16-bit rounded to 8) to an 8-bit RGB Pillow image."""
-    img = Image.fromarray(to_uint8(decode(path).rgb))
-    if max_side and max(img.size) > max_side:
-        f = max_side / max(img.size)
+def load_rgb8(path: Path, max_side: int = 0, shrink: float = 1.0) -> Image.Image:
+    """Decode (EXIF orientation applied, 16-bit rounded to 8) to an 8-bit RGB Pillow image, capped
+    at `max_side` on the long side, then shrunk by `shrink` (antialiased bicubic)."""
+    with Image.open(path) as im:
+        if im.mode in ("RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1"):
+            img = ImageOps.exif_transpose(im).convert("RGB")  # 8-bit: Pillow directly, no float copy
+        else:
+            img = Image.fromarray(to_uint8(decode(path).rgb))  # 16-bit and other deep modes
+    f = min(shrink, max_side / max(img.size) if max_side else 1.0)
+    if f < 1:
         img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), BICUBIC)
     return img
 
@@ -70,12 +75,12 @@ class ImageCache:
         self.used = 0
         self.items: OrderedDict[Path, Image.Image] = OrderedDict()
 
-    def get(self, path: Path) -> Image.Image:
+    def get(self, path: Path, shrink: float = 1.0) -> Image.Image:
         img = self.items.get(path)
         if img is not None:
             self.items.move_to_end(path)
             return img
-        img = load_rgb8(path, self.max_side)
+        img = load_rgb8(path, self.max_side, shrink)
         size = img.width * img.height * 4  # Pillow keeps RGB as 4 bytes per pixel
         if size <= self.budget:
             while self.used + size > self.budget and self.items:
@@ -152,14 +157,25 @@ class HRData(TrainingData):
     def __init__(self, files: list[Path], *, shrink: tuple[float, float], degradations: Degradations, **kw):
         super().__init__(**kw)
         self.files, self.shrink, self.degradations = files, shrink, degradations
+        self.sizes = {}
+        for f in files:  # after max_side; headers only
+            w, h = header_size(f)
+            cap = min(1.0, self.cache.max_side / max(w, h)) if self.cache.max_side else 1.0
+            self.sizes[f] = (w * cap, h * cap)
 
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        img = self.cache.get(self.files[int(rng.integers(len(self.files)))])
+        path = self.files[int(rng.integers(len(self.files)))]
+        # Photos are cached already shrunk by the largest factor (less memory, less to read);
+        # the rest of the drawn factor happens here. A photo too small for that pre-shrink is
+        # kept at full size.
+        lo, hi = self.shrink
+        pre = hi if min(self.sizes[path]) * hi >= self.crop else 1.0
+        img = self.cache.get(path, pre)
         w, h = img.size
         # Shrinking the whole photo by f and cropping `crop` pixels is the same as resampling a
         # crop/f region to `crop` (Pillow's filter reads the pixels around the box too), and
         # far cheaper. A photo too small for the drawn factor is shrunk only as far as it can be.
-        region = min(self.crop / rng.uniform(*self.shrink), w, h)
+        region = min(self.crop * pre / rng.uniform(lo, hi), w, h)
         x, y = rng.uniform(0, w - region), rng.uniform(0, h - region)
         if region <= self.crop:  # too small to shrink at all: a plain pixel-aligned crop
             x, y = int(x), int(y)

@@ -38,7 +38,7 @@ def main(cfg: Config, args) -> int:
     up = build_upscaler(cfg, args.model)
     folder = Path(args.data)
     try:
-        images, files = load_validation(folder, up.scale, getattr(args, "max_images", 0) or 0)
+        images, files = load_validation(folder, up.scale, args.max_images)
     except DataError as e:
         logger.error("{}", e)
         return EXIT_USAGE

@@ -437,8 +437,10 @@ def settings(cfg: Config, args) -> TrainerConfig:
     tc = cfg.trainer
     over = {k: getattr(args, k, None) for k in ("data", "paired_lr", "paired_hr", "val", "steps", "out", "init")}
     tc = dataclasses.replace(tc, **{k: v for k, v in over.items() if v is not None})
-    if over["paired_lr"] or over["paired_hr"]:
+    if over["paired_lr"] or over["paired_hr"]:  # the command line's data replaces the config's
         tc = dataclasses.replace(tc, data=over["data"])
+    elif over["data"]:
+        tc = dataclasses.replace(tc, paired_lr=None, paired_hr=None)
     paths = {k: str(cfg.resolve(getattr(tc, k))) for k in ("data", "paired_lr", "paired_hr", "val", "out", "init", "vgg_weights") if getattr(tc, k)}
     return dataclasses.replace(tc, **paths)
 

@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", required=True, metavar="DIR", help="folder of high-resolution images")
     p.add_argument("--model", metavar="PATH", help="checkpoint (default: the configured, published or bundled one)")
+    p.add_argument("--max-images", type=int, default=0, metavar="N", help="only the first N images (sorted by path)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _common(p)
 
