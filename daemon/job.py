@@ -78,6 +78,7 @@ class Job:
     input_bytes: int = 0
     size: tuple[int, int] = (0, 0)
     output: Path | None = None
+    model_version: str = ""  # the model that upscaled it (set by the inference thread)
     timings: dict[str, float] = field(default_factory=dict)
     claimed_at: float = field(default_factory=time.monotonic)
     # Held while the job touches the file system, so a shutdown release never races a write.

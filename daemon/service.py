@@ -4,7 +4,9 @@ startup: open our claims folder, recover what dead daemons left, load and warm t
 the pipeline threads and the observer, scan the inbox, tell systemd READY=1.
 run: one loop on the main thread — drain watcher hints, rescan now and then, collect finished
 jobs, re-submit due retries, claim ready files while the pipeline has room, heartbeat the lease,
-ping the systemd watchdog, keep the status file current.
+ping the systemd watchdog, keep the status file current, and hot-swap the model when a new one
+is published (daemon/models.py: verified on a background thread, taken by the inference thread
+between two images).
 shutdown: stop claiming, let in-flight images finish (at most daemon.shutdown_timeout), give the
 rest back to the inbox, remove our claims folder.
 
@@ -29,6 +31,7 @@ from loguru import logger
 
 from daemon.claims import Claims
 from daemon.job import Job, JobState
+from daemon.models import ModelSlot
 from daemon.notify import Notifier
 from daemon.status import ServiceState, StatusBoard
 from daemon.watcher import Hint, InboxFilter, InboxHandler, Settler, make_observer, scan
@@ -86,6 +89,7 @@ class Service:
                                closed_grace=cfg.watch.closed_grace)
         self.retries: list[tuple[float, int, Job]] = []  # heap by retry_at
         self.upscaler = None
+        self.slot = ModelSlot(cfg, self.wake, watch=not once)
         self.worker: Worker | None = None
         self.pipeline: Pipeline | None = None
         self.observer = None
@@ -101,8 +105,6 @@ class Service:
     # -- startup -------------------------------------------------------------------------------
 
     def startup(self) -> None:
-        from upscaled.runtime import build_upscaler
-
         cfg = self.cfg
         self.board.write(force=True)
         try:
@@ -112,19 +114,18 @@ class Service:
                               str(self.claims.work)) from None
         self._claims_open = True
         self._recover()
-        self.upscaler = build_upscaler(cfg)
-        t0 = time.perf_counter()
-        self.upscaler.warm_up()
-        logger.debug("warm-up took {:.2f} s", time.perf_counter() - t0)
+        self.upscaler = self.slot.start()
         self.worker = Worker(cfg, self.upscaler, self.claims)
         self.pipeline = Pipeline(self.worker, cfg.daemon.io_workers, self._on_finished)
         self.pipeline.start()
         if not self.once:
             handler = InboxHandler(self.filter, self.hints, self.wake, polling=cfg.watch.mode == "polling")
             self.observer = make_observer(cfg.watch.mode, cfg.watch.poll_interval, self.inbox, handler)
+            self.slot.schedule(self.observer)
             self.observer.start()
         self.rescan(time.monotonic())
-        self.board.set(state=ServiceState.RUNNING, model_version=self.upscaler.version, device=str(self.upscaler.device))
+        self.board.set(state=ServiceState.RUNNING, model_version=self.upscaler.version, device=str(self.upscaler.device),
+                       model=self.slot.describe())
         self.board.write(force=True)
         logger.info("{} {} -> {} (model {}, {} watching, {} I/O threads)",
                     "processing" if self.once else "serving", self.inbox, cfg.path("outbox"), self.upscaler.version,
@@ -167,6 +168,8 @@ class Service:
             self.reload()
         if not self.pipeline.alive():
             raise RuntimeError("a pipeline thread died; exiting so the service manager restarts us")
+        if not self.stopping:
+            self._models()
         self._drain_hints(now)
         if now >= self.next_rescan and not self.stopping:
             self.rescan(now)
@@ -177,6 +180,21 @@ class Service:
         self.claims.heartbeat()
         self._watchdog(now)
         self._update_board(now)
+
+    def _models(self) -> None:
+        """Hot swap: check the models folder's pointer; hand a verified new model to the pipeline
+        (the inference thread takes it between two images); notice when it is in use."""
+        new = self.slot.poll()
+        if new is not None:
+            # Drop our reference to the old model now: the inference thread holds the last one
+            # and frees it (and the GPU's cache) when it switches.
+            self.upscaler = new.upscaler
+            self.slot.installed(new)
+            self.pipeline.swap(new.upscaler)
+        if self.slot.confirm(self.worker.upscaler):
+            self.board.set(model_version=self.upscaler.version, device=str(self.upscaler.device))
+            self.board.write(force=True)
+        self.board.set(model=self.slot.describe())
 
     def _watchdog(self, now: float) -> None:
         """Ping systemd's watchdog unless the inference thread is stuck: an upscale that has not
@@ -277,15 +295,16 @@ class Service:
             self._account(job, now)
 
     def _account(self, job: Job, now: float) -> None:
-        scale = self.upscaler.scale
+        scale = self.cfg.model.scale  # every model served has it (checked before serving)
         w, h = job.size
         if job.state is JobState.DONE:
-            self.board.record_done(w * h * scale * scale / 1e6, now)
+            self.board.record_done(w * h * scale * scale / 1e6, now, file=job.rel, model_version=job.model_version)
             t = job.timings
             logger.info(
                 "done {}: {}x{} {} -> {} {}x{}; decode {:.0f} ms, upscale {:.0f} ms, encode+write {:.0f} ms; model {}",
                 job.rel, w, h, _size(job.input_bytes), job.output, w * scale, h * scale,
-                1000 * t.get("decode", 0), 1000 * t.get("upscale", 0), 1000 * t.get("write", 0), self.worker.model_version,
+                1000 * t.get("decode", 0), 1000 * t.get("upscale", 0), 1000 * t.get("write", 0),
+                job.model_version or self.worker.model_version,
             )
         elif job.state is JobState.FAILED:
             f = job.failure
@@ -333,6 +352,7 @@ class Service:
     def reload(self) -> None:
         from upscaled.config import load
 
+        self.slot.force()  # check the models folder now; a refused candidate gets one more try
         if not self.config_path:
             logger.warning("SIGHUP: started without a config file; nothing to reload")
             return
@@ -357,6 +377,7 @@ class Service:
         )
         self.cfg = merged
         self.worker.cfg = merged
+        self.slot.cfg = merged
         self.settler.settle_seconds = merged.watch.settle_seconds
         self.settler.closed_grace = min(merged.watch.closed_grace, merged.watch.settle_seconds)
         self.board.interval = merged.daemon.status_interval
@@ -399,6 +420,8 @@ class Service:
                 self._collect(time.monotonic())
             else:
                 clean = False
+        if not self.slot.close(timeout=5.0):
+            clean = False  # a candidate is still loading inside torch
         if self._claims_open and self.exit_code != EXIT_FORCED:
             self.claims.close()
         self.board.set(state=ServiceState.STOPPED, in_flight=0 if clean else self.board.in_flight)

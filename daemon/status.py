@@ -23,6 +23,7 @@ EXIT_RUNNING = 0
 EXIT_NOT_RUNNING = 3  # as `systemctl status` says for an inactive unit
 THROUGHPUT_WINDOW = 300.0  # seconds of history behind the throughput figures
 IDLE_REFRESH = 15.0  # the file is rewritten at least this often, so readers can tell we are alive
+RECENT = 20  # last finished files listed in the status, each with the model version that made it
 
 
 class ServiceState(str, Enum):
@@ -45,6 +46,9 @@ class StatusBoard:
         self.state = ServiceState.STARTING
         self.started = _now_iso()
         self.model_version = ""
+        self.model: dict[str, Any] = {}  # serving model: version, origin, file, loaded_at; refused; loading
+        self.recent: collections.deque[dict[str, str]] = collections.deque(maxlen=RECENT)
+        self.by_model: dict[str, int] = {}  # files done per model version
         self.device = ""
         self.queued = 0
         self.in_flight = 0
@@ -56,8 +60,13 @@ class StatusBoard:
         self._written = 0.0
         self._dirty = True
 
-    def record_done(self, output_mp: float, now: float | None = None) -> None:
+    def record_done(self, output_mp: float, now: float | None = None, file: str | None = None,
+                    model_version: str | None = None) -> None:
         self.processed += 1
+        if file is not None:
+            self.recent.append({"file": file, "model_version": model_version or "", "time": _now_iso()})
+        if model_version:
+            self.by_model[model_version] = self.by_model.get(model_version, 0) + 1
         self._done.append((time.monotonic() if now is None else now, output_mp))
         self._dirty = True
 
@@ -92,6 +101,7 @@ class StatusBoard:
             "started": self.started,
             "updated": _now_iso(),
             "model_version": self.model_version,
+            "model": self.model,
             "device": self.device,
             "queued": self.queued,
             "in_flight": self.in_flight,
@@ -100,6 +110,8 @@ class StatusBoard:
             "retrying": self.retrying,
             "last_error": self.last_error,
             "throughput": self.throughput(),
+            "processed_by_model": self.by_model,
+            "recent": list(self.recent),
         }
 
     def summary(self) -> str:
@@ -160,7 +172,7 @@ def render(st: dict[str, Any]) -> str:
     t = st.get("throughput") or {}
     lines = [
         f"upscaled daemon: {st.get('state')} (pid {st.get('pid')} on {st.get('host')}, since {st.get('started')})",
-        f"  model:       {st.get('model_version')} on {st.get('device')}",
+        f"  model:       {st.get('model_version')} on {st.get('device')}" + _model_detail(st.get("model") or {}),
         f"  queued:      {st.get('queued')}",
         f"  in flight:   {st.get('in_flight')}",
         f"  processed:   {st.get('processed')}",
@@ -168,6 +180,13 @@ def render(st: dict[str, Any]) -> str:
         f"  throughput:  {t.get('images_per_min', 0):.1f} images/min, {t.get('output_mp_per_s', 0):.2f} output MP/s"
         f" (last {t.get('window_s', 0):.0f} s)",
     ]
+    m = st.get("model") or {}
+    if m.get("loading"):
+        lines.append(f"  loading:     {m['loading'].get('file')} ({m['loading'].get('origin')}), verifying since {m['loading'].get('since')}")
+    if m.get("refused"):
+        r = m["refused"]
+        lines.append(f"  refused:     {r.get('file')}{' (version ' + r['version'] + ')' if r.get('version') else ''}: "
+                     f"{r.get('reason')} ({r.get('time')})")
     if st.get("last_error"):
         e = st["last_error"]
         lines.append(f"  last error:  {e.get('file')}: {e.get('reason')} ({e.get('time')})")
@@ -175,6 +194,17 @@ def render(st: dict[str, Any]) -> str:
         lines.append(f"  retrying:    {r.get('file')}: {r.get('problem')} (attempt {r.get('attempts')}, next in {r.get('next_in_s')} s)")
     lines.append(f"  updated:     {st.get('updated')}")
     return "\n".join(lines)
+
+
+def _model_detail(m: dict[str, Any]) -> str:
+    if not m.get("origin"):
+        return ""
+    s = f" ({m['origin']} {m.get('file')}, loaded {m.get('loaded_at')})"
+    if m.get("origin") == "configured":
+        s += ", pinned by model.path"
+    elif not m.get("watching", True):
+        s += ", models folder not watched"
+    return s
 
 
 def main(cfg: Config, as_json: bool = False) -> int:

@@ -2,7 +2,9 @@
 the right thread.
 
 Decoding and encoding run on `daemon.io_workers` threads; one inference thread owns the
-Upscaler. The service keeps a few more jobs claimed than threads, so a decoded image is always
+Upscaler. A new model (hot swap, daemon/models.py) is handed over with `Pipeline.swap` and taken
+by the inference thread between two images, so each image is upscaled wholly by one model and
+`Job.model_version` names it. The service keeps a few more jobs claimed than threads, so a decoded image is always
 waiting when the inference thread finishes one.
 
 Errors are sorted once, in `advance`: an OSError is the environment's fault (disk full, outbox
@@ -13,6 +15,7 @@ anything else is the image's fault and sends it to failed/ with a reason.
 from __future__ import annotations
 
 import collections
+import gc
 import heapq
 import itertools
 import json
@@ -69,7 +72,8 @@ class Folders:
 
 
 class Worker:
-    """Performs job transitions. `upscaler` is only ever used by the one inference thread."""
+    """Performs job transitions. `upscaler` is only ever used (and replaced, see
+    `Pipeline.swap`) by the one inference thread."""
 
     def __init__(self, cfg: Config, upscaler, claims: Claims):
         self.cfg = cfg  # replaced by the service on reload (output.* and daemon.originals apply live)
@@ -99,7 +103,9 @@ class Worker:
                 job.timings["decode"] = time.perf_counter() - t0
                 job.state = JobState.DECODED
             elif state is JobState.DECODED:
-                job.encoded = self.upscaler.upscale_decoded(job.decoded, self.on_progress)
+                up = self.upscaler  # one model for the whole image
+                job.model_version = getattr(up, "version", "unknown")
+                job.encoded = up.upscale_decoded(job.decoded, self.on_progress)
                 job.decoded = None
                 job.timings["upscale"] = time.perf_counter() - t0
                 job.state = JobState.UPSCALED
@@ -176,7 +182,7 @@ class Worker:
             "reason": f.reason,
             "exception": f.exception,
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "model_version": self.model_version,
+            "model_version": job.model_version or self.model_version,
         }
         atomic_write_text(dest.with_name(dest.name + ".error.json"), json.dumps(record, indent=2) + "\n")
         self.claims.forget(job.claimed)
@@ -205,6 +211,7 @@ class Pipeline:
         self.jobs: set[Job] = set()  # in flight (not yet handed back through on_finished)
         self._lock = threading.Lock()
         self.inference_progress: float | None = None  # last sign of life of a running upscale; None when idle
+        self._next_upscaler = None  # handed over by swap(), taken by the inference thread between images
 
     def start(self) -> None:
         for t in self._threads:
@@ -257,12 +264,37 @@ class Pipeline:
                 return
             self._route(self.worker.advance(job))
 
+    def swap(self, upscaler) -> None:
+        """Serve `upscaler` from the next image on (the one being upscaled finishes with the old)."""
+        with self._lock:
+            self._next_upscaler = upscaler
+        self._infer.put(None)  # wake an idle inference thread
+
+    def _take_new_model(self) -> None:
+        """On the inference thread, between two images: switch models and free the old one."""
+        with self._lock:
+            new, self._next_upscaler = self._next_upscaler, None
+        if new is None:
+            return
+        old, self.worker.upscaler = self.worker.upscaler, new
+        cuda = getattr(getattr(old, "device", None), "type", None) == "cuda"
+        del old  # the service and the model slot dropped theirs when they handed the new one over
+        gc.collect()
+        if cuda:
+            import torch
+
+            torch.cuda.empty_cache()
+
     def _infer_loop(self) -> None:
         while not self._stop.is_set():
+            self._take_new_model()
             try:
                 job = self._infer.get(timeout=0.5)
             except queue.Empty:
                 continue
+            if job is None:
+                continue  # swap() woke us
+            self._take_new_model()
             self.inference_progress = time.monotonic()
             try:
                 job = self.worker.advance(job)

@@ -1,0 +1,247 @@
+"""Hot swap of weights in the running daemon (issue 5): real `upscaled serve` subprocesses, real
+checkpoints published into a real models folder, real image files.
+
+Two daemon starts in all: one for the swap under a stream of files (+ rollback), one for the
+whole sequence of refused candidates.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model import store
+from model.atomic import atomic_write_text
+from model.checkpoint import BUNDLED_DEFAULT, META_KEY, read_info, save_checkpoint
+from model.engine import EngineOptions, Upscaler
+from model.generator import GeneratorConfig
+from tests.conftest import run_cli, tiny_generator
+from tests.daemon_helpers import files_under, make_config, serve, stop, wait_for, write_image
+
+TINY = GeneratorConfig(scale=4, channels=8, blocks=1)
+DONE_LINE = re.compile(r"done (\S+): .*; model (\S+)$")
+
+
+def checkpoint(path: Path, seed: int, cfg: GeneratorConfig = TINY, nan: bool = False) -> str:
+    g = tiny_generator(cfg, seed=seed)
+    if nan:
+        with torch.no_grad():
+            next(g.parameters()).view(-1)[0] = float("nan")
+    return save_checkpoint(path, g).version
+
+
+def status(root: Path) -> dict:
+    try:
+        return json.loads((root / "status.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def done_lines(log: Path) -> dict[str, list[str]]:
+    """file -> the model versions its `done` log lines name."""
+    out: dict[str, list[str]] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        m = DONE_LINE.search(line)
+        if m:
+            out.setdefault(m.group(1), []).append(m.group(2))
+    return out
+
+
+def drop(inbox: Path, name: str, seed: int) -> None:
+    """Write under a hidden name and rename in: ready at once."""
+    tmp = write_image(inbox / f".{name}", w=24, h=20, seed=seed)
+    tmp.rename(inbox / name)
+
+
+def daemon(tmp_path: Path, first: Path):
+    root = tmp_path / "srv"
+    root.mkdir()
+    store.publish(root / "models", first)
+    cfg, config = make_config(root, first, model={"path": None}, watch={"settle_seconds": 0.2, "rescan_interval": 1.0})
+    log = root / "daemon.log"
+    proc = serve(config, log=log)
+    try:
+        wait_for(lambda: status(root).get("state") == "running" or proc.poll() is not None, 60, what="daemon start")
+    except AssertionError:
+        stop(proc)
+        raise
+    assert proc.poll() is None, log.read_text()
+    return root, config, log, proc
+
+
+def test_swap_under_a_stream_of_files_then_rollback(tmp_path):
+    v1 = checkpoint(tmp_path / "v1.safetensors", seed=1)
+    v2 = checkpoint(tmp_path / "v2.safetensors", seed=2)
+    root, config, log, proc = daemon(tmp_path, tmp_path / "v1.safetensors")
+    inbox = root / "inbox"
+    try:
+        st = status(root)
+        assert st["model_version"] == v1 and st["model"]["origin"] == "published" and st["model"]["watching"]
+        names = [f"img{i:02d}.png" for i in range(30)]
+        after_swap: list[str] = []  # dropped once the status named v2: must be upscaled by v2
+        swapped_in = None
+        for i, name in enumerate(names):
+            if i == 10:
+                published_at = time.monotonic()
+                store.publish(root / "models", tmp_path / "v2.safetensors")
+            if swapped_in is None and i > 10 and status(root).get("model_version") == v2:
+                swapped_in = time.monotonic() - published_at
+            if swapped_in is not None:
+                after_swap.append(name)
+            drop(inbox, name, seed=i)
+            time.sleep(0.1)
+        wait_for(lambda: len(files_under(root / "done")) == 30, 60, what="30 files done")
+        if swapped_in is None:
+            wait_for(lambda: status(root).get("model_version") == v2, 10, what="status naming v2")
+            swapped_in = time.monotonic() - published_at
+        assert swapped_in < 10, f"the status named the new model only after {swapped_in:.1f} s"
+        assert files_under(root / "failed") == []
+        assert files_under(root / "outbox") == sorted(names)
+
+        # Each file: one log line naming one version; once v2 served, every later file is v2.
+        wait_for(lambda: len(done_lines(log)) == 30, 10, what="30 done log lines")
+        used = done_lines(log)
+        assert all(len(v) == 1 for v in used.values()), used
+        used = {k: v[0] for k, v in used.items()}
+        assert set(used.values()) == {v1, v2}, used
+        assert all(used[n] == v2 for n in after_swap), (after_swap, used)
+        assert all(used[n] == v1 for n in names[:3]), used  # upscaled long before the publish
+
+        # ... and its pixels are that version's, not a mix (the other version is far away).
+        ups = {v: Upscaler(*load(tmp_path / f"{v_}.safetensors"), EngineOptions(device="cpu"))
+               for v, v_ in ((v1, "v1"), (v2, "v2"))}
+        for name in names:
+            rgb = np.asarray(Image.open(root / "done" / name).convert("RGB"), np.float32) / 255.0
+            out = np.asarray(Image.open(root / "outbox" / name).convert("RGB"), np.int16)
+            diff = {v: np.abs(out - u.upscale_rgb(rgb).astype(np.int16)).max() for v, u in ups.items()}
+            other = v1 if used[name] == v2 else v2
+            assert diff[used[name]] <= 2 < diff[other], (name, used[name], diff)
+
+        st = status(root)
+        assert st["processed_by_model"] == {v1: sum(v == v1 for v in used.values()), v2: sum(v == v2 for v in used.values())}
+        assert {r["file"]: r["model_version"] for r in st["recent"]}.items() <= used.items()
+        assert st["model"]["origin"] == "published" and st["model"]["file"] == f"{v2}.safetensors" and st["model"]["loaded_at"]
+
+        # Rollback: the running daemon switches back to v1.
+        r = run_cli("models", "rollback", "--config", str(config))
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: status(root).get("model_version") == v1, 15, what="rollback to v1 in the daemon")
+        drop(inbox, "after-rollback.png", seed=99)
+        wait_for(lambda: "after-rollback.png" in done_lines(log), 20, what="a file after the rollback")
+        assert done_lines(log)["after-rollback.png"] == [v1]
+        assert "refused" not in log.read_text()
+    finally:
+        assert stop(proc) == 0, log.read_text()[-3000:]
+
+
+def load(path: Path):
+    from model.checkpoint import load_generator
+
+    return load_generator(path)
+
+
+def wrong_arch(path: Path) -> None:
+    """A well-formed safetensors whose upscaled metadata names an unknown architecture."""
+    from safetensors.torch import save_file
+
+    meta = {"format_version": 1, "arch": "foo", "generator": TINY.to_dict(), "scale": 4,
+            "version": "foo-1", "created": "2026-11-25T00:00:00+00:00", "step": 0}
+    save_file({"w": torch.zeros(3, 3)}, str(path), metadata={META_KEY: json.dumps(meta)})
+
+
+def test_bad_candidates_are_refused_and_the_old_model_keeps_serving(tmp_path):
+    v1 = checkpoint(tmp_path / "v1.safetensors", seed=1)
+    checkpoint(tmp_path / "good.safetensors", seed=3)
+    root, config, log, proc = daemon(tmp_path, tmp_path / "v1.safetensors")
+    models, inbox = root / "models", root / "inbox"
+
+    def bad(name: str, make) -> str:
+        make(models / name)
+        return name
+
+    def truncated(p: Path) -> None:
+        data = (tmp_path / "good.safetensors").read_bytes()
+        p.write_bytes(data[: len(data) // 2])
+
+    cases = [  # (file in the models folder, words the reason must contain)
+        (bad("truncated.safetensors", truncated), "truncated"),
+        (bad("nan.safetensors", lambda p: checkpoint(p, seed=4, nan=True)), "NaN"),
+        (bad("foo.safetensors", wrong_arch), "architecture 'foo'"),
+        (bad("pickle.safetensors", lambda p: torch.save(tiny_generator(TINY, 5).state_dict(), p)), "pickle"),
+        (bad("x2.safetensors", lambda p: checkpoint(p, seed=6, cfg=GeneratorConfig(scale=2, channels=8, blocks=1))),
+         "x2 model"),
+        ("missing.safetensors", "not in"),
+    ]
+    try:
+        for i, (name, words) in enumerate(cases):
+            if (models / name).exists():
+                store.set_current(models, name)  # bypasses promote's checks
+            else:
+                atomic_write_text(models / "current", name + "\n")
+            st = wait_for(lambda: (s := status(root)).get("model", {}).get("refused") and
+                          s["model"]["refused"]["file"] == name and s, 15, what=f"{name} refused")
+            assert words in st["model"]["refused"]["reason"], st["model"]["refused"]
+            assert st["model_version"] == v1 and st["model"]["file"] == f"{v1}.safetensors"
+            img = f"during-{i}.png"
+            drop(inbox, img, seed=i)
+            wait_for(lambda: img in done_lines(log), 20, what=f"{img} processed")
+            assert done_lines(log)[img] == [v1]  # the old model still serves
+        # Refused once each: no retry loop while the pointer stays on the last one.
+        time.sleep(1.0)
+        text = log.read_text()
+        for name, _ in cases:
+            assert len(re.findall(rf"model {re.escape(name)} refused", text)) == 1, text[-3000:]
+        r = run_cli("status", "--config", str(config))
+        assert r.returncode == 0 and "refused:     missing.safetensors" in r.stdout and f"model:       {v1}" in r.stdout, r.stdout
+
+        # The missing file appears (same name, now a good model): tried again, and served.
+        shutil.copyfile(tmp_path / "good.safetensors", models / "missing.safetensors")
+        good = read_info(models / "missing.safetensors").version
+        wait_for(lambda: status(root).get("model_version") == good, 15, what="the file that appeared")
+
+        # Pointer removed: back to the bundled default (verified the same way).
+        (models / "current").unlink()
+        st = wait_for(lambda: (s := status(root)).get("model", {}).get("origin") == "bundled" and s, 30,
+                      what="bundled default")
+        assert st["model_version"] == read_info(BUNDLED_DEFAULT).version
+
+        # Rollback to a named version restores it in the running daemon.
+        r = run_cli("models", "rollback", v1, "--config", str(config))
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: status(root).get("model_version") == v1, 15, what="rollback to v1")
+        assert files_under(root / "failed") == []
+    finally:
+        assert stop(proc) == 0, log.read_text()[-3000:]
+
+
+def test_configured_model_path_pins_the_service(tmp_path):
+    """With model.path set, a published model is not picked up (the log and status say so)."""
+    from daemon.service import Service
+
+    ckpt = tmp_path / "pinned.safetensors"
+    v = checkpoint(ckpt, seed=7)
+    checkpoint(tmp_path / "other.safetensors", seed=8)
+    root = tmp_path / "srv"
+    root.mkdir()
+    cfg, _ = make_config(root, ckpt)
+    svc = Service(cfg)
+    try:
+        svc.startup()
+        store.publish(root / "models", tmp_path / "other.safetensors")
+        svc.tick(time.monotonic())
+        time.sleep(0.3)
+        svc.tick(time.monotonic())
+        assert svc.slot.pinned and svc.slot._thread is None
+        assert svc.worker.upscaler.version == v
+        st = status(root)
+        assert st["model"]["origin"] == "configured" and st["model_version"] == v
+    finally:
+        svc.begin_stop("test")
+        svc.shutdown()
