@@ -88,11 +88,13 @@ def test_a_worse_model_is_not_published(trained, tmp_path):
     r = publish_if_better(worse, val, models)
     assert not r.published and r.reason.startswith("not better"), r
     assert current_checkpoint(models) == before
-    # a real improvement that does not clear the tolerance is not published either
-    better = random_checkpoint(tmp_path / "better.safetensors", 2)
-    r = publish_if_better(better, val, tmp_path / "empty_models_with_untrained", tolerance_db=0)  # bundled default is current
-    assert r.current_origin == "bundled"
     assert publish_if_better(trained["run"] / "best.safetensors", val, models).reason.startswith("already published")
+    # a real improvement that does not clear the tolerance is not published either; with nothing
+    # published, the bundled default is what the candidate is compared with
+    empty = tmp_path / "models"
+    r = publish_if_better(trained["run"] / "best.safetensors", val, empty, tolerance_db=100.0)
+    assert not r.published and r.current_origin == "bundled" and "tolerance 100.0 dB" in r.reason, r
+    assert current_checkpoint(empty) is None
 
 
 def test_eval_prints_the_table(trained, capsys):

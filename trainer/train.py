@@ -265,7 +265,7 @@ def train(
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
     if master:
         logger.info(
-            "generator {} ({:.2f} M params), discriminator width {}, device {}, {}, batch {} x {} crops of {} px, {} steps ({} pre-training)",
+            "generator {} ({:.2f} M params), discriminator width {}, device {}, {}, {} process(es) x {} crops of {} px, {} steps ({} pre-training)",
             gcfg, sum(p.numel() for p in g.parameters()) / 1e6, tc.discriminator_width, device,
             f"{amp} autocast".replace("torch.", "") if amp else "fp32", world, tc.batch, data.crop, tc.steps, tc.pretrain_steps,
         )
@@ -373,7 +373,7 @@ def train(
                     adv = F.mse_loss(d(sr).float(), ones)
                 loss_g = loss_g + tc.adv_weight * adv
                 losses["adv"] = adv.item()
-            if vgg is not None:
+            if gan and vgg is not None:  # phase 1 is pixel loss only
                 with autocast():
                     perc = vgg_loss(vgg, sr32, hr).float()
                 loss_g = loss_g + tc.perceptual_weight * perc
