@@ -81,6 +81,7 @@ class ModelSlot:
         self.watching = watch and not self.pinned
         self.active: Loaded | None = None  # the model serving, or handed to the inference thread
         self.in_use = True  # the inference thread has taken `active`
+        self._shown: dict[str, Any] = {}  # the model in use, for the status
         self.refused: dict[str, Any] | None = None  # the last refused candidate, for the status
         self._refused_key: Key | None = None
         self._loading: Wanted | None = None
@@ -106,6 +107,7 @@ class ModelSlot:
             up = build_upscaler(self.cfg)
             self._warm(up)
             self.active = Loaded(up, up.version, origin, path, _key_of(path))
+            self._shown = self.active.describe()
             logger.info("model.path is set: serving {} only; the models folder {} is not watched "
                         "(unset model.path to pick up published models)", path, self.models_dir)
             return up
@@ -120,6 +122,7 @@ class ModelSlot:
             if isinstance(result, str):
                 raise CheckpointError(f"no servable model: {self.refused['reason']}; and the bundled default: {result}")
         self.active = result
+        self._shown = result.describe()
         self._log_loaded(result, "serving")
         if self.watching:
             logger.info("watching {} for newly published models", self.models_dir / CURRENT)
@@ -207,6 +210,8 @@ class ModelSlot:
 
     def installed(self, loaded: Loaded) -> None:
         """The service handed `loaded` to the pipeline; `confirm` tells when it is in use."""
+        if self.active is not None:
+            self.active.upscaler = None  # the inference thread holds the last reference, and frees it
         self.active = loaded
         self.in_use = False
 
@@ -215,6 +220,7 @@ class ModelSlot:
         if self.in_use or self.active is None or upscaler_in_use is not self.active.upscaler:
             return False
         self.in_use = True
+        self._shown = self.active.describe()
         self._log_loaded(self.active, "now serving")
         return True
 
@@ -229,14 +235,19 @@ class ModelSlot:
     # -- status -----------------------------------------------------------------------------------
 
     def describe(self) -> dict[str, Any]:
-        d: dict[str, Any] = {}
-        if self.active is not None:
-            d.update(self.active.describe())
+        """For the status: the model in use, what is being loaded, the last refusal."""
+        d: dict[str, Any] = dict(self._shown)
         d["watching"] = self.watching
         d["refused"] = self.refused
         w = self._loading
-        d["loading"] = ({"file": w.path.name if w.path else None, "origin": w.origin, "since": self._loading_since}
-                        if w is not None else None)
+        if w is not None:
+            d["loading"] = {"file": w.path.name if w.path else None, "origin": w.origin, "since": self._loading_since,
+                            "step": "verifying"}
+        elif not self.in_use and self.active is not None:
+            d["loading"] = {"file": self.active.path.name, "origin": self.active.origin, "since": self._loading_since,
+                            "step": "verified; switching after the image being upscaled"}
+        else:
+            d["loading"] = None
         return d
 
     # -- internals --------------------------------------------------------------------------------

@@ -182,7 +182,8 @@ def render(st: dict[str, Any]) -> str:
     ]
     m = st.get("model") or {}
     if m.get("loading"):
-        lines.append(f"  loading:     {m['loading'].get('file')} ({m['loading'].get('origin')}), verifying since {m['loading'].get('since')}")
+        ld = m["loading"]
+        lines.append(f"  loading:     {ld.get('file')} ({ld.get('origin')}): {ld.get('step', 'verifying')} (since {ld.get('since')})")
     if m.get("refused"):
         r = m["refused"]
         lines.append(f"  refused:     {r.get('file')}{' (version ' + r['version'] + ')' if r.get('version') else ''}: "
