@@ -3,7 +3,6 @@ resume is exact, SIGTERM leaves a loadable state, and only a better model is pub
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
