@@ -246,3 +246,57 @@ def test_configured_model_path_pins_the_service(tmp_path):
     finally:
         svc.begin_stop("test")
         svc.shutdown()
+
+
+def in_process(tmp_path: Path, ckpt: Path, **sections):
+    from daemon.service import Service
+
+    root = tmp_path / "srv"
+    root.mkdir()
+    cfg, _ = make_config(root, ckpt, model={"path": None}, **sections)
+    return root, Service(cfg)
+
+
+def test_the_old_model_is_freed_after_the_swap(tmp_path):
+    import gc
+    import weakref
+
+    checkpoint(tmp_path / "v1.safetensors", seed=1)
+    v2 = checkpoint(tmp_path / "v2.safetensors", seed=2)
+    root, svc = in_process(tmp_path, tmp_path / "v1.safetensors")
+    store.publish(root / "models", tmp_path / "v1.safetensors")
+    try:
+        svc.startup()
+        old = weakref.ref(svc.worker.upscaler)
+        store.publish(root / "models", tmp_path / "v2.safetensors")
+
+        def swapped():
+            svc.tick(time.monotonic())
+            return svc.board.model_version == v2
+
+        wait_for(swapped, 20, every=0.05, what="swap to v2")
+        gc.collect()
+        assert old() is None, gc.get_referrers(old())
+        assert svc.board.model["version"] == v2 and svc.board.model["loading"] is None
+    finally:
+        svc.begin_stop("test")
+        svc.shutdown()
+
+
+def test_a_bad_current_at_start_up_falls_back_to_the_bundled_default(tmp_path):
+    checkpoint(tmp_path / "v1.safetensors", seed=1)
+    root, svc = in_process(tmp_path, tmp_path / "v1.safetensors")
+    (root / "models").mkdir()
+    checkpoint(root / "models" / "nan.safetensors", seed=4, nan=True)
+    store.set_current(root / "models", "nan.safetensors")
+    try:
+        svc.startup()
+        assert svc.upscaler.version == read_info(BUNDLED_DEFAULT).version
+        st = status(root)
+        assert st["model"]["origin"] == "bundled"
+        assert st["model"]["refused"]["file"] == "nan.safetensors" and "NaN" in st["model"]["refused"]["reason"]
+        svc.tick(time.monotonic())
+        assert svc.slot._thread is None  # the refused pointer is not retried
+    finally:
+        svc.begin_stop("test")
+        svc.shutdown()
