@@ -48,7 +48,7 @@ def test_downscale_crops_to_a_multiple_and_is_pillow_bicubic():
 def test_evaluate_images_reports_model_and_baselines():
     r = np.random.default_rng(3)
     hr = np.asarray(Image.fromarray(r.integers(0, 256, (16, 16, 3)).astype(np.uint8)).resize((64, 64), Image.Resampling.BICUBIC))
-    perfect = lambda lr: hr  # noqa: E731 - an oracle upscaler
+    perfect = lambda lr: hr
     rep = quality.evaluate_images(perfect, [("a", hr)], 4)
     assert rep.mean_psnr_y["model"] == float("inf") and rep.mean_ssim_y["model"] == pytest.approx(1.0)
     assert 15 < rep.mean_psnr_y["bicubic"] < 60 and 15 < rep.mean_psnr_y["lanczos"] < 60

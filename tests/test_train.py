@@ -27,7 +27,7 @@ from upscaled.cli import main as cli_main
 from upscaled.config import TrainerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(generator_channels=16, generator_blocks=2, generator_batchnorm=False, discriminator_width=8)
+TINY = {"generator_channels": 16, "generator_blocks": 2, "generator_batchnorm": False, "discriminator_width": 8}
 
 
 def records(run: Path, event: str) -> list[dict]:
@@ -53,7 +53,7 @@ def trained(tmp_path_factory):
                        workers=0, seed=1, downscale_min=1.0, downscale_max=1.0)
     t0 = time.time()
     assert train(tc, root / "run", models_dir=models, publish=True) == 0
-    return dict(root=root, run=root / "run", photos=photos, models=models, seconds=time.time() - t0)
+    return {"root": root, "run": root / "run", "photos": photos, "models": models, "seconds": time.time() - t0}
 
 
 def test_a_tiny_generator_learns_to_beat_bicubic(trained):
@@ -186,5 +186,5 @@ def test_sigterm_saves_a_loadable_state_and_the_run_resumes(tmp_path):
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
     assert cli_main([*args, "--resume", "--steps", str(step + 2)]) == 0
     assert torch.load(run / "state.pt", weights_only=True)["step"] == step + 2
-    g, info = load_generator(run / "last.safetensors")
+    _g, info = load_generator(run / "last.safetensors")
     assert info.step == step + 2

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from trainer.data import DataError, Degradations, HRData, PairedData, check_hr_folder, check_pairs
+from trainer.data import (
+    DataError,
+    Degradations,
+    HRData,
+    PairedData,
+    check_hr_folder,
+    check_pairs,
+)
 from upscaled.cli import main as cli_main
 
 
@@ -20,7 +27,7 @@ def photo(seed: int, h: int = 96, w: int = 128) -> Image.Image:
     base = np.stack([0.5 + 0.25 * np.sin(2 * np.pi * (x * r.uniform(0.3, 1) + y * r.uniform(0.3, 1)) + c) for c in range(3)], -1)
     im = Image.fromarray((base * 255).astype(np.uint8))
     d = ImageDraw.Draw(im)
-    colour = lambda: tuple(int(v) for v in r.integers(0, 256, 3))  # noqa: E731
+    colour = lambda: tuple(int(v) for v in r.integers(0, 256, 3))
     for i in range(8):
         x0, y0, sz = int(r.integers(0, max(1, w - 20))), int(r.integers(0, max(1, h - 20))), int(r.integers(10, 40))
         (d.ellipse if i % 2 else d.rectangle)((x0, y0, x0 + sz, y0 + int(sz * r.uniform(0.5, 1.5))), fill=colour())
@@ -41,7 +48,7 @@ def photo_folder(folder: Path, count: int, seed: int = 0, h: int = 96, w: int = 
 
 def test_hr_batches_depend_only_on_seed_and_step(tmp_path):
     files = check_hr_folder(photo_folder(tmp_path / "hr", 2, h=200, w=240), 32)
-    kw = dict(scale=4, crop=32, batch=3, seed=7, rank=0, cache_mb=64, max_side=0)
+    kw = {"scale": 4, "crop": 32, "batch": 3, "seed": 7, "rank": 0, "cache_mb": 64, "max_side": 0}
     a = HRData(files, shrink=(0.25, 0.5), degradations=Degradations(0.5, 0.5, 0.5), **kw)
     b = HRData(files, shrink=(0.25, 0.5), degradations=Degradations(0.5, 0.5, 0.5), **kw)
     lr5, hr5 = a[5]
@@ -60,7 +67,7 @@ def torch_equal(a, b) -> bool:
 def test_small_photos_are_not_shrunk_below_the_crop(tmp_path):
     files = check_hr_folder(photo_folder(tmp_path / "hr", 1, h=40, w=48), 32)
     data = HRData(files, shrink=(0.25, 0.25), degradations=Degradations(), scale=4, crop=32, batch=2, seed=0, rank=0, cache_mb=8, max_side=0)
-    lr, hr = data[0]
+    _lr, hr = data[0]
     assert hr.shape == (2, 3, 32, 32)
 
 

@@ -33,7 +33,14 @@ from model.checkpoint import load_generator, read_info, save_checkpoint
 from model.discriminator import Discriminator
 from model.engine import cpu_has_native_bf16, resolve_device
 from model.generator import Generator, GeneratorConfig
-from trainer.data import DataError, Degradations, HRData, PairedData, check_hr_folder, check_pairs
+from trainer.data import (
+    DataError,
+    Degradations,
+    HRData,
+    PairedData,
+    check_hr_folder,
+    check_pairs,
+)
 from trainer.publish import publish_if_better
 from trainer.validation import ValidationSet, sample_sheet, score
 from upscaled.config import Config, ConfigError, TrainerConfig
@@ -163,8 +170,8 @@ def autocast_dtype(tc: TrainerConfig, device: torch.device) -> torch.dtype | Non
 
 def build_data(tc: TrainerConfig, scale: int, seed: int, rank: int):
     lr_side = tc.crop // scale
-    common = dict(scale=scale, crop=lr_side * scale, batch=tc.batch, seed=seed, rank=rank,
-                  cache_mb=max(64, tc.cache_mb // max(1, tc.workers)), max_side=tc.max_side)
+    common = {"scale": scale, "crop": lr_side * scale, "batch": tc.batch, "seed": seed, "rank": rank,
+              "cache_mb": max(64, tc.cache_mb // max(1, tc.workers)), "max_side": tc.max_side}
     if tc.paired_lr:
         pairs = check_pairs(Path(tc.paired_lr), Path(tc.paired_hr), scale, common["crop"])
         logger.info("training on {} LR/HR pairs from {} and {}", len(pairs), tc.paired_lr, tc.paired_hr)

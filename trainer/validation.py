@@ -23,7 +23,7 @@ class ValidationSet:
     scale: int
 
     @classmethod
-    def load(cls, folder: Path, scale: int, max_images: int = 0) -> "ValidationSet":
+    def load(cls, folder: Path, scale: int, max_images: int = 0) -> ValidationSet:
         images, files = load_validation(folder, scale, max_images)
         return cls(folder, images, fingerprint(files, folder, scale), scale)
 
