@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
-from model.images import EXTENSIONS, ImageError, decode
+from model.images import EXTENSIONS, decode
 from model.quality import to_uint8
 
 BICUBIC = Image.Resampling.BICUBIC
@@ -247,8 +247,9 @@ def check_pairs(lr_dir: Path, hr_dir: Path, scale: int, crop: int) -> list[tuple
         for f in (lr, hr):
             try:
                 sizes.append(header_size(f))
-                decode(f) if f.stat().st_size < (64 << 20) else None  # catch truncated data, not just headers
-            except (ImageError, OSError, ValueError, SyntaxError) as e:
+                with Image.open(f) as im:
+                    im.load()  # decode the pixels: catches truncated files, not just bad headers
+            except (OSError, ValueError, SyntaxError) as e:
                 problems.append(f"{f}: unreadable ({e})")
         if len(sizes) < 2:
             continue
