@@ -119,3 +119,13 @@ def test_paired_folder_problems_are_reported_together_before_training(tmp_path, 
     assert "wrong_size: high-resolution 96x60 is not 4x the low-resolution 24x16 (expected 96x64)" in err
     assert "broken.png: unreadable" in err
     assert not (out / "state.pt").exists()
+
+
+def test_command_line_mistakes_stop_before_training(tmp_path, capsys):
+    photos = photo_folder(tmp_path / "photos", 1)
+    assert cli_main(["train", "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "no state.pt" in capsys.readouterr().err
+    assert cli_main(["train", "--data", str(photos), "--out", str(tmp_path / "r"), "--publish"]) == 2
+    assert "--publish needs a validation folder" in capsys.readouterr().err
+    assert cli_main(["train", "--out", str(tmp_path / "r")]) == 2
+    assert "no training data" in capsys.readouterr().err
