@@ -300,3 +300,49 @@ def test_a_bad_current_at_start_up_falls_back_to_the_bundled_default(tmp_path):
     finally:
         svc.begin_stop("test")
         svc.shutdown()
+
+
+def unit_lines(name: str) -> list[str]:
+    from tests.conftest import ROOT
+
+    return [ln.strip() for ln in (ROOT / "systemd" / name).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def test_training_units(tmp_path):
+    """The timer and the oneshot unit: settings, same sandbox as the daemon, and the ExecStart
+    shell really resolves the served checkpoint for --init."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    svc, timer, daemon_unit = (unit_lines(n) for n in ("upscaled-train.service", "upscaled-train.timer", "upscaled.service"))
+    for want in ("Type=oneshot", "Nice=19", "IOSchedulingClass=idle", "CPUWeight=20", "User=upscaled", "SuccessExitStatus=130"):
+        assert want in svc, want
+    for want in ("OnCalendar=weekly", "Persistent=true", "RandomizedDelaySec=1h", "WantedBy=timers.target"):
+        assert want in timer, want
+    sandbox = [ln for ln in daemon_unit if ln.split("=")[0] in (
+        "ProtectSystem", "ReadWritePaths", "ProtectHome", "PrivateTmp", "NoNewPrivileges", "ProtectKernelTunables",
+        "ProtectKernelModules", "ProtectControlGroups", "RestrictSUIDSGID", "LockPersonality", "RestrictAddressFamilies")]
+    assert len(sandbox) == 11 and set(sandbox) <= set(svc)
+
+    exec_start = next(ln for ln in svc if ln.startswith("ExecStart="))[len("ExecStart="):]
+    argv = shlex.split(exec_start)  # systemd's quoting, for this line
+    assert argv[:2] == ["/bin/sh", "-c"] and len(argv) == 3
+    script = argv[2].replace("$$", "$")  # systemd's escape for a literal $
+    models = tmp_path / "models"
+    config = tmp_path / "config.yaml"
+    config.write_text(f"paths: {{models: {models}}}\n")
+    script = (script.replace("/opt/upscaled/.venv/bin/python", sys.executable).replace("/etc/upscaled/config.yaml", str(config))
+              .replace("exec /opt/upscaled/.venv/bin/upscaled", "echo upscaled"))
+
+    def run() -> list[str]:
+        r = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, timeout=60,
+                           env={k: v for k, v in os.environ.items() if k != "UPSCALED_CONFIG"})
+        assert r.returncode == 0, r.stderr
+        return r.stdout.split()
+
+    assert run() == ["upscaled", "train", "--config", str(config), "--init", str(BUNDLED_DEFAULT), "--publish"]
+    checkpoint(tmp_path / "v1.safetensors", seed=1)
+    target = store.publish(models, tmp_path / "v1.safetensors")
+    assert run()[5] == str(target)
