@@ -96,7 +96,9 @@ def test_a_worse_model_is_not_published(trained, tmp_path):
     assert current_checkpoint(empty) is None
 
 
-def test_eval_prints_the_table(trained, capsys):
+def test_eval_prints_the_table(trained, capsys, monkeypatch):
+    monkeypatch.chdir(trained["root"])  # built-in defaults, not the repository's config.yaml
+    monkeypatch.delenv("UPSCALED_CONFIG", raising=False)
     rc = cli_main(["eval", "--data", str(trained["photos"]), "--model", str(trained["run"] / "best.safetensors")])
     out = capsys.readouterr().out
     assert rc == 0

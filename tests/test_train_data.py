@@ -102,7 +102,9 @@ def test_paired_folders_give_aligned_crops(tmp_path):
     assert lr.shape == (2, 3, 8, 8) and hr.shape == (2, 3, 32, 32)
 
 
-def test_paired_folder_problems_are_reported_together_before_training(tmp_path, capsys):
+def test_paired_folder_problems_are_reported_together_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # built-in defaults, not the repository's config.yaml
+    monkeypatch.delenv("UPSCALED_CONFIG", raising=False)
     lr_dir, hr_dir = _paired(tmp_path)
     photo(9, 16, 24).save(lr_dir / "only_lr.png")
     photo(9, 64, 96).save(hr_dir / "only_hr.png")
@@ -121,7 +123,9 @@ def test_paired_folder_problems_are_reported_together_before_training(tmp_path, 
     assert not (out / "state.pt").exists()
 
 
-def test_command_line_mistakes_stop_before_training(tmp_path, capsys):
+def test_command_line_mistakes_stop_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # built-in defaults, not the repository's config.yaml
+    monkeypatch.delenv("UPSCALED_CONFIG", raising=False)
     photos = photo_folder(tmp_path / "photos", 1)
     assert cli_main(["train", "--out", str(tmp_path / "none"), "--resume"]) == 2
     assert "no state.pt" in capsys.readouterr().err
