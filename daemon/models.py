@@ -188,6 +188,7 @@ class ModelSlot:
                 self._refuse(wanted, result, serving=self.active)
             elif self.wanted().key != wanted.key:
                 logger.info("model {} verified, but `current` changed meanwhile; not swapping to it", result.version)
+                _release(result)
             else:
                 out = result
         if self._thread is not None:
@@ -309,6 +310,16 @@ class ModelSlot:
         logger.info("{} model {} ({} checkpoint {}), x{}, on {} in {}{}", what, m.version, m.origin, m.path.name,
                     getattr(up, "scale", "?"), getattr(up, "device", "?"), str(getattr(up, "dtype", "?")).replace("torch.", ""),
                     f"; probe {m.probe['psnr_y']:.2f} dB (bicubic {m.probe['bicubic_psnr_y']:.2f} dB)" if m.probe else "")
+
+
+def _release(loaded: Loaded) -> None:
+    """Free a model that will not be served (on CUDA, hand its cached memory back too)."""
+    cuda = getattr(getattr(loaded.upscaler, "device", None), "type", None) == "cuda"
+    loaded.upscaler = None
+    if cuda:
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 def _key_of(path: Path) -> Key:

@@ -64,7 +64,8 @@ def daemon(tmp_path: Path, first: Path):
     root = tmp_path / "srv"
     root.mkdir()
     store.publish(root / "models", first)
-    cfg, config = make_config(root, first, model={"path": None}, watch={"settle_seconds": 0.2, "rescan_interval": 1.0})
+    cfg, config = make_config(root, first, model={"path": None}, inference={"precision": "fp32"},
+                              watch={"settle_seconds": 0.2, "rescan_interval": 1.0})
     log = root / "daemon.log"
     proc = serve(config, log=log)
     try:
@@ -89,6 +90,8 @@ def test_swap_under_a_stream_of_files_then_rollback(tmp_path):
         swapped_in = None
         for i, name in enumerate(names):
             if i == 10:
+                # The first files are done (by v1) before the publish, however loaded the machine is.
+                wait_for(lambda: {"img00.png", "img01.png", "img02.png"} <= done_lines(log).keys(), 30, what="first files")
                 published_at = time.monotonic()
                 store.publish(root / "models", tmp_path / "v2.safetensors")
             if swapped_in is None and i > 10 and status(root).get("model_version") == v2:
@@ -115,7 +118,7 @@ def test_swap_under_a_stream_of_files_then_rollback(tmp_path):
         assert all(used[n] == v1 for n in names[:3]), used  # upscaled long before the publish
 
         # ... and its pixels are that version's, not a mix (the other version is far away).
-        ups = {v: Upscaler(*load(tmp_path / f"{v_}.safetensors"), EngineOptions(device="cpu"))
+        ups = {v: Upscaler(*load(tmp_path / f"{v_}.safetensors"), EngineOptions(device="cpu", precision="fp32"))
                for v, v_ in ((v1, "v1"), (v2, "v2"))}
         for name in names:
             rgb = np.asarray(Image.open(root / "done" / name).convert("RGB"), np.float32) / 255.0
