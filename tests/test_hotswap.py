@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -202,6 +203,11 @@ def test_bad_candidates_are_refused_and_the_old_model_keeps_serving(tmp_path):
         text = log.read_text()
         for name, _ in cases:
             assert len(re.findall(rf"model {re.escape(name)} refused", text)) == 1, text[-3000:]
+        # SIGHUP (systemctl reload) gives the refused pointer exactly one more try.
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: log.read_text().count("model missing.safetensors refused") == 2, 15, what="a retry on SIGHUP")
+        time.sleep(0.5)
+        assert log.read_text().count("model missing.safetensors refused") == 2
         r = run_cli("status", "--config", str(config))
         assert r.returncode == 0 and "refused:     missing.safetensors" in r.stdout and f"model:       {v1}" in r.stdout, r.stdout
 
