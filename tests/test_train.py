@@ -21,7 +21,7 @@ from model.generator import Generator, GeneratorConfig
 from model.store import current_checkpoint, publish
 from tests.test_train_data import photo_folder
 from trainer.publish import publish_if_better
-from trainer.train import EXIT_INTERRUPTED, train
+from trainer.train import EXIT_INTERRUPTED, EXIT_LOCKED, train
 from trainer.validation import ValidationSet
 from upscaled.cli import main as cli_main
 from upscaled.config import TrainerConfig
@@ -175,6 +175,9 @@ def test_sigterm_saves_a_loadable_state_and_the_run_resumes(tmp_path):
                 break
             assert proc.poll() is None, proc.stdout.read()
             time.sleep(0.2)
+        # A second run under the same config never overlaps the first (the periodic timer and a person).
+        assert cli_main([*args[:-1], str(tmp_path / "run2")]) == EXIT_LOCKED
+        assert not (tmp_path / "run2").exists()
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     finally:

@@ -47,6 +47,7 @@ from upscaled.config import Config, ConfigError, TrainerConfig
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_LOCKED = 75  # EX_TEMPFAIL: try again later
 STATE = "state.pt"
 STATE_VERSION = 1
 
@@ -452,6 +453,42 @@ def settings(cfg: Config, args) -> TrainerConfig:
     return dataclasses.replace(tc, **paths)
 
 
+class LockedError(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def training_lock(runs_dir: Path, run_dir: Path):
+    """One training run at a time per runs folder (the periodic timer and a person at the shell).
+
+    An flock is released by the kernel when its holder dies, so a crash never leaves a stale lock.
+    Under torchrun only the first process takes it: the others belong to the same run.
+    """
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    import fcntl
+
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    path = runs_dir / ".train.lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise LockedError(f"another training run holds {path} ({holder}); not starting a second one") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}, run {run_dir}, since {datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+
+
 def main(cfg: Config, args) -> int:
     scale = cfg.model.scale
     tc = settings(cfg, args)
@@ -482,8 +519,12 @@ def main(cfg: Config, args) -> int:
         logger.error("trainer.crop {} is too small for x{} (LR crop under 4 pixels)", tc.crop, scale)
         return EXIT_USAGE
     try:
-        return train(tc, run_dir, scale=scale, models_dir=cfg.path("models"), keep=cfg.models.keep,
-                     publish=bool(args.publish), resume=resume)
+        with training_lock(cfg.path("runs"), run_dir):
+            return train(tc, run_dir, scale=scale, models_dir=cfg.path("models"), keep=cfg.models.keep,
+                         publish=bool(args.publish), resume=resume)
+    except LockedError as e:
+        logger.error("{}", e)
+        return EXIT_LOCKED
     except DataError as e:
         logger.error("{}", e)
         return EXIT_USAGE
