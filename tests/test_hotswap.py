@@ -320,10 +320,6 @@ def unit_lines(name: str) -> list[str]:
 def test_training_units(tmp_path):
     """The timer and the oneshot unit: settings, same sandbox as the daemon, and the ExecStart
     shell really resolves the served checkpoint for --init."""
-    import os
-    import shlex
-    import subprocess
-    import sys
 
     svc, timer, daemon_unit = (unit_lines(n) for n in ("upscaled-train.service", "upscaled-train.timer", "upscaled.service"))
     for want in ("Type=oneshot", "Nice=19", "IOSchedulingClass=idle", "CPUWeight=20", "User=upscaled", "SuccessExitStatus=130"):
@@ -336,22 +332,17 @@ def test_training_units(tmp_path):
     assert len(sandbox) == 11 and set(sandbox) <= set(svc)
 
     exec_start = next(ln for ln in svc if ln.startswith("ExecStart="))[len("ExecStart="):]
-    argv = shlex.split(exec_start)  # systemd's quoting, for this line
-    assert argv[:2] == ["/bin/sh", "-c"] and len(argv) == 3
-    script = argv[2].replace("$$", "$")  # systemd's escape for a literal $
-    models = tmp_path / "models"
-    config = tmp_path / "config.yaml"
-    config.write_text(f"paths: {{models: {models}}}\n")
-    script = (script.replace("/opt/upscaled/.venv/bin/python", sys.executable).replace("/etc/upscaled/config.yaml", str(config))
-              .replace("exec /opt/upscaled/.venv/bin/upscaled", "echo upscaled"))
+    assert exec_start.split() == ["/opt/upscaled/.venv/bin/upscaled", "train", "--config", "/etc/upscaled/config.yaml",
+                                  "--init", "current", "--publish"]
+    # `--init current` resolves to the model served now: the bundled default, then a published one.
+    from argparse import Namespace
 
-    def run() -> list[str]:
-        r = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, timeout=60,
-                           env={k: v for k, v in os.environ.items() if k != "UPSCALED_CONFIG"})
-        assert r.returncode == 0, r.stderr
-        return r.stdout.split()
+    from trainer.train import settings
+    from upscaled.config import from_dict
 
-    assert run() == ["upscaled", "train", "--config", str(config), "--init", str(BUNDLED_DEFAULT), "--publish"]
+    cfg = from_dict({"paths": {"models": str(tmp_path / "models")}})
+    args = Namespace(init="current", data=None, paired_lr=None, paired_hr=None, val=None, steps=None, out=None)
+    assert settings(cfg, args).init == str(BUNDLED_DEFAULT)
     checkpoint(tmp_path / "v1.safetensors", seed=1)
-    target = store.publish(models, tmp_path / "v1.safetensors")
-    assert run()[5] == str(target)
+    target = store.publish(tmp_path / "models", tmp_path / "v1.safetensors")
+    assert settings(cfg, args).init == str(target)

@@ -15,7 +15,7 @@ from model.checkpoint import CheckpointError, load_generator, read_info, save_ch
 from model.engine import EngineOptions, Upscaler, plan_tiles, resolve_precision
 from model.fold import fold_batchnorm
 from model.generator import Descriptor, Generator, GeneratorConfig, receptive_radius
-from tests.conftest import TINY, tiny_generator
+from tests.conftest import tiny_generator
 
 
 @pytest.mark.parametrize("scale", [2, 4, 8])

@@ -44,6 +44,7 @@ from trainer.data import (
 from trainer.publish import publish_if_better
 from trainer.validation import ValidationSet, sample_sheet, score
 from upscaled.config import Config, ConfigError, TrainerConfig
+from upscaled.runtime import checkpoint_for
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -449,6 +450,8 @@ def settings(cfg: Config, args) -> TrainerConfig:
         tc = dataclasses.replace(tc, data=over["data"])
     elif over["data"]:
         tc = dataclasses.replace(tc, paired_lr=None, paired_hr=None)
+    if tc.init == "current":  # fine-tune whatever the daemon serves now (the periodic retraining)
+        tc = dataclasses.replace(tc, init=str(checkpoint_for(cfg)[0]))
     paths = {k: str(cfg.resolve(getattr(tc, k))) for k in ("data", "paired_lr", "paired_hr", "val", "out", "init", "vgg_weights") if getattr(tc, k)}
     return dataclasses.replace(tc, **paths)
 

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", metavar="DIR", help="folder of validation images (HR)")
     p.add_argument("--steps", type=int, metavar="N", help="total training steps (pre-training included)")
     p.add_argument("--out", metavar="RUN_DIR", help="run folder (state, metrics, samples, best.safetensors)")
-    p.add_argument("--init", metavar="CHECKPOINT", help="start from this checkpoint (fine-tune)")
+    p.add_argument("--init", metavar="CHECKPOINT", help="start from this checkpoint (fine-tune); 'current' = the model the daemon serves now")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last state")
     p.add_argument("--publish", action="store_true", help="promote the best model to the models folder if it beats the current one")
     _common(p)
