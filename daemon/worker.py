@@ -33,8 +33,8 @@ from loguru import logger
 
 from daemon.claims import Claims, place
 from daemon.job import STAGE_OF, TERMINAL, Failure, Job, JobState, Stage
-from model.atomic import atomic_write_bytes, atomic_write_text
-from model.images import EXTENSIONS, FORMATS, ImageError, decode, encode, output_format
+from model.atomic import atomic_open, atomic_write_text
+from model.images import EXTENSIONS, FORMATS, ImageError, decode, encode_to, output_format
 from upscaled.config import Config
 
 # Which thread performs a state's next transition: DECODED goes to the inference thread, these
@@ -112,15 +112,23 @@ class Worker:
             elif state is JobState.UPSCALED:
                 out = self.cfg.output
                 job.output, fmt = out_path(self.folders.outbox, job.rel, self._requested())
-                data = encode(job.encoded, fmt, jpeg_quality=out.jpeg_quality,
-                              webp_quality=out.webp_quality, webp_lossless=out.webp_lossless)
-                job.encoded = None
-                with job.lock:
-                    if job.released:
-                        raise _Released()
-                    job.output.parent.mkdir(parents=True, exist_ok=True)
-                    atomic_write_bytes(job.output, data)
+                job.output.parent.mkdir(parents=True, exist_ok=True)
+                locked = False
+                try:
+                    # Encoded straight into the temp file (a huge PNG never sits in memory as
+                    # bytes); the lock covers only the check and the rename that publishes it.
+                    with atomic_open(job.output, "wb") as f:
+                        encode_to(f, job.encoded, fmt, jpeg_quality=out.jpeg_quality,
+                                  webp_quality=out.webp_quality, webp_lossless=out.webp_lossless)
+                        job.encoded = None
+                        job.lock.acquire()
+                        locked = True
+                        if job.released:
+                            raise _Released()  # the temp file is removed, nothing is published
                     job.state = JobState.WRITTEN
+                finally:
+                    if locked:
+                        job.lock.release()
                 job.timings["write"] = time.perf_counter() - t0
             elif state is JobState.WRITTEN:
                 with job.lock:
