@@ -144,9 +144,17 @@ def make_observer(mode: str, poll_interval: float, inbox: Path, handler: InboxHa
 
         observer = PollingObserver(timeout=poll_interval)
     else:
-        from watchdog.observers import Observer
+        try:
+            from watchdog.observers.inotify import InotifyObserver
 
-        observer = Observer()
+            # Full events: a file renamed in from outside the inbox (mv, rsync's final rename)
+            # arrives as a move, which is complete at once, rather than as a creation that has
+            # to wait settle_seconds.
+            observer = InotifyObserver(generate_full_events=True)
+        except (ImportError, OSError):  # not Linux
+            from watchdog.observers import Observer
+
+            observer = Observer()
     observer.schedule(handler, str(inbox), recursive=True)
     return observer
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
 import socket
 import subprocess
 import sys
@@ -25,7 +27,7 @@ from daemon.claims import Claims, place
 from daemon.job import Job, JobState, TERMINAL
 from daemon.notify import Notifier
 from daemon.status import ServiceState, StatusBoard
-from daemon.watcher import Hint, InboxFilter, InboxHandler, Settler, scan
+from daemon.watcher import Hint, InboxFilter, InboxHandler, Settler, make_observer, scan
 from daemon.worker import Worker
 from tests.daemon_helpers import decoded_size, make_config, tiny_checkpoint, write_image
 from upscaled.runtime import build_upscaler
@@ -87,6 +89,31 @@ def test_handler_only_enqueues_hints_for_our_files(tmp_path):
         (Hint.CHANGED, "a.png"), (Hint.CHANGED, "a.png"), (Hint.OPENED, "a.png"), (Hint.CLOSED, "a.png"),
         (Hint.MOVED_IN, "sub/b.png"), (Hint.GONE, "c.png"),
     ]
+
+
+def test_real_observer_sees_a_rename_from_outside_as_moved_in(tmp_path):
+    # mv/rsync's final rename from outside the inbox is complete at once: it must not be
+    # mistaken for a fresh creation that waits settle_seconds.
+    inbox, outside = tmp_path / "inbox", tmp_path / "outside"
+    inbox.mkdir()
+    outside.mkdir()
+    hints: queue.SimpleQueue = queue.SimpleQueue()
+    observer = make_observer("native", 1.0, inbox, InboxHandler(InboxFilter(inbox, []), hints, threading.Event(), polling=False))
+    observer.start()
+    try:
+        (outside / "a.png").write_bytes(b"x")
+        os.replace(outside / "a.png", inbox / "a.png")
+        deadline = time.time() + 5
+        seen = []
+        while time.time() < deadline and (Hint.MOVED_IN, "a.png") not in seen:
+            try:
+                seen.append(hints.get(timeout=0.1))
+            except queue.Empty:
+                pass
+        assert (Hint.MOVED_IN, "a.png") in seen, seen
+    finally:
+        observer.stop()
+        observer.join()
 
 
 def test_settler_waits_for_stable_size_and_mtime(tmp_path):
