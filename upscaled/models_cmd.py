@@ -68,27 +68,6 @@ def cmd_show(cfg: Config, version: str) -> int:
     return 0
 
 
-def _gate(cfg: Config, candidate: Path, val_dir: Path) -> tuple[bool, str]:
-    """Does `candidate` beat the currently served model on `val_dir`? Same protocol as the trainer."""
-    from model.engine import Upscaler
-    from model.checkpoint import load_generator
-    from model.quality import evaluate_images
-    from trainer.data import load_validation
-    from upscaled.runtime import checkpoint_for, engine_options
-
-    images, _ = load_validation(val_dir, cfg.model.scale)
-    opts = engine_options(cfg)
-    scores = {}
-    current_path, origin = checkpoint_for(cfg)
-    for label, path in (("candidate", candidate), ("current", current_path)):
-        up = Upscaler(*load_generator(path), opts)
-        scores[label] = evaluate_images(up.upscale_rgb, images, up.scale).mean_psnr_y["model"]
-    margin = cfg.trainer.publish_tolerance_db
-    text = (f"candidate {scores['candidate']:.3f} dB vs current ({origin}) {scores['current']:.3f} dB "
-            f"on {val_dir} (must beat it by more than {margin} dB)")
-    return scores["candidate"] > scores["current"] + margin, text
-
-
 def cmd_promote(cfg: Config, path: Path, gate: Path | None) -> int:
     from model.verify import verify_checkpoint
 
@@ -97,11 +76,18 @@ def cmd_promote(cfg: Config, path: Path, gate: Path | None) -> int:
     if probe:
         logger.info("{} passes verification (probe {:+.2f} dB vs bicubic)", info.version, probe.gain_db)
     if gate is not None:
-        ok, text = _gate(cfg, path, gate)
-        if not ok:
-            logger.error("not promoted: {}", text)
+        # The trainer's publishing gate, so a promotion by hand is judged exactly like a trained one.
+        from trainer.publish import publish_if_better
+        from trainer.validation import ValidationSet
+
+        result = publish_if_better(path, ValidationSet.load(gate, cfg.model.scale), cfg.path("models"),
+                                   tolerance_db=cfg.trainer.publish_tolerance_db, keep=cfg.models.keep,
+                                   device=cfg.inference.device)
+        if not result.published:
+            logger.error("not promoted: {}", result.reason)
             return 1
-        logger.info("gate passed: {}", text)
+        logger.info("gate passed: {}", result.reason)
+        return 0
     target = store.publish(cfg.path("models"), path, keep=cfg.models.keep)
     logger.info("published {} as {}; it is now current", info.version, target)
     return 0
