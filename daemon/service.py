@@ -257,8 +257,10 @@ class Service:
         return self.cfg.daemon.originals == "keep" and self.claims.is_kept(rel, st)
 
     def capacity(self) -> int:
-        # One job per I/O thread, one being upscaled and one decoded and waiting for the device.
-        return self.cfg.daemon.io_workers + 2
+        # One job per I/O thread, one batch being upscaled and one decoded and waiting for the
+        # device (a batch is one image on a CPU, several small ones on a GPU).
+        batch = max(1, self.pipeline.worker.upscaler.tile_and_batch()[1]) if self.pipeline else 1
+        return self.cfg.daemon.io_workers + 1 + batch
 
     def _claim_ready(self, now: float) -> None:
         free = self.capacity() - self.pipeline.in_flight()

@@ -177,6 +177,29 @@ class Worker:
             place(job.claimed, self.folders.done / rel)
         self.claims.forget(job.claimed)
 
+    def advance_together(self, jobs: list[Job]) -> list[Job]:
+        """DECODED -> UPSCALED for equal-size images in one forward pass (the engine batches them).
+
+        Any problem sends every job through `advance` on its own, so an error is attributed to
+        its image and handled exactly as for a single one.
+        """
+        live = [j for j in jobs if j.state is JobState.DECODED and not j.released and j.decoded is not None]
+        if len(live) < 2 or len(live) != len(jobs):
+            return [self.advance(j) for j in jobs]
+        up = self.upscaler  # one model for the whole group
+        t0 = time.perf_counter()
+        try:
+            encoded = up.upscale_decoded_many([j.decoded for j in live])
+        except Exception:  # noqa: BLE001 - retried one by one below, where errors are sorted
+            return [self.advance(j) for j in jobs]
+        per = (time.perf_counter() - t0) / len(live)
+        for j, enc in zip(live, encoded):
+            j.model_version = getattr(up, "version", "unknown")
+            j.encoded, j.decoded = enc, None
+            j.timings["upscale"] = per
+            j.state = JobState.UPSCALED
+        return live
+
     def _to_failed(self, job: Job) -> None:
         f = job.failure or Failure(Stage.DECODE, "unknown", "")
         dest = self.folders.failed / job.rel
@@ -212,6 +235,7 @@ class Pipeline:
         self._decode: collections.deque[Job] = collections.deque()
         self._finish: list[tuple[int, int, Job]] = []  # heap: later stages first
         self._infer: queue.Queue = queue.Queue()
+        self._held: collections.deque[Job] = collections.deque()  # decoded, set aside by _gather
         self._seq = itertools.count()
         self._threads = [threading.Thread(target=self._io_loop, name=f"io-{i}", daemon=True) for i in range(io_workers)]
         self._threads.append(threading.Thread(target=self._infer_loop, name="inference", daemon=True))
@@ -257,7 +281,7 @@ class Pipeline:
         starve), otherwise finishing work first (it frees memory and claims)."""
         with self._io_cv:
             while not self._stop.is_set():
-                starving = self._infer.empty()
+                starving = self._infer.empty() and not self._held
                 if self._decode and (starving or not self._finish):
                     return self._decode.popleft()
                 if self._finish:
@@ -293,22 +317,47 @@ class Pipeline:
 
             torch.cuda.empty_cache()
 
+    def _gather(self, first: Job) -> list[Job]:
+        """`first` and the decoded images of the same size waiting behind it, up to what one
+        forward pass takes (one on a CPU; several small images on a GPU). The others wait in
+        `_held`, in order, for the next round."""
+        limit = self.worker.upscaler.batch_limit(first.size) if first.size else 1
+        group = [first]
+        while True:
+            try:
+                job = self._infer.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                continue  # a swap() wake-up: the new model is taken before the next group
+            if len(group) < limit and job.size == first.size and job.decoded is not None \
+                    and first.decoded is not None and job.decoded.bits == first.decoded.bits:
+                group.append(job)
+            else:
+                self._held.append(job)
+        return group
+
     def _infer_loop(self) -> None:
         while not self._stop.is_set():
             self._take_new_model()
-            try:
-                job = self._infer.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if job is None:
-                continue  # swap() woke us
+            if self._held:
+                job = self._held.popleft()
+            else:
+                try:
+                    job = self._infer.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if job is None:
+                    continue  # swap() woke us
             self._take_new_model()
+            group = self._gather(job)
             self.inference_progress = time.monotonic()
             try:
-                job = self.worker.advance(job)
+                done = self.worker.advance_together(group) if len(group) > 1 else [self.worker.advance(job)]
             finally:
                 self.inference_progress = None
-            self._route(job)
+            for j in done:
+                self._route(j)
 
     def progress(self, done: int, total: int) -> None:
         """Called by the engine after each batch of tiles, on the inference thread."""

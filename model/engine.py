@@ -128,6 +128,7 @@ class Upscaler:
         # 4*ch conv output before PixelShuffle and the ch-channel full-resolution maps, a few alive
         # at once; 4 bytes each even under autocast (accumulation and conversions).
         self._bytes_per_out_px = 3 * generator.cfg.channels * 4 * 2
+        self.forward_passes = 0  # for tests and benchmarks: how the work was batched
 
     @property
     def version(self) -> str:
@@ -163,6 +164,7 @@ class Upscaler:
         return self._run(x).float().clamp_(0, 1).cpu()
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
+        self.forward_passes += 1
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with self._autocast():
             return self.model(x)
@@ -237,6 +239,28 @@ class Upscaler:
 
     def upscale_decoded(self, dec: Decoded, progress: Callable[[int, int], None] | None = None) -> Encoded:
         return assemble(dec, self.upscale_rgb(dec.rgb, dec.bits, progress))
+
+    def batch_limit(self, size: tuple[int, int]) -> int:
+        """How many images of `size` (W, H) one forward pass may take together: the tile batch
+        when such an image is a single tile, else 1 (its tiles are batched instead)."""
+        tile, batch = self.tile_and_batch()
+        w, h = size
+        return batch if max(w, h) <= tile + 2 * self.overlap else 1
+
+    @torch.inference_mode()
+    def upscale_decoded_many(self, decs: list[Decoded]) -> list[Encoded]:
+        """Equal-size images upscaled in one forward pass each `batch_limit`: a GPU is far
+        busier with 8 small photos at once than with 8 in turn. Results equal one-by-one ones."""
+        if len(decs) == 1 or len({(d.size, d.bits) for d in decs}) != 1 or self.batch_limit(decs[0].size) < len(decs):
+            return [self.upscale_decoded(d) for d in decs]
+        bits = decs[0].bits
+        hi = 255.0 if bits == 8 else 65535.0
+        x = torch.stack([torch.from_numpy(d.rgb).permute(2, 0, 1) for d in decs])
+        if self.device.type == "cuda":
+            x = x.pin_memory()
+        y = (self._run(x).float().clamp_(0, 1).mul_(hi).add_(0.5))
+        y = y.to(torch.uint8 if bits == 8 else torch.int32).permute(0, 2, 3, 1).cpu().numpy()
+        return [assemble(d, yi if bits == 8 else yi.astype(np.uint16)) for d, yi in zip(decs, y)]
 
     def warm_up(self) -> None:
         """One small forward so the first real image does not pay for lazy initialisation."""

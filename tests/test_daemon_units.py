@@ -13,7 +13,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from watchdog.events import (
     FileClosedEvent,
     FileCreatedEvent,
@@ -29,7 +31,7 @@ from daemon.notify import Notifier
 from daemon.status import ServiceState, StatusBoard
 from daemon.watcher import Hint, InboxFilter, InboxHandler, Settler, make_observer, scan
 from daemon.worker import Worker
-from tests.daemon_helpers import decoded_size, make_config, tiny_checkpoint, write_image
+from tests.daemon_helpers import decoded_size, make_config, tiny_checkpoint, wait_for, write_image
 from upscaled.runtime import build_upscaler
 
 IGNORED = [".hidden.png", "a.png.part", "b.tmp", "c.crdownload", "d.png~", ".DS_Store", "Thumbs.db", ".dir/e.png"]
@@ -238,6 +240,44 @@ def test_worker_moves_a_job_through_every_state(tmp_path, ckpt, upscaler):
     gif = run_job(worker, Job("anim.gif", claims.claim("anim.gif")))
     assert gif.state is JobState.DONE and decoded_size(tmp_path / "outbox" / "anim.png") == (80, 48)
     assert not any(claims.files.rglob("*.*"))
+
+
+def test_pipeline_batches_equal_size_images(tmp_path, ckpt):
+    # On a GPU several small images share one forward pass; here the batch is forced to 3 on
+    # the CPU. Outputs must equal one-by-one results; a different size waits for its own pass.
+    from daemon.worker import Pipeline
+    from model.images import decode
+
+    forced = {"batch": 3, "device": "cpu", "precision": "fp32"}
+    cfg, _ = make_config(tmp_path, ckpt, inference=forced)
+    up = build_upscaler(cfg)
+    worker, claims = make_worker(tmp_path, ckpt, up, inference=forced)
+    names = [f"same{i}.png" for i in range(6)] + ["other.png"]
+    for i, n in enumerate(names):
+        write_image(tmp_path / "inbox" / n, 40 if n == "other.png" else 32, 24, seed=i)
+    reference = {n: up.upscale_decoded(decode(tmp_path / "inbox" / n)).pixels for n in names}
+    up.forward_passes = 0
+    finished: list[Job] = []
+    pipeline = Pipeline(worker, 2, finished.append)
+    # Decode everything first, then release the inference thread on a full queue.
+    jobs = [run_job_until(worker, Job(n, claims.claim(n)), JobState.DECODED) for n in names]
+    for j in jobs:
+        pipeline._infer.put(j)
+        with pipeline._lock:
+            pipeline.jobs.add(j)
+    pipeline.start()
+    wait_for(lambda: len(finished) == len(names), what="all jobs finished")
+    pipeline._stop.set()
+    assert all(j.state is JobState.DONE for j in finished)
+    assert up.forward_passes < len(names)  # equal sizes went through together
+    for n in names:
+        assert (np.asarray(Image.open(tmp_path / "outbox" / n)) == reference[n]).all(), n
+
+
+def run_job_until(worker: Worker, job: Job, state: JobState) -> Job:
+    while job.state is not state:
+        worker.advance(job)
+    return job
 
 
 def test_corrupt_input_goes_to_failed_with_a_reason(tmp_path, ckpt, upscaler):
