@@ -49,6 +49,25 @@ def destination(outdir: Path, rel: Path, requested: str | None) -> tuple[Path, s
     return outdir / (rel if fmt == src_format else rel.with_suffix(FORMATS[fmt])), fmt
 
 
+def tile_bar(files_bar, name: str):
+    """A second bar under the files bar for images large enough to take many tiles."""
+    from tqdm import tqdm
+
+    state: dict = {}
+
+    def progress(done: int, total: int) -> None:
+        if total < 4:
+            return
+        if "bar" not in state:
+            state["bar"] = tqdm(total=total, unit="tile", desc=f"  {name[-30:]}", leave=False, dynamic_ncols=True,
+                                position=1, disable=files_bar.disable)
+        state["bar"].update(done - state["bar"].n)
+        if done >= total:
+            state["bar"].close()
+
+    return progress
+
+
 def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: str | None, overwrite: bool) -> int:
     from tqdm import tqdm
 
@@ -76,7 +95,7 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
                     skipped += 1
                     continue
                 dec = decode(job.src)
-                enc = up.upscale_decoded(dec)
+                enc = up.upscale_decoded(dec, tile_bar(bar, job.rel.name))
                 del dec  # the float input is as large as the 8-bit output: free it before encoding
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_open(dst, "wb") as f:
