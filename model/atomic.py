@@ -6,7 +6,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import IO, Iterator
 
 
 def _umask() -> int:
@@ -68,7 +68,3 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
-
-def atomic_write_with(path: str | os.PathLike, write: Callable[[IO], None]) -> None:
-    with atomic_open(path, "wb") as f:
-        write(f)

@@ -14,7 +14,6 @@ from loguru import logger
 
 from upscaled import __version__
 
-EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
