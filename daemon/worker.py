@@ -119,7 +119,8 @@ class Worker:
                     # bytes); the lock covers only the check and the rename that publishes it.
                     with atomic_open(job.output, "wb") as f:
                         encode_to(f, job.encoded, fmt, jpeg_quality=out.jpeg_quality,
-                                  webp_quality=out.webp_quality, webp_lossless=out.webp_lossless)
+                                  webp_quality=out.webp_quality, webp_lossless=out.webp_lossless,
+                                  png_compress_level=out.png_compress_level)
                         job.encoded = None
                         job.lock.acquire()
                         locked = True

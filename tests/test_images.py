@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageCms
 
 from model.engine import EngineOptions, Upscaler
-from model.images import ImageError, decode, encode
+from model.images import Encoded, ImageError, decode, encode
 from tests.conftest import natural_image, tiny_generator
 
 S = 4
@@ -163,3 +163,17 @@ def test_animated_gif_refused(tmp_path: Path) -> None:
     frames[0].save(p, save_all=True, append_images=frames[1:])
     with pytest.raises(ImageError, match="frames"):
         decode(p)
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_png_compress_level_trades_size_not_pixels(bits):
+    px = natural_image(96, 96, seed=4)
+    if bits == 16:
+        px = px.astype(np.uint16) * 257 + np.uint16(100)
+    enc = Encoded(px, bits)
+    fast, small = encode(enc, "PNG", png_compress_level=0), encode(enc, "PNG", png_compress_level=9)
+    assert len(fast) > 1.1 * len(small)
+    for data in (fast, small):
+        dec = decode(data)
+        assert dec.bits == bits
+        assert np.array_equal(np.round(dec.rgb * (2**bits - 1)).astype(px.dtype), px)

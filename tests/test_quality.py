@@ -63,3 +63,16 @@ def test_fingerprint_changes_with_content_and_names(tmp_path):
     assert f1 != quality.fingerprint([tmp_path / "a.png", tmp_path / "b.png"], tmp_path, scale=2)
     (tmp_path / "b.png").write_bytes(b"changed")
     assert f1 != quality.fingerprint([tmp_path / "a.png", tmp_path / "b.png"], tmp_path)
+
+
+def test_colour_shift_and_detail_measure_what_they_say():
+    rng = np.random.default_rng(3)
+    img = (rng.random((64, 64, 3)) * 200 + 20).astype(np.uint8)
+    assert quality.colour_shift(img, img) == 0.0
+    brighter = np.clip(img.astype(np.float64) * 1.02, 0, 255).round().astype(np.uint8)
+    assert 0.015 < quality.colour_shift(brighter, img) < 0.025
+    tinted = img.copy()
+    tinted[..., 2] = np.clip(tinted[..., 2].astype(int) + 5, 0, 255)  # blue only
+    assert quality.colour_shift(tinted, img) > 0.03
+    blurred = np.asarray(Image.fromarray(img).resize((16, 16), Image.BICUBIC).resize((64, 64), Image.BICUBIC))
+    assert quality.detail(blurred) < 0.5 * quality.detail(img)

@@ -21,16 +21,20 @@ EXIT_USAGE = 2
 def format_table(report, model_name: str) -> str:
     methods = [m for m in METHODS if m in report.mean_psnr_y]
     name_w = max([len("image"), len("mean")] + [len(s.name) for s in report.images])
-    head = f"{'image':<{name_w}}  {'size':>11}" + "".join(f"  {m + ' PSNR':>13} {'SSIM':>6}" for m in methods) + f"  {'s/MP':>6}"
-    lines = [f"x{report.scale}, Y (BT.601) PSNR dB / SSIM, {report.scale}-pixel border shaved, 8-bit outputs; model: {model_name}", head, "-" * len(head)]
+    head = (f"{'image':<{name_w}}  {'size':>11}" + "".join(f"  {m + ' PSNR':>13} {'SSIM':>6} {'detail':>6}" for m in methods)
+            + f"  {'colour':>6}  {'s/MP':>6}")
+    lines = [f"x{report.scale}, Y (BT.601) PSNR dB / SSIM, {report.scale}-pixel border shaved, 8-bit outputs; model: {model_name}",
+             "detail = fine texture (|Laplacian| of Y) relative to the original; colour = the model's largest "
+             "change of a channel's mean colour (mean row: the worst image)", head, "-" * len(head)]
     for s in report.images:
         row = f"{s.name:<{name_w}}  {f'{s.size[0]}x{s.size[1]}':>11}"
-        row += "".join(f"  {s.psnr_y[m]:>13.3f} {s.ssim_y[m]:>6.4f}" for m in methods)
+        row += "".join(f"  {s.psnr_y[m]:>13.3f} {s.ssim_y[m]:>6.4f} {s.detail[m]:>6.2f}" for m in methods)
         mp = s.size[0] * s.size[1] / 1e6
-        lines.append(row + f"  {s.seconds / mp:>6.2f}")
+        lines.append(row + f"  {s.colour_shift:>6.2%}  {s.seconds / mp:>6.2f}")
     lines.append("-" * len(head))
-    mean = f"{'mean':<{name_w}}  {'':>11}" + "".join(f"  {report.mean_psnr_y[m]:>13.3f} {report.mean_ssim_y[m]:>6.4f}" for m in methods)
-    lines.append(mean + f"  {report.model_seconds_per_mp:>6.2f}")
+    mean = f"{'mean':<{name_w}}  {'':>11}" + "".join(
+        f"  {report.mean_psnr_y[m]:>13.3f} {report.mean_ssim_y[m]:>6.4f} {report.mean_detail[m]:>6.2f}" for m in methods)
+    lines.append(mean + f"  {report.max_colour_shift:>6.2%}  {report.model_seconds_per_mp:>6.2f}")
     return "\n".join(lines)
 
 

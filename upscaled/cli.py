@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the upscaled images")
-    p.add_argument("--model", metavar="PATH", help="checkpoint to use (default: the configured, published or bundled one)")
+    p.add_argument("--model", metavar="PATH", help="checkpoint file, or `fidelity` / `gan` for a bundled model "
+                   "(default: the configured, published or bundled fidelity one)")
     p.add_argument("--format", choices=["png", "jpg", "webp"], help="output format (default: the input's own)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _common(p)
@@ -68,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", metavar="DIR", help="folder of validation images (HR)")
     p.add_argument("--steps", type=int, metavar="N", help="total training steps (pre-training included)")
     p.add_argument("--out", metavar="RUN_DIR", help="run folder (state, metrics, samples, best.safetensors)")
-    p.add_argument("--init", metavar="CHECKPOINT", help="start from this checkpoint (fine-tune); 'current' = the model the daemon serves now")
+    p.add_argument("--init", metavar="CHECKPOINT", help="start from this checkpoint (fine-tune); 'current' = the model the daemon serves now, "
+                   "'fidelity' / 'gan' = a bundled model")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last state")
     p.add_argument("--publish", action="store_true", help="promote the best model to the models folder if it beats the current one")
     _common(p)
@@ -79,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         "on a folder of HR images, downscaled with antialiased bicubic.",
     )
     p.add_argument("--data", required=True, metavar="DIR", help="folder of high-resolution images")
-    p.add_argument("--model", metavar="PATH", help="checkpoint (default: the configured, published or bundled one)")
+    p.add_argument("--model", metavar="PATH", help="checkpoint file, or `fidelity` / `gan` for a bundled model "
+                   "(default: the configured, published or bundled fidelity one)")
     p.add_argument("--max-images", type=int, default=0, metavar="N", help="only the first N images (sorted by path)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _common(p)

@@ -94,8 +94,10 @@ class OutputConfig:
     jpeg_quality: int = 95
     webp_quality: int = 95
     webp_lossless: bool = False
+    png_compress_level: int = 4  # zlib level 0..9
 
     def __post_init__(self) -> None:
+        _need(0 <= self.png_compress_level <= 9, "png_compress_level", "an integer 0..9", self.png_compress_level)
         _need(1 <= self.jpeg_quality <= 100, "jpeg_quality", "an integer 1..100", self.jpeg_quality)
         _need(1 <= self.webp_quality <= 100, "webp_quality", "an integer 1..100", self.webp_quality)
 

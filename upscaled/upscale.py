@@ -102,6 +102,7 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
                     encode_to(
                         f, enc, out_fmt, jpeg_quality=cfg.output.jpeg_quality,
                         webp_quality=cfg.output.webp_quality, webp_lossless=cfg.output.webp_lossless,
+                        png_compress_level=cfg.output.png_compress_level,
                     )
                 done += 1
                 h, w = enc.pixels.shape[:2]
