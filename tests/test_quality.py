@@ -70,9 +70,9 @@ def test_colour_shift_and_detail_measure_what_they_say():
     img = (rng.random((64, 64, 3)) * 200 + 20).astype(np.uint8)
     assert quality.colour_shift(img, img) == 0.0
     brighter = np.clip(img.astype(np.float64) * 1.02, 0, 255).round().astype(np.uint8)
-    assert 0.015 < quality.colour_shift(brighter, img) < 0.025
+    assert 0.006 < quality.colour_shift(brighter, img) < 0.012  # ~2.4 levels of 255
     tinted = img.copy()
     tinted[..., 2] = np.clip(tinted[..., 2].astype(int) + 5, 0, 255)  # blue only
-    assert quality.colour_shift(tinted, img) > 0.03
+    assert quality.colour_shift(tinted, img) == pytest.approx(5 / 255, abs=0.002)
     blurred = np.asarray(Image.fromarray(img).resize((16, 16), Image.BICUBIC).resize((64, 64), Image.BICUBIC))
     assert quality.detail(blurred) < 0.5 * quality.detail(img)
