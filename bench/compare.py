@@ -22,10 +22,10 @@ from PIL import Image, ImageDraw, PngImagePlugin
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model.checkpoint import BUNDLED, load_generator  # noqa: E402
-from model.engine import EngineOptions, Upscaler  # noqa: E402
-from model.quality import crop_to_multiple, downscale, resize_up, rgb_to_y  # noqa: E402
-from trainer.data import load_validation  # noqa: E402
+from model.checkpoint import BUNDLED, load_generator
+from model.engine import EngineOptions, Upscaler
+from model.quality import crop_to_multiple, downscale, resize_up, rgb_to_y
+from trainer.data import load_validation
 
 LABEL_H = 16
 
@@ -49,6 +49,15 @@ def label(text: str, width: int) -> np.ndarray:
     img = Image.new("RGB", (width, LABEL_H), (0, 0, 0))
     ImageDraw.Draw(img).text((3, 2), text, fill=(255, 255, 255))
     return np.asarray(img)
+
+
+def side_by_side(panels: list[np.ndarray], gap_value: int, gap: int = 4) -> np.ndarray:
+    parts = []
+    for i, p in enumerate(panels):
+        if i:
+            parts.append(np.full((p.shape[0], gap, 3), gap_value, np.uint8))
+        parts.append(p)
+    return np.concatenate(parts, axis=1)
 
 
 def main() -> int:
@@ -80,9 +89,8 @@ def main() -> int:
         outs.append(hr)
         x, y = most_textured(hr, side)
         panels = [o[y : y + side, x : x + side] for o in outs]
-        gap = np.full((side, 4, 3), 255, np.uint8)
-        row = np.concatenate(sum(([p, gap] for p in panels), [])[:-1], axis=1)
-        head = np.concatenate(sum(([label(t, side), np.zeros((LABEL_H, 4, 3), np.uint8)] for t in titles), [])[:-1], axis=1)
+        row = side_by_side(panels, 255)
+        head = side_by_side([label(t, side) for t in titles], 0)
         caption = label(f"{name} ({x},{y})", row.shape[1])
         top = sum(r.shape[0] for r in rows) + LABEL_H * 2
         boxes.append([3 * (side + 4), top, side, side])

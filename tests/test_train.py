@@ -19,6 +19,7 @@ from model.checkpoint import load_generator, read_info, save_checkpoint
 from model.discriminator import Discriminator
 from model.generator import Generator, GeneratorConfig
 from model.store import current_checkpoint, publish
+from tests.conftest import write_config
 from tests.test_train_data import photo_folder
 from trainer.publish import publish_if_better
 from trainer.train import EXIT_INTERRUPTED, EXIT_LOCKED, train
@@ -193,3 +194,20 @@ def test_sigterm_saves_a_loadable_state_and_the_run_resumes(tmp_path):
     assert torch.load(run / "state.pt", weights_only=True)["step"] == step + 2
     _g, info = load_generator(run / "last.safetensors")
     assert info.step == step + 2
+
+
+def test_command_line_paths_are_relative_to_the_shell_and_config_paths_to_the_config(tmp_path, monkeypatch):
+    import argparse
+
+    from trainer.train import settings
+    from upscaled.config import load
+
+    (tmp_path / "etc").mkdir()
+    cfg = load(write_config(tmp_path / "etc", {"trainer": {"val": "val", "init": "../models/a.safetensors"}}))
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(data="photos", out="runs/x", init=None, val=None, paired_lr=None, paired_hr=None, steps=None)
+    tc = settings(cfg, args)
+    assert tc.data == str(tmp_path / "photos") and tc.out == str(tmp_path / "runs" / "x")
+    assert tc.val == str(tmp_path / "etc" / "val") and tc.init == str(tmp_path / "models" / "a.safetensors")
+    args.init = "gan"
+    assert settings(cfg, args).init.endswith("gan.safetensors")

@@ -445,6 +445,9 @@ def settings(cfg: Config, args) -> TrainerConfig:
     """The trainer section with command-line overrides; folders made absolute."""
     tc = cfg.trainer
     over = {k: getattr(args, k, None) for k in ("data", "paired_lr", "paired_hr", "val", "steps", "out", "init")}
+    for k in ("data", "paired_lr", "paired_hr", "val", "out", "init"):  # the shell's paths are relative to its cwd
+        if over[k] and not (k == "init" and (over[k] == "current" or bundled_or_path(over[k]) is not None)):
+            over[k] = os.path.abspath(os.path.expanduser(over[k]))
     tc = dataclasses.replace(tc, **{k: v for k, v in over.items() if v is not None})
     if over["paired_lr"] or over["paired_hr"]:  # the command line's data replaces the config's
         tc = dataclasses.replace(tc, data=over["data"])
