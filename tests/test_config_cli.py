@@ -132,3 +132,12 @@ def test_cli_prefers_published_model(tmp_path: Path) -> None:
     save_image(tmp_path / "a.png", natural_image(8, 8))
     r = run_cli("upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--config", str(cfg))
     assert r.returncode == 0 and "published" in r.stderr and info.version in r.stderr
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "docs" / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_training_recipes_in_docs_are_valid_configs(recipe: Path) -> None:
+    from upscaled.config import load
+
+    tc = load(recipe).trainer
+    assert tc.data and tc.val and tc.pretrain_steps >= 0
+    assert (tc.init is None) == (recipe.stem == "fidelity-1")  # every later run starts from an earlier one
