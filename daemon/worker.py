@@ -245,8 +245,6 @@ class Pipeline:
         self._lock = threading.Lock()
         self.inference_progress: float | None = None  # last sign of life of a running upscale; None when idle
         self._next_upscaler = None  # handed over by swap(), taken by the inference thread between images
-        self._io_busy = 0  # I/O threads working now (decode, encode, write, move)
-        self._cores: int | None = None  # the inference thread's CPU thread count with no I/O running
 
     def start(self) -> None:
         for t in self._threads:
@@ -297,32 +295,7 @@ class Pipeline:
             job = self._next_io()
             if job is None:
                 return
-            with self._lock:
-                self._io_busy += 1
-            try:
-                job = self.worker.advance(job)
-            finally:
-                with self._lock:
-                    self._io_busy -= 1
-            self._route(job)
-
-    def _share_cores(self) -> None:
-        """On a CPU, leave one core to each busy I/O thread for the next batch of tiles.
-
-        An encode thread competing with torch's threads stalls all of them: a parallel op waits
-        for its slowest thread, and the descheduled one is slowest. Fewer torch threads while
-        a PNG is being compressed keeps every core doing useful work.
-        """
-        up = self.worker.upscaler
-        if getattr(getattr(up, "device", None), "type", None) != "cpu":
-            return
-        import torch
-
-        if self._cores is None:
-            self._cores = torch.get_num_threads()
-        want = max(1, self._cores - self._io_busy)
-        if torch.get_num_threads() != want:
-            torch.set_num_threads(want)
+            self._route(self.worker.advance(job))
 
     def swap(self, upscaler) -> None:
         """Serve `upscaler` from the next image on (the one being upscaled finishes with the old)."""
@@ -379,7 +352,6 @@ class Pipeline:
                     continue  # swap() woke us
             self._take_new_model()
             group = self._gather(job)
-            self._share_cores()
             self.inference_progress = time.monotonic()
             try:
                 done = self.worker.advance_together(group) if len(group) > 1 else [self.worker.advance(job)]
@@ -391,7 +363,6 @@ class Pipeline:
     def progress(self, done: int, total: int) -> None:
         """Called by the engine after each batch of tiles, on the inference thread."""
         self.inference_progress = time.monotonic()
-        self._share_cores()
 
     def stalled(self, limit: float) -> bool:
         """True when an upscale has shown no progress (not even one batch of tiles) for `limit` s."""

@@ -274,31 +274,6 @@ def test_pipeline_batches_equal_size_images(tmp_path, ckpt):
         assert (np.asarray(Image.open(tmp_path / "outbox" / n)) == reference[n]).all(), n
 
 
-def test_inference_leaves_a_core_to_each_busy_io_thread(tmp_path, ckpt, upscaler):
-    # On the inference thread: one torch thread fewer per busy I/O thread, back to all once idle.
-    import threading
-
-    import torch
-
-    from daemon.worker import Pipeline
-
-    worker, _ = make_worker(tmp_path, ckpt, upscaler)
-    pipeline = Pipeline(worker, 2, lambda job: None)
-    seen = []
-
-    def inference_thread():
-        cores = torch.get_num_threads()
-        for busy in (1, 2, 0):
-            pipeline._io_busy = busy
-            pipeline._share_cores()
-            seen.append((cores, busy, torch.get_num_threads()))
-
-    t = threading.Thread(target=inference_thread)
-    t.start()
-    t.join()
-    assert [n for _, _, n in seen] == [max(1, cores - busy) for cores, busy, _ in seen], seen
-
-
 def run_job_until(worker: Worker, job: Job, state: JobState) -> Job:
     while job.state is not state:
         worker.advance(job)
