@@ -229,6 +229,6 @@ BUNDLED = {"fidelity": BUNDLED_DIR / "fidelity.safetensors", "gan": BUNDLED_DIR 
 BUNDLED_DEFAULT = BUNDLED["fidelity"]
 
 
-def bundled_or_path(value: str | os.PathLike) -> Path | None:
+def bundled_checkpoint(value: str | os.PathLike) -> Path | None:
     """The bundled checkpoint `value` names ("fidelity", "gan"), or None when it is a path."""
     return BUNDLED.get(str(value))

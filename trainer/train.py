@@ -29,7 +29,7 @@ from loguru import logger
 from tqdm import tqdm
 
 from model.atomic import atomic_open
-from model.checkpoint import bundled_or_path, load_generator, read_info, save_checkpoint
+from model.checkpoint import bundled_checkpoint, load_generator, read_info, save_checkpoint
 from model.discriminator import Discriminator
 from model.engine import cpu_has_native_bf16, resolve_device
 from model.generator import Generator, GeneratorConfig
@@ -446,7 +446,7 @@ def settings(cfg: Config, args) -> TrainerConfig:
     tc = cfg.trainer
     over = {k: getattr(args, k, None) for k in ("data", "paired_lr", "paired_hr", "val", "steps", "out", "init")}
     for k in ("data", "paired_lr", "paired_hr", "val", "out", "init"):  # the shell's paths are relative to its cwd
-        if over[k] and not (k == "init" and (over[k] == "current" or bundled_or_path(over[k]) is not None)):
+        if over[k] and not (k == "init" and (over[k] == "current" or bundled_checkpoint(over[k]) is not None)):
             over[k] = os.path.abspath(os.path.expanduser(over[k]))
     tc = dataclasses.replace(tc, **{k: v for k, v in over.items() if v is not None})
     if over["paired_lr"] or over["paired_hr"]:  # the command line's data replaces the config's
@@ -455,8 +455,8 @@ def settings(cfg: Config, args) -> TrainerConfig:
         tc = dataclasses.replace(tc, paired_lr=None, paired_hr=None)
     if tc.init == "current":  # fine-tune whatever the daemon serves now (the periodic retraining)
         tc = dataclasses.replace(tc, init=str(checkpoint_for(cfg)[0]))
-    elif tc.init and bundled_or_path(tc.init) is not None:  # "fidelity" / "gan": a shipped model
-        tc = dataclasses.replace(tc, init=str(bundled_or_path(tc.init)))
+    elif tc.init and bundled_checkpoint(tc.init) is not None:  # "fidelity" / "gan": a shipped model
+        tc = dataclasses.replace(tc, init=str(bundled_checkpoint(tc.init)))
     paths = {k: str(cfg.resolve(getattr(tc, k))) for k in ("data", "paired_lr", "paired_hr", "val", "out", "init", "vgg_weights") if getattr(tc, k)}
     return dataclasses.replace(tc, **paths)
 

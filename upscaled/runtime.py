@@ -35,13 +35,13 @@ def engine_options(cfg: Config):
 
 
 def checkpoint_for(cfg: Config, override: str | None = None) -> tuple[Path, str]:
-    from model.checkpoint import bundled_or_path
+    from model.checkpoint import bundled_checkpoint
     from model.store import select_checkpoint
 
     value = override or cfg.model.path
-    if value and (bundled := bundled_or_path(value)) is not None:
+    if value and (bundled := bundled_checkpoint(value)) is not None:
         return bundled, f"bundled {value}"
-    explicit = (override if override else cfg.resolve(cfg.model.path)) if value else None
+    explicit = override or (cfg.resolve(cfg.model.path) if cfg.model.path else None)
     return select_checkpoint(explicit, cfg.path("models"))
 
 
