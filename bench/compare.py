@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from model.checkpoint import BUNDLED, load_generator
 from model.engine import EngineOptions, Upscaler
-from model.quality import crop_to_multiple, downscale, resize_up, rgb_to_y
+from model.quality import crop_to_multiple, downscale, laplacian_y, resize_up
 from trainer.data import load_validation
 
 LABEL_H = 16
@@ -32,13 +32,11 @@ LABEL_H = 16
 
 def most_textured(hr: np.ndarray, side: int, step: int = 16) -> tuple[int, int]:
     """Top-left (x, y) of the `side` square with the most |Laplacian| energy, on a `step` grid."""
-    y = rgb_to_y(hr.astype(np.float64))
-    lap = np.zeros_like(y)
-    lap[1:-1, 1:-1] = np.abs(4 * y[1:-1, 1:-1] - y[:-2, 1:-1] - y[2:, 1:-1] - y[1:-1, :-2] - y[1:-1, 2:])
+    lap = np.pad(laplacian_y(hr), 1)
     integral = np.pad(lap.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
     best, at = -1.0, (0, 0)
-    for y0 in range(0, y.shape[0] - side + 1, step):
-        for x0 in range(0, y.shape[1] - side + 1, step):
+    for y0 in range(0, lap.shape[0] - side + 1, step):
+        for x0 in range(0, lap.shape[1] - side + 1, step):
             e = integral[y0 + side, x0 + side] - integral[y0, x0 + side] - integral[y0 + side, x0] + integral[y0, x0]
             if e > best:
                 best, at = e, (x0, y0)

@@ -132,12 +132,16 @@ def colour_shift(out: np.ndarray, lr: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)) / 255.0)
 
 
-def detail(img: np.ndarray) -> float:
-    """Fine-texture energy: mean absolute 4-neighbour Laplacian of Y. Comparing it with the
-    original's says how much of the original's texture an upscaler restores (bicubic ~ 0.3)."""
+def laplacian_y(img: np.ndarray) -> np.ndarray:
+    """|4-neighbour Laplacian| of Y (BT.601), (H-2) x (W-2): where the fine texture is."""
     y = rgb_to_y(to_uint8(img).astype(np.float64))
-    lap = 4 * y[1:-1, 1:-1] - y[:-2, 1:-1] - y[2:, 1:-1] - y[1:-1, :-2] - y[1:-1, 2:]
-    return float(np.abs(lap).mean())
+    return np.abs(4 * y[1:-1, 1:-1] - y[:-2, 1:-1] - y[2:, 1:-1] - y[1:-1, :-2] - y[1:-1, 2:])
+
+
+def detail(img: np.ndarray) -> float:
+    """Fine-texture energy: the mean of laplacian_y. Comparing it with the original's says how
+    much of the original's texture an upscaler restores (bicubic ~ 0.2 on the val photos)."""
+    return float(laplacian_y(img).mean())
 
 
 @dataclass
