@@ -157,11 +157,14 @@ def bare_engine_seconds(up: Upscaler, files: list[Path]) -> float:
     return time.perf_counter() - t0
 
 
-def start_daemon(base: Path, model: Path, device: str) -> tuple[subprocess.Popen, Path]:
+def start_daemon(base: Path, model: Path, device: str, overrides: dict | None = None) -> tuple[subprocess.Popen, Path]:
     cfg = {"model": {"path": str(model)}, "inference": {"device": device},
            "paths": {"inbox": "inbox", "outbox": "outbox", "done": "done", "failed": "failed",
                      "work": "inbox/.work", "models": "models", "status": "status.json"},
            "watch": {"settle_seconds": 0.2}}
+    for key, value in (overrides or {}).items():
+        section, name = key.split(".")
+        cfg.setdefault(section, {})[name] = value
     base.mkdir(parents=True, exist_ok=True)
     path = base / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -198,11 +201,12 @@ def wait_outputs(outbox: Path, count: int, timeout: float) -> float:
     raise TimeoutError(f"only {n} of {count} outputs after {timeout} s")
 
 
-def daemon_rows(model: Path, device: str, up: Upscaler, n_small: int, n_large: int, tmp: Path) -> dict:
+def daemon_rows(model: Path, device: str, up: Upscaler, n_small: int, n_large: int, tmp: Path,
+                overrides: dict | None = None) -> dict:
     specs = [(256, 256, i) for i in range(n_small)] + [(1024, 768, 1000 + i) for i in range(n_large)]
     staged = write_images(tmp / "staged", specs)
     bare = bare_engine_seconds(up, staged)
-    proc, base = start_daemon(tmp / "d", model, device)
+    proc, base = start_daemon(tmp / "d", model, device, overrides)
     try:
         t0 = time.perf_counter()
         for f in staged:
@@ -254,13 +258,21 @@ def main() -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--skip", nargs="*", default=[], choices=["generator", "quality", "daemon", "large"])
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="a config value for the daemon under test (for A/B runs), e.g. daemon.io_nice=0")
     args = ap.parse_args()
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key.count(".") != 1:
+            ap.error(f"--set expects SECTION.KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
     gen, info = load_generator(args.model)
     res: dict = {"date": time.strftime("%Y-%m-%d"), "device": device, "model": info.version,
                  "served_generator": info.generator.to_dict(), "threads": torch.get_num_threads(),
                  "cpu": platform.processor() or platform.machine(), "native_bf16": cpu_has_native_bf16(),
-                 "quick": args.quick}
+                 "quick": args.quick, "daemon_config": overrides}
     if device == "cuda":
         res["gpu"] = torch.cuda.get_device_name()
     tmp = Path(tempfile.mkdtemp(prefix="upscaled-bench-"))
@@ -277,7 +289,7 @@ def main() -> int:
         up = Upscaler(gen, info, EngineOptions(device=device))
         if "daemon" not in args.skip:
             res["daemon"] = daemon_rows(Path(args.model), device, up, 10 if args.quick else 100,
-                                        1 if args.quick else 10, tmp)
+                                        1 if args.quick else 10, tmp, overrides)
         if "large" not in args.skip:
             w, h = (1500, 1000) if args.quick else (6000, 4000)
             res["large"] = large_image_row(Path(args.model), device, w, h, tmp)
@@ -292,7 +304,7 @@ def main() -> int:
 def table(r: dict) -> str:
     lines = [f"upscaled benchmark {r['date']} on {r['device']} ({r.get('gpu') or r['cpu']}, {r['threads']} threads, "
              f"native bf16: {r['native_bf16']}){' [quick]' if r['quick'] else ''}",
-             f"served model {r['model']}", "",
+             f"served model {r['model']}" + (f", daemon config {r['daemon_config']}" if r.get("daemon_config") else ""), "",
              f"matmul peak (2048^3, this process): fp32 {r['fp32_peak_gflops']:.0f} GFLOP/s, bf16 {r['bf16_peak_gflops']:.1f} GFLOP/s", ""]
     if "generator" in r:
         lines += ["| generator | path | s / output MP | output MP/s | GFLOP/s | % fp32 peak | % bf16 peak |",

@@ -47,7 +47,7 @@ RESTART_ONLY = {
     "model": None,
     "inference": None,
     "watch": ("mode", "poll_interval"),
-    "daemon": ("io_workers", "lease_interval"),
+    "daemon": ("io_workers", "io_nice", "lease_interval"),
 }
 
 
@@ -116,7 +116,7 @@ class Service:
         self._recover()
         self.upscaler = self.slot.start()
         self.worker = Worker(cfg, self.upscaler, self.claims)
-        self.pipeline = Pipeline(self.worker, cfg.daemon.io_workers, self._on_finished)
+        self.pipeline = Pipeline(self.worker, cfg.daemon.io_workers, self._on_finished, cfg.daemon.io_nice)
         self.pipeline.start()
         if not self.once:
             handler = InboxHandler(self.filter, self.hints, self.wake, polling=cfg.watch.mode == "polling")
@@ -375,7 +375,8 @@ class Service:
         merged = dataclasses.replace(
             new, paths=old.paths, model=old.model, inference=old.inference, base_dir=old.base_dir,
             watch=dataclasses.replace(new.watch, mode=old.watch.mode, poll_interval=old.watch.poll_interval),
-            daemon=dataclasses.replace(new.daemon, io_workers=old.daemon.io_workers, lease_interval=old.daemon.lease_interval),
+            daemon=dataclasses.replace(new.daemon, io_workers=old.daemon.io_workers, io_nice=old.daemon.io_nice,
+                                       lease_interval=old.daemon.lease_interval),
         )
         self.cfg = merged
         self.worker.cfg = merged

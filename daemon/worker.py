@@ -15,6 +15,7 @@ anything else is the image's fault and sends it to failed/ with a reason.
 from __future__ import annotations
 
 import collections
+import contextlib
 import gc
 import heapq
 import itertools
@@ -110,7 +111,6 @@ class Worker:
                 job.timings["upscale"] = time.perf_counter() - t0
                 job.state = JobState.UPSCALED
             elif state is JobState.UPSCALED:
-                out = self.cfg.output
                 job.output, fmt = out_path(self.folders.outbox, job.rel, self._requested())
                 job.output.parent.mkdir(parents=True, exist_ok=True)
                 locked = False
@@ -118,9 +118,7 @@ class Worker:
                     # Encoded straight into the temp file (a huge PNG never sits in memory as
                     # bytes); the lock covers only the check and the rename that publishes it.
                     with atomic_open(job.output, "wb") as f:
-                        encode_to(f, job.encoded, fmt, jpeg_quality=out.jpeg_quality,
-                                  webp_quality=out.webp_quality, webp_lossless=out.webp_lossless,
-                                  png_compress_level=out.png_compress_level)
+                        encode_to(f, job.encoded, fmt, **self.cfg.output.encode_options())
                         job.encoded = None
                         job.lock.acquire()
                         locked = True
@@ -227,8 +225,9 @@ class _Released(Exception):
 class Pipeline:
     """The threads: `io_workers` for decode/encode/write/move, one for inference."""
 
-    def __init__(self, worker: Worker, io_workers: int, on_finished: Callable[[Job], None]):
+    def __init__(self, worker: Worker, io_workers: int, on_finished: Callable[[Job], None], io_nice: int = 0):
         self.worker = worker
+        self.io_nice = io_nice
         worker.on_progress = self.progress
         self.on_finished = on_finished  # called on a pipeline thread; must only enqueue
         # I/O work in two lists under one condition: decodes, and the rest (encode, write, move).
@@ -291,6 +290,12 @@ class Pipeline:
         return None
 
     def _io_loop(self) -> None:
+        if self.io_nice:
+            # Linux schedules threads, so this lowers only this thread. On a CPU, inference runs
+            # torch's threads in lockstep: an encoder that preempts one of them stalls them all,
+            # while a lower-priority encoder runs in the gaps between and around forward passes.
+            with contextlib.suppress(OSError, AttributeError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.io_nice)
         while True:
             job = self._next_io()
             if job is None:

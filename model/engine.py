@@ -250,7 +250,8 @@ class Upscaler:
     @torch.inference_mode()
     def upscale_decoded_many(self, decs: list[Decoded]) -> list[Encoded]:
         """Equal-size images upscaled in one forward pass each `batch_limit`: a GPU is far
-        busier with 8 small photos at once than with 8 in turn. Results equal one-by-one ones."""
+        busier with 8 small photos at once than with 8 in turn. Results equal one-by-one ones up to
+        float rounding (a batched convolution may round a last bit differently: a level, rarely)."""
         if len(decs) == 1 or len({(d.size, d.bits) for d in decs}) != 1 or self.batch_limit(decs[0].size) < len(decs):
             return [self.upscale_decoded(d) for d in decs]
         bits = decs[0].bits

@@ -243,12 +243,15 @@ def encode(enc: Encoded, fmt: str, **options) -> bytes:
 
 
 def encode_to(f: IO[bytes], enc: Encoded, fmt: str, *, jpeg_quality: int = 95, webp_quality: int = 95,
-              webp_lossless: bool = False, png_compress_level: int = 4) -> None:
+              webp_lossless: bool = False, png_compress_level: int = 4, png_strategy: str = "rle") -> None:
     """Encode into an open binary file, without holding the encoded bytes in memory.
 
     16-bit data is kept where the format can hold it (PNG, TIFF gray). PNG level 4 rather than
     zlib's 6: measured on model outputs, 2.5-3x faster for files 2-3% larger, and on a busy CPU
-    compression time is taken from inference.
+    compression time is taken from inference. png_strategy "rle" (8-bit only; pypng, which writes
+    16-bit, has no strategy) halves that again, with smaller files on photos: after PNG's
+    filters an upscaled photo has few long repeats for LZ77 to find, while runs of one colour
+    in flat graphics still compress.
     """
     px, c = enc.pixels, enc.pixels.shape[2]
     if enc.bits == 16 and fmt == "PNG":
@@ -286,6 +289,8 @@ def encode_to(f: IO[bytes], enc: Encoded, fmt: str, *, jpeg_quality: int = 95, w
         kw.update(quality=webp_quality, lossless=webp_lossless, method=4)
     elif fmt == "PNG":
         kw.update(compress_level=png_compress_level)
+        if png_strategy == "rle" and png_compress_level:
+            kw.update(compress_type=zlib.Z_RLE)
     elif fmt == "TIFF":
         kw.update(compression="tiff_lzw")
     try:

@@ -271,7 +271,10 @@ def test_pipeline_batches_equal_size_images(tmp_path, ckpt):
     assert all(j.state is JobState.DONE for j in finished)
     assert up.forward_passes < len(names)  # equal sizes went through together
     for n in names:
-        assert (np.asarray(Image.open(tmp_path / "outbox" / n)) == reference[n]).all(), n
+        # A batched convolution may round differently from a single one in float32's last bit:
+        # then a pixel lands one level away, and only a few of them.
+        diff = np.abs(np.asarray(Image.open(tmp_path / "outbox" / n)).astype(int) - reference[n])
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (n, diff.max(), (diff > 0).mean())
 
 
 def run_job_until(worker: Worker, job: Job, state: JobState) -> Job:

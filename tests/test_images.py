@@ -177,3 +177,14 @@ def test_png_compress_level_trades_size_not_pixels(bits):
         dec = decode(data)
         assert dec.bits == bits
         assert np.array_equal(np.round(dec.rgb * (2**bits - 1)).astype(px.dtype), px)
+
+
+def test_png_rle_strategy_same_pixels_and_flat_areas_still_compress():
+    px = natural_image(96, 96, seed=5)
+    rle, plain = (encode(Encoded(px, 8), "PNG", png_compress_level=9, png_strategy=s) for s in ("rle", "default"))
+    assert rle != plain  # the strategy reached zlib
+    for data in (rle, plain):
+        assert np.array_equal(np.round(decode(data).rgb * 255).astype(np.uint8), px)
+    flat = np.zeros((256, 256, 3), np.uint8)
+    flat[:, 128:] = (200, 30, 90)
+    assert len(encode(Encoded(flat, 8), "PNG", png_strategy="rle")) < flat.nbytes / 100

@@ -94,12 +94,19 @@ class OutputConfig:
     jpeg_quality: int = 95
     webp_quality: int = 95
     webp_lossless: bool = False
-    png_compress_level: int = 4  # zlib level 0..9
+    png_strategy: Literal["rle", "default"] = "rle"  # zlib strategy for 8-bit PNGs
+    png_compress_level: int = 4  # zlib level 0..9 (with png_strategy default, and 16-bit PNGs)
 
     def __post_init__(self) -> None:
         _need(0 <= self.png_compress_level <= 9, "png_compress_level", "an integer 0..9", self.png_compress_level)
         _need(1 <= self.jpeg_quality <= 100, "jpeg_quality", "an integer 1..100", self.jpeg_quality)
         _need(1 <= self.webp_quality <= 100, "webp_quality", "an integer 1..100", self.webp_quality)
+
+    def encode_options(self) -> dict:
+        """The keyword arguments of model.images.encode_to."""
+        return {"jpeg_quality": self.jpeg_quality, "webp_quality": self.webp_quality,
+                "webp_lossless": self.webp_lossless, "png_compress_level": self.png_compress_level,
+                "png_strategy": self.png_strategy}
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,7 @@ class WatchConfig:
 class DaemonConfig:
     originals: Literal["move", "delete", "keep"] = "move"  # what happens to an input once its output exists
     io_workers: int = 2  # threads decoding and encoding beside the inference thread
+    io_nice: int = 10  # how much lower the I/O threads' CPU priority is than inference's (0..19)
     retry_initial: float = 5.0  # seconds before retrying after a transient error (disk full, ...)
     retry_max: float = 300.0
     shutdown_timeout: float = 60.0  # seconds to finish in-flight images on SIGTERM
@@ -130,6 +138,7 @@ class DaemonConfig:
     def __post_init__(self) -> None:
         _need(self.lease_interval > 0, "lease_interval", "seconds > 0", self.lease_interval)
         _need(self.io_workers >= 1, "io_workers", "an integer >= 1", self.io_workers)
+        _need(0 <= self.io_nice <= 19, "io_nice", "an integer 0..19", self.io_nice)
         _need(0 < self.retry_initial <= self.retry_max, "retry_initial", "0 < retry_initial <= retry_max", self.retry_initial)
         _need(self.shutdown_timeout > 0, "shutdown_timeout", "seconds > 0", self.shutdown_timeout)
         _need(self.status_interval > 0, "status_interval", "seconds > 0", self.status_interval)

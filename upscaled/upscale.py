@@ -99,11 +99,7 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
                 del dec  # the float input is as large as the 8-bit output: free it before encoding
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_open(dst, "wb") as f:
-                    encode_to(
-                        f, enc, out_fmt, jpeg_quality=cfg.output.jpeg_quality,
-                        webp_quality=cfg.output.webp_quality, webp_lossless=cfg.output.webp_lossless,
-                        png_compress_level=cfg.output.png_compress_level,
-                    )
+                    encode_to(f, enc, out_fmt, **cfg.output.encode_options())
                 done += 1
                 h, w = enc.pixels.shape[:2]
                 mp_in += w * h / up.scale**2 / 1e6
