@@ -14,6 +14,7 @@ A file that changes after it was found ready goes back to waiting.
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import stat
@@ -215,7 +216,9 @@ class Settler:
         if hint in (Hint.CLOSED, Hint.MOVED_IN):
             c.closed = True
             self._restat(rel, c, now, keep_closed=True)
-            c.stable_since = now - (self.closed_grace if hint is Hint.MOVED_IN else 0.0)
+            # A rename is complete at once. (Not `now - closed_grace`: in floating point
+            # now - (now - 0.2) is below 0.2 for most clock values, which cost a whole loop tick.)
+            c.stable_since = -math.inf if hint is Hint.MOVED_IN else now
         elif hint is Hint.CHANGED:
             c.closed = False
             c.stable_since = now

@@ -150,6 +150,10 @@ def test_settler_close_means_ready_unless_still_open(tmp_path):
     (tmp_path / "c.png").write_bytes(b"x")
     s.note(Hint.MOVED_IN, "c.png", now=2.0)  # a rename is complete at once
     assert s.ready(now=2.0) == ["c.png"]
+    # ... at any clock value: 3145.91 - (3145.91 - 0.2) < 0.2 in floating point
+    s = Settler(tmp_path, settle_seconds=0.2, closed_grace=0.5)
+    s.note(Hint.MOVED_IN, "c.png", now=3145.91)
+    assert s.ready(now=3145.91) == ["c.png"]
 
 
 def test_scan_ignores_hidden_partial_symlinks_and_own_folders(tmp_path):
