@@ -22,7 +22,7 @@ from model.store import current_checkpoint, publish
 from tests.conftest import write_config
 from tests.test_train_data import photo_folder
 from trainer.publish import publish_if_better
-from trainer.train import EXIT_INTERRUPTED, EXIT_LOCKED, train
+from trainer.train import EXIT_INTERRUPTED, EXIT_LOCKED, lr_factor, train
 from trainer.validation import ValidationSet
 from upscaled.cli import main as cli_main
 from upscaled.config import TrainerConfig
@@ -118,6 +118,16 @@ def _small(photos: Path, **kw) -> TrainerConfig:
                 val_every=1000, workers=0, seed=3, downscale_min=0.5, downscale_max=1.0, degrade_noise=0.5, degrade_jpeg=0.5)
     base.update(kw)
     return TrainerConfig(**base)
+
+
+def test_learning_rate_warms_up_and_each_phase_anneals_to_its_end():
+    both = TrainerConfig(steps=3000, pretrain_steps=1000)
+    assert lr_factor(0, both) < 0.05 and lr_factor(100, both) > 0.9
+    assert lr_factor(999, both) < 0.02  # pre-training annealed ...
+    assert lr_factor(1100, both) > 0.9 and lr_factor(2999, both) < 0.02  # ... and the GAN phase
+    # A run shorter than pretrain_steps (L1 only, or shortened with --resume --steps) still anneals.
+    short = TrainerConfig(steps=2000, pretrain_steps=5000)
+    assert lr_factor(1999, short) < 0.02
 
 
 def test_a_gan_step_moves_both_networks(tmp_path):

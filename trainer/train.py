@@ -58,7 +58,8 @@ STATE_VERSION = 1
 
 def lr_factor(step: int, tc: TrainerConfig) -> float:
     """Each phase (pre-training, GAN) warms up linearly, then follows the schedule."""
-    start, end = (0, tc.pretrain_steps) if step < tc.pretrain_steps else (tc.pretrain_steps, tc.steps)
+    # A run shorter than pretrain_steps is all pre-training: its cosine ends with the run.
+    start, end = (0, min(tc.pretrain_steps, tc.steps)) if step < tc.pretrain_steps else (tc.pretrain_steps, tc.steps)
     n = max(1, end - start)
     warmup = min(100, max(1, n // 20))
     warm = min(1.0, (step - start + 1) / warmup)
