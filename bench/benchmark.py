@@ -213,7 +213,7 @@ def daemon_rows(model: Path, device: str, up: Upscaler, n_small: int, n_large: i
         t0 = time.perf_counter()
         for f in staged:
             os.replace(f, base / "inbox" / f.name)  # a rename: the file is complete when it appears
-        t1 = wait_outputs(base / "outbox", len(staged), timeout=max(600, bare * 5))
+        t1 = wait_outputs(base / "outbox", len(staged), timeout=max(600, bare_before * 5))
         e2e = t1 - t0
         # latency: one small file, the daemon idle
         small = write_images(tmp / "single", [(64, 64, 7)])[0]
