@@ -439,3 +439,20 @@ def test_service_retries_a_transient_error_until_fixed(tmp_path, ckpt):
         assert svc.shutdown()
     assert json.loads(cfg.path("status").read_text())["state"] == "stopped"
     assert not svc.claims.folder.exists()
+
+
+def test_io_threads_run_at_lower_cpu_priority_than_inference(tmp_path, ckpt, upscaler):
+    from daemon.worker import Pipeline
+
+    worker, _ = make_worker(tmp_path, ckpt, upscaler)
+    pipeline = Pipeline(worker, 2, lambda job: None, io_nice=7)
+    pipeline.start()
+    try:
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+        wait_for(lambda: all(t.native_id for t in pipeline._threads), what="threads started")
+        time.sleep(0.2)  # each I/O thread sets its priority as it starts
+        nice = {t.name: os.getpriority(os.PRIO_PROCESS, t.native_id) - base for t in pipeline._threads}
+        assert nice == {"io-0": 7, "io-1": 7, "inference": 0}, nice
+    finally:
+        pipeline._stop.set()
+        pipeline._infer.put(None)
