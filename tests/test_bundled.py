@@ -56,7 +56,7 @@ def test_shipped_checkpoint_is_what_its_metadata_says(kind: str) -> None:
     m = info.metrics
     assert m["count"] == 10 and "fingerprint" in info.validation
     if kind == "fidelity":
-        assert m["psnr_y"] > m["bicubic_psnr_y"] + 1.6, m  # the README states +1.68 dB
+        assert m["psnr_y"] > m["bicubic_psnr_y"] + 1.8, m  # the README states +1.83 dB, the bar +1.8
     else:
         assert m["max_colour_shift"] < 0.01, m
     assert g.descriptor.scale == 4 and g.descriptor.arch == info.arch
