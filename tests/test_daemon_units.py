@@ -450,9 +450,12 @@ def test_io_threads_run_at_lower_cpu_priority_than_inference(tmp_path, ckpt, ups
     try:
         base = os.getpriority(os.PRIO_PROCESS, 0)
         wait_for(lambda: all(t.native_id for t in pipeline._threads), what="threads started")
-        time.sleep(0.2)  # each I/O thread sets its priority as it starts
-        nice = {t.name: os.getpriority(os.PRIO_PROCESS, t.native_id) - base for t in pipeline._threads}
-        assert nice == {"io-0": 7, "io-1": 7, "inference": 0}, nice
+
+        def nice() -> dict:
+            return {t.name: os.getpriority(os.PRIO_PROCESS, t.native_id) - base for t in pipeline._threads}
+
+        # Each I/O thread sets its own priority as it starts; wait for that rather than sleep.
+        wait_for(lambda: nice() == {"io-0": 7, "io-1": 7, "inference": 0}, what=f"priorities {nice()}")
     finally:
         pipeline._stop.set()
         pipeline._infer.put(None)
