@@ -104,8 +104,9 @@ def test_serve_drops_by_copy_rename_and_slow_writer(tmp_path, ckpt):
         expected = {"before/early.png": (128, 96), "copied.jpg": (128, 96), "deep/er/moved.png": (128, 96),
                     "slow.png": (192, 160), "slow2.png": (160, 128), "album/one.png": (128, 96),
                     "album/inner/two.jpg": (128, 96)}
-        wait_for(lambda: all((outbox / k).exists() for k in expected) and (tmp_path / "failed" / "corrupt.png.error.json").exists(),
-                 60, what="all outputs")
+        # The output is put in place first and the original moved to done/ after it, so wait for both.
+        wait_for(lambda: all((outbox / k).exists() and (tmp_path / "done" / k).exists() for k in expected)
+                 and (tmp_path / "failed" / "corrupt.png.error.json").exists(), 60, what="all outputs and done/ originals")
         for rel, size in expected.items():
             assert decoded_size(outbox / rel) == size
             assert (tmp_path / "done" / rel).read_bytes()  # original moved to done/
