@@ -8,7 +8,6 @@ input shape (border tiles are shifted inward instead of shrunk), so they batch.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from loguru import logger
 
 from model.checkpoint import CheckpointInfo
-from model.fold import fold_batchnorm
+from model.fold import FoldedGenerator
 from model.generator import Generator
 from model.images import Decoded, Encoded, assemble
 
@@ -122,8 +121,7 @@ class Upscaler:
         self.descriptor = generator.descriptor
         self.scale = self.descriptor.scale
         self.overlap = self.descriptor.receptive_radius if opts.overlap < 0 else opts.overlap
-        g = fold_batchnorm(generator).to(self.device)
-        self.model = g.to(memory_format=torch.channels_last)
+        self.model = FoldedGenerator(generator, self.dtype).to(self.device, memory_format=torch.channels_last)
         # Bytes of activation memory per output pixel of one tile: the widest tensors are the
         # 4*ch conv output before PixelShuffle and the ch-channel full-resolution maps, a few alive
         # at once; 4 bytes each even under autocast (accumulation and conversions).
@@ -133,11 +131,6 @@ class Upscaler:
     @property
     def version(self) -> str:
         return self.info.version if self.info else "untracked"
-
-    def _autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
 
     def tile_and_batch(self) -> tuple[int, int]:
         """Tile side and batch size: from config, else from the memory the device has free."""
@@ -166,8 +159,7 @@ class Upscaler:
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         self.forward_passes += 1
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with self._autocast():
-            return self.model(x)
+        return self.model(x)
 
     @torch.inference_mode()
     def upscale_rgb(

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from model.checkpoint import CheckpointError, load_generator, read_info, save_checkpoint
 from model.engine import EngineOptions, Upscaler, plan_tiles, resolve_precision
-from model.fold import fold_batchnorm
+from model.fold import FoldedGenerator, fold_batchnorm, tail_before_shuffle
 from model.generator import Descriptor, Generator, GeneratorConfig, receptive_radius
 from tests.conftest import tiny_generator
 
@@ -126,6 +126,31 @@ def test_batchnorm_folding_is_the_same_function() -> None:
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(g(x), f(x), atol=1e-5)
+
+
+def test_tail_moved_before_the_shuffle_is_the_same_conv() -> None:
+    torch.manual_seed(0)
+    tail = torch.nn.Conv2d(5, 3, 9, padding=4)
+    moved = tail_before_shuffle(tail)
+    assert moved.kernel_size == (5, 5) and (moved.in_channels, moved.out_channels) == (20, 12)
+    z = torch.rand(2, 20, 7, 9)  # odd sizes: every border phase is exercised
+    with torch.no_grad():
+        want = tail(torch.nn.functional.pixel_shuffle(z, 2))
+        got = torch.nn.functional.pixel_shuffle(moved(z), 2)
+    assert torch.allclose(want, got, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [2, 4, 8])
+@pytest.mark.parametrize("batchnorm", [True, False])
+def test_inference_form_is_the_same_function(scale: int, batchnorm: bool) -> None:
+    g = tiny_generator(GeneratorConfig(scale=scale, channels=8, blocks=2, batchnorm=batchnorm), seed=scale)
+    f = FoldedGenerator(g).to(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, 11, 14)
+    with torch.no_grad():
+        want = g(x)
+        assert torch.allclose(want, f(x.contiguous(memory_format=torch.channels_last)), atol=1e-5)
+        low = FoldedGenerator(g, torch.bfloat16)(x)
+    assert low.dtype == torch.float32 and (low - want).abs().max() < 0.02  # bf16 body, fp32 ends
 
 
 def test_receptive_radius_bounds_the_influence() -> None:
