@@ -18,6 +18,8 @@ import numpy as np
 import png  # pypng
 from PIL import Image, ImageOps
 
+from model.png import metadata_chunks, write_png
+
 Image.MAX_IMAGE_PIXELS = 400_000_000  # large scans are welcome; decompression bombs are not
 
 # Format name (Pillow's) -> file extension used when the format changes.
@@ -216,21 +218,13 @@ def output_format(src_format: str, requested: str | None) -> str:
     return WRITE_AS.get(src_format, src_format if src_format in FORMATS else "PNG")
 
 
-def _png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-
 def _encode_png16(enc: Encoded, level: int) -> bytes:
     h, w, c = enc.pixels.shape
     writer = png.Writer(w, h, bitdepth=16, greyscale=c in (1, 2), alpha=c in (2, 4), compression=level)
     buf = io.BytesIO()
     writer.write(buf, enc.pixels.reshape(h, w * c))
     data = buf.getvalue()
-    extra = b""
-    if enc.icc:
-        extra += _png_chunk(b"iCCP", b"icc\x00\x00" + zlib.compress(enc.icc))
-    if enc.exif:
-        extra += _png_chunk(b"eXIf", enc.exif[6:] if enc.exif.startswith(b"Exif\x00\x00") else enc.exif)
+    extra = metadata_chunks(enc.icc, enc.exif)
     # IHDR is always the first chunk: 8-byte signature + 25-byte IHDR chunk.
     return data[:33] + extra + data[33:]
 
@@ -243,10 +237,13 @@ def encode(enc: Encoded, fmt: str, **options) -> bytes:
 
 
 def encode_to(f: IO[bytes], enc: Encoded, fmt: str, *, jpeg_quality: int = 95, webp_quality: int = 95,
-              webp_lossless: bool = False, png_compress_level: int = 4, png_strategy: str = "rle") -> None:
+              webp_lossless: bool = False, png_compress_level: int = 4, png_strategy: str = "fast") -> None:
     """Encode into an open binary file, without holding the encoded bytes in memory.
 
-    16-bit data is kept where the format can hold it (PNG, TIFF gray). PNG level 4 rather than
+    16-bit data is kept where the format can hold it (PNG, TIFF gray). PNGs are written by
+    model/png.py (png_strategy "fast": one filter and ISA-L, 5-7x faster than Pillow for files
+    16-22% larger on photos and smaller on graphics), or by Pillow (8-bit) and pypng (16-bit) with
+    zlib at png_compress_level ("rle" and "default"). For those: PNG level 4 rather than
     zlib's 6: measured on model outputs, 2.5-3x faster for files 2-3% larger, and on a busy CPU
     compression time is taken from inference. png_strategy "rle" (8-bit only; pypng, which writes
     16-bit, has no strategy) halves that again, with smaller files on photos: after PNG's
@@ -254,6 +251,9 @@ def encode_to(f: IO[bytes], enc: Encoded, fmt: str, *, jpeg_quality: int = 95, w
     in flat graphics still compress.
     """
     px, c = enc.pixels, enc.pixels.shape[2]
+    if fmt == "PNG" and png_strategy == "fast":
+        write_png(f, px, icc=enc.icc, exif=enc.exif)
+        return
     if enc.bits == 16 and fmt == "PNG":
         f.write(_encode_png16(enc, png_compress_level))
         return

@@ -33,7 +33,7 @@ def test_documented_config_equals_builtin_defaults() -> None:
         ({"watch": {"mode": "magic"}}, "watch.mode", "native, polling"),
         ({"daemon": {"originals": "shred"}}, "daemon.originals", "move, delete, keep"),
         ({"output": {"jpeg_quality": 101}}, "output.jpeg_quality", "1..100"),
-        ({"output": {"png_strategy": "lz4"}}, "output.png_strategy", "rle, default"),
+        ({"output": {"png_strategy": "lz4"}}, "output.png_strategy", "fast, rle, default"),
         ({"daemon": {"io_nice": 20}}, "daemon.io_nice", "0..19"),
         ({"trainer": {"lr_g": "fast"}}, "trainer.lr_g", "a number"),
         ({"paths": {"outbox": "data/inbox/out"}}, "paths.outbox", "outside paths.inbox"),

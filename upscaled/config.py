@@ -94,8 +94,8 @@ class OutputConfig:
     jpeg_quality: int = 95
     webp_quality: int = 95
     webp_lossless: bool = False
-    png_strategy: Literal["rle", "default"] = "rle"  # zlib strategy for 8-bit PNGs
-    png_compress_level: int = 4  # zlib level 0..9 (with png_strategy default, and 16-bit PNGs)
+    png_strategy: Literal["fast", "rle", "default"] = "fast"  # how PNGs are compressed (model/png.py, Pillow)
+    png_compress_level: int = 4  # zlib level 0..9, for png_strategy rle and default
 
     def __post_init__(self) -> None:
         _need(0 <= self.png_compress_level <= 9, "png_compress_level", "an integer 0..9", self.png_compress_level)

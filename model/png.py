@@ -1,0 +1,89 @@
+"""A fast streaming PNG writer: one filter for every row and ISA-L's deflate.
+
+Why not Pillow: its encoder tries every PNG filter on every row and compresses with zlib, 0.43-0.51 s
+for a 4096x3072 upscaled photo on this CPU; on 2 cores that time is taken from inference, and an
+upscaler's outputs are 16x its inputs. This writer takes 0.08-0.10 s for files 16-22% larger on
+photos, and 4x smaller on flat graphics, where zlib's run-length strategy finds little (measured
+on model outputs of val photos; numbers in bench/results/).
+
+- Filter: Average (type 3) on every row. On upscaled photos it compressed best of None, Sub, Up
+  and Average; Paeth is better still, but numpy needs ~10 passes over the image for it.
+  floor((a + b) / 2) is computed as (a & b) + ((a ^ b) >> 1), in uint8 with no widening.
+- Deflate: ISA-L level 1 (the `isal` package; zlib level 1 where it is missing), streamed in
+  blocks of rows, so a 384-megapixel output never exists as one compressed buffer in memory.
+- 8- and 16-bit, gray, gray+alpha, RGB, RGBA; the ICC profile and EXIF are kept (iCCP, eXIf).
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import IO
+
+import numpy as np
+
+try:
+    from isal import isal_zlib as _deflate
+
+    DEFLATE = "isal"
+except ImportError:  # pragma: no cover - isal has wheels for the usual platforms
+    _deflate = zlib
+    DEFLATE = "zlib"
+
+SIGNATURE = b"\x89PNG\r\n\x1a\n"
+COLOUR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> gray, gray+alpha, RGB, RGBA
+BLOCK_BYTES = 4 << 20  # raw bytes filtered and compressed at a time
+
+
+def chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+
+def metadata_chunks(icc: bytes | None, exif: bytes | None) -> bytes:
+    out = b""
+    if icc:
+        out += chunk(b"iCCP", b"icc\x00\x00" + zlib.compress(icc))
+    if exif:
+        out += chunk(b"eXIf", exif[6:] if exif.startswith(b"Exif\x00\x00") else exif)
+    return out
+
+
+def average_filter(rows: np.ndarray, prior: np.ndarray, bpp: int) -> np.ndarray:
+    """PNG filter type 3 of `rows` (R x N bytes) whose previous row is `prior` (N bytes, zeros for
+    the first row): each row prefixed with its filter byte."""
+    up = np.empty_like(rows)
+    up[0] = prior
+    up[1:] = rows[:-1]
+    left = np.zeros_like(rows)
+    left[:, bpp:] = rows[:, :-bpp]
+    out = np.empty((rows.shape[0], rows.shape[1] + 1), np.uint8)
+    out[:, 0] = 3
+    mean = np.bitwise_and(left, up)
+    mean += (left ^ up) >> 1
+    np.subtract(rows, mean, out=out[:, 1:])
+    return out
+
+
+def write_png(f: IO[bytes], px: np.ndarray, *, icc: bytes | None = None, exif: bytes | None = None,
+              level: int = 1) -> None:
+    """Write `px` (H x W x C, C in 1..4, uint8 or uint16) as a PNG into the open binary file `f`."""
+    h, w, c = px.shape
+    if c not in COLOUR_TYPE or px.dtype not in (np.uint8, np.uint16) or not h or not w:
+        raise ValueError(f"cannot write a {h}x{w}x{c} {px.dtype} image as PNG")
+    depth = 8 * px.dtype.itemsize
+    if depth == 16:
+        px = px.astype(">u2")  # PNG stores samples big-endian
+    rows = np.ascontiguousarray(px).view(np.uint8).reshape(h, w * c * px.dtype.itemsize)
+    bpp = c * px.dtype.itemsize
+    f.write(SIGNATURE + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, COLOUR_TYPE[c], 0, 0, 0)))
+    f.write(metadata_chunks(icc, exif))
+    z = _deflate.compressobj(level)
+    prior = np.zeros(rows.shape[1], np.uint8)
+    step = max(1, BLOCK_BYTES // rows.shape[1])
+    for y in range(0, h, step):
+        block = rows[y : y + step]
+        data = z.compress(average_filter(block, prior, bpp))
+        prior = block[-1]
+        if data:
+            f.write(chunk(b"IDAT", data))
+    f.write(chunk(b"IDAT", z.flush()) + chunk(b"IEND", b""))
