@@ -225,7 +225,7 @@ class _Released(Exception):
 class Pipeline:
     """The threads: `io_workers` for decode/encode/write/move, one for inference."""
 
-    def __init__(self, worker: Worker, io_workers: int, on_finished: Callable[[Job], None], io_nice: int = 0):
+    def __init__(self, worker: Worker, io_workers: int, on_finished: Callable[[Job], None], io_nice: int | str = 0):
         self.worker = worker
         self.io_nice = io_nice
         worker.on_progress = self.progress
@@ -294,8 +294,14 @@ class Pipeline:
             # Linux schedules threads, so this lowers only this thread. On a CPU, inference runs
             # torch's threads in lockstep: an encoder that preempts one of them stalls them all,
             # while a lower-priority encoder runs in the gaps between and around forward passes.
+            # SCHED_IDLE is the far end of that: measured on 100 small images, daemon/bare
+            # throughput 0.82-0.84 at nice 10 and 0.89 idle (bench/results/2026-12-01.md).
             with contextlib.suppress(OSError, AttributeError):
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.io_nice)
+                tid = threading.get_native_id()
+                if self.io_nice == "idle":
+                    os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+                else:
+                    os.setpriority(os.PRIO_PROCESS, tid, self.io_nice)
         while True:
             job = self._next_io()
             if job is None:

@@ -459,3 +459,22 @@ def test_io_threads_run_at_lower_cpu_priority_than_inference(tmp_path, ckpt, ups
     finally:
         pipeline._stop.set()
         pipeline._infer.put(None)
+        pipeline.stop()
+
+
+def test_io_threads_can_run_only_when_a_core_is_idle(tmp_path, ckpt, upscaler):
+    from daemon.worker import Pipeline
+
+    worker, _ = make_worker(tmp_path, ckpt, upscaler)
+    pipeline = Pipeline(worker, 2, lambda job: None, io_nice="idle")
+    pipeline.start()
+    try:
+        wait_for(lambda: all(t.native_id for t in pipeline._threads), what="threads started")
+
+        def policies() -> dict:
+            return {t.name: os.sched_getscheduler(t.native_id) for t in pipeline._threads}
+
+        want = {"io-0": os.SCHED_IDLE, "io-1": os.SCHED_IDLE, "inference": os.SCHED_OTHER}
+        wait_for(lambda: policies() == want, what=f"policies {policies()}")
+    finally:
+        pipeline.stop()

@@ -128,7 +128,7 @@ class WatchConfig:
 class DaemonConfig:
     originals: Literal["move", "delete", "keep"] = "move"  # what happens to an input once its output exists
     io_workers: int = 2  # threads decoding and encoding beside the inference thread
-    io_nice: int = 10  # how much lower the I/O threads' CPU priority is than inference's (0..19)
+    io_nice: int | Literal["idle"] = "idle"  # I/O threads' CPU priority: idle (SCHED_IDLE), or 0..19 below inference
     retry_initial: float = 5.0  # seconds before retrying after a transient error (disk full, ...)
     retry_max: float = 300.0
     shutdown_timeout: float = 60.0  # seconds to finish in-flight images on SIGTERM
@@ -138,7 +138,7 @@ class DaemonConfig:
     def __post_init__(self) -> None:
         _need(self.lease_interval > 0, "lease_interval", "seconds > 0", self.lease_interval)
         _need(self.io_workers >= 1, "io_workers", "an integer >= 1", self.io_workers)
-        _need(0 <= self.io_nice <= 19, "io_nice", "an integer 0..19", self.io_nice)
+        _need(self.io_nice == "idle" or 0 <= self.io_nice <= 19, "io_nice", "idle or an integer 0..19", self.io_nice)
         _need(0 < self.retry_initial <= self.retry_max, "retry_initial", "0 < retry_initial <= retry_max", self.retry_initial)
         _need(self.shutdown_timeout > 0, "shutdown_timeout", "seconds > 0", self.shutdown_timeout)
         _need(self.status_interval > 0, "status_interval", "seconds > 0", self.status_interval)
@@ -244,8 +244,14 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, key)
+        inner = [a for a in args if a is not type(None)]
+        expected = []
+        for arm in inner:  # the first arm that takes the value
+            try:
+                return _convert(arm, value, key)
+            except ConfigError as e:
+                expected.append(e.expected)
+        raise ConfigError(key, " or ".join(expected), value)
     if origin is Literal:
         choices = typing.get_args(tp)
         _need(value in choices, key, "one of " + ", ".join(map(str, choices)), value)
