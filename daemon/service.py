@@ -127,9 +127,11 @@ class Service:
         self.board.set(state=ServiceState.RUNNING, model_version=self.upscaler.version, device=str(self.upscaler.device),
                        model=self.slot.describe())
         self.board.write(force=True)
-        logger.info("{} {} -> {} (model {}, {} watching, {} I/O threads)",
+        io = self.pipeline.io_nice
+        logger.info("{} {} -> {} (model {}, {} watching, {} I/O threads at {})",
                     "processing" if self.once else "serving", self.inbox, cfg.path("outbox"), self.upscaler.version,
-                    "no" if self.once else cfg.watch.mode, cfg.daemon.io_workers)
+                    "no" if self.once else cfg.watch.mode, cfg.daemon.io_workers,
+                    "SCHED_IDLE" if io == "idle" else f"nice +{io}")
         self.notify.ready(self.board.summary())
 
     def _on_finished(self, job: Job) -> None:

@@ -222,12 +222,41 @@ class _Released(Exception):
     """The job was given back to the inbox (shutdown) while a thread held it."""
 
 
+def alone_in_cgroup(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup"),
+                    pid: int | None = None) -> bool:
+    """True when this process is the only one in its CPU cgroup: under its own systemd unit or in
+    a container. A SCHED_IDLE thread then waits only for this process's own threads; sharing a
+    cgroup (a login session's), any busy process starves it, and the daemon stalls."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        for line in proc_cgroup.read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":  # cgroup v2
+                folder = root / path.lstrip("/")
+            elif "cpu" in controllers.split(","):  # v1, mounted as cpu or cpu,cpuacct
+                folder = next(root / d / path.lstrip("/") for d in (controllers, "cpu") if (root / d).is_dir())
+            else:
+                continue
+            if path.strip("/"):  # the root cgroup holds everything
+                return (folder / "cgroup.procs").read_text().split() == [str(pid)]
+    except (OSError, ValueError, StopIteration):
+        pass
+    return False
+
+
+def io_priority(setting: int | str, alone: bool) -> int | str:
+    """`daemon.io_nice` as applied: auto is SCHED_IDLE where that is safe (alone in a cgroup), nice 10 elsewhere."""
+    if setting == "auto":
+        return "idle" if alone else 10
+    return setting
+
+
 class Pipeline:
     """The threads: `io_workers` for decode/encode/write/move, one for inference."""
 
     def __init__(self, worker: Worker, io_workers: int, on_finished: Callable[[Job], None], io_nice: int | str = 0):
         self.worker = worker
-        self.io_nice = io_nice
+        self.io_nice = io_priority(io_nice, alone_in_cgroup() if io_nice == "auto" else False)
         worker.on_progress = self.progress
         self.on_finished = on_finished  # called on a pipeline thread; must only enqueue
         # I/O work in two lists under one condition: decodes, and the rest (encode, write, move).
@@ -295,7 +324,8 @@ class Pipeline:
             # torch's threads in lockstep: an encoder that preempts one of them stalls them all,
             # while a lower-priority encoder runs in the gaps between and around forward passes.
             # SCHED_IDLE is the far end of that: measured on 100 small images, daemon/bare
-            # throughput 0.82-0.84 at nice 10 and 0.89 idle (bench/results/2026-12-01.md).
+            # throughput 0.82-0.84 at nice 10 and 0.89 idle (bench/results/2026-12-01.md); but
+            # other busy processes in our cgroup starve it (see alone_in_cgroup).
             with contextlib.suppress(OSError, AttributeError):
                 tid = threading.get_native_id()
                 if self.io_nice == "idle":

@@ -35,7 +35,7 @@ def test_documented_config_equals_builtin_defaults() -> None:
         ({"output": {"jpeg_quality": 101}}, "output.jpeg_quality", "1..100"),
         ({"output": {"png_strategy": "lz4"}}, "output.png_strategy", "fast, rle, default"),
         ({"daemon": {"io_nice": 20}}, "daemon.io_nice", "0..19"),
-        ({"daemon": {"io_nice": "low"}}, "daemon.io_nice", "an integer or one of idle"),
+        ({"daemon": {"io_nice": "low"}}, "daemon.io_nice", "an integer or one of auto, idle"),
         ({"trainer": {"lr_g": "fast"}}, "trainer.lr_g", "a number"),
         ({"paths": {"outbox": "data/inbox/out"}}, "paths.outbox", "outside paths.inbox"),
         ({"bogus": 1}, "bogus", "known key"),

@@ -478,3 +478,27 @@ def test_io_threads_can_run_only_when_a_core_is_idle(tmp_path, ckpt, upscaler):
         wait_for(lambda: policies() == want, what=f"policies {policies()}")
     finally:
         pipeline.stop()
+
+
+def test_auto_io_priority_is_idle_only_alone_in_a_cgroup(tmp_path):
+    from daemon.worker import alone_in_cgroup, io_priority
+
+    def tree(cgroup_lines: str, procs: dict[str, str]) -> tuple[Path, Path]:
+        proc = tmp_path / "proc_cgroup"
+        proc.write_text(cgroup_lines)
+        root = tmp_path / "fs"
+        for rel, pids in procs.items():
+            (root / rel).mkdir(parents=True, exist_ok=True)
+            (root / rel / "cgroup.procs").write_text(pids)
+        return proc, root
+
+    unit = "system.slice/upscaled.service"
+    assert alone_in_cgroup(*tree(f"0::/{unit}\n", {unit: "42\n"}), pid=42)  # v2, its own unit
+    assert not alone_in_cgroup(*tree(f"0::/{unit}\n", {unit: "42\n43\n"}), pid=42)  # shares it
+    assert not alone_in_cgroup(*tree("0::/\n", {"": "42\n"}), pid=42)  # the root cgroup holds everything
+    v1 = f"4:memory:/x\n2:cpu,cpuacct:/{unit}\n0::/\n"
+    assert alone_in_cgroup(*tree(v1, {f"cpu,cpuacct/{unit}": "42\n"}), pid=42)  # v1 cpu controller
+    assert not alone_in_cgroup(tmp_path / "missing", tmp_path / "none", pid=42)
+    assert alone_in_cgroup() in (True, False)  # the real files parse, whatever they say
+    assert io_priority("auto", True) == "idle" and io_priority("auto", False) == 10
+    assert io_priority(3, True) == 3 and io_priority("idle", False) == "idle"
