@@ -64,8 +64,8 @@ def reuse_freed_memory() -> bool:
     Every forward pass allocates and frees activations of tens to hundreds of MB. By default
     glibc serves each from a fresh mmap (above its mmap threshold, or from any thread but the
     main one) and unmaps it on free, so every pass page-faults all of its memory in again: 2.9
-    million faults and 30% of the engine's time on 33 images here (bench/benchmark.py, 5 s of
-    11 s in the kernel). One arena, no mmap below 1 GB and no trimming below 1 GB of free top
+    million faults and 30% of the engine's time on 30 x 256^2 + 3 x 1024x768 images here, 5 s
+    of 11 s in the kernel (bench/results/2026-12-01.md). One arena, no mmap below 1 GB and no trimming below 1 GB of free top
     make later passes reuse the same pages. The cost: the process keeps its high-water mark of
     heap (bounded by the tile budget) instead of returning it between images.
     Returns False where the C library is not glibc (musl, macOS), which keeps its defaults.
@@ -155,7 +155,7 @@ class Upscaler:
         self.model = FoldedGenerator(generator, self.dtype).to(self.device, memory_format=torch.channels_last)
         # Bytes of activation memory per output pixel of one tile: the widest tensors are the
         # 4*ch conv output before PixelShuffle and the ch-channel full-resolution maps, a few alive
-        # at once; 4 bytes each even under autocast (accumulation and conversions).
+        # at once; 4 bytes each, a bound that holds for the fp32 ends and the bf16/fp16 body.
         self._bytes_per_out_px = 3 * generator.cfg.channels * 4 * 2
         self.forward_passes = 0  # for tests and benchmarks: how the work was batched
 
