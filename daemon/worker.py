@@ -118,7 +118,8 @@ class Worker:
                     # Encoded straight into the temp file (a huge PNG never sits in memory as
                     # bytes); the lock covers only the check and the rename that publishes it.
                     with atomic_open(job.output, "wb") as f:
-                        encode_to(f, job.encoded, fmt, **self.cfg.output.encode_options())
+                        # consume: a retry after an error starts over from the input anyway.
+                        encode_to(f, job.encoded, fmt, consume=True, **self.cfg.output.encode_options())
                         job.encoded = None
                         job.lock.acquire()
                         locked = True

@@ -237,8 +237,14 @@ def encode(enc: Encoded, fmt: str, **options) -> bytes:
 
 
 def encode_to(f: IO[bytes], enc: Encoded, fmt: str, *, jpeg_quality: int = 95, webp_quality: int = 95,
-              webp_lossless: bool = False, png_compress_level: int = 4, png_strategy: str = "fast") -> None:
+              webp_lossless: bool = False, png_compress_level: int = 4, png_strategy: str = "fast",
+              consume: bool = False) -> None:
     """Encode into an open binary file, without holding the encoded bytes in memory.
+
+    consume: the caller gives up `enc.pixels`. Where Pillow encodes (JPEG, WebP, TIFF, BMP, and
+    PNG but for "fast") it makes its own copy of the image first, so the array is dropped before
+    the encode itself: for a 24000x16000 output, 1.15 GB less held through the 20 s of a JPEG
+    encode (the moment of the copy, when both exist, stays the peak).
 
     16-bit data is kept where the format can hold it (PNG, TIFF gray). PNGs are written by
     model/png.py (png_strategy "fast": one filter and ISA-L, 5-7x faster than Pillow for files
@@ -268,6 +274,8 @@ def encode_to(f: IO[bytes], enc: Encoded, fmt: str, *, jpeg_quality: int = 95, w
         im = None
     if im is None:
         im = Image.fromarray(np.ascontiguousarray(px[..., 0] if c == 1 else px))  # L, LA, RGB or RGBA
+    if consume:
+        enc.pixels = px = None  # Pillow has its copy (or shares the buffer, which keeps it alive)
     if fmt == "JPEG" and im.mode in ("LA", "RGBA"):
         # JPEG has no alpha: composite on white, the least surprising background for photos.
         bg = Image.new("RGB" if im.mode == "RGBA" else "L", im.size, 255 if im.mode == "LA" else (255, 255, 255))

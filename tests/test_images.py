@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageCms
 
 from model.engine import EngineOptions, Upscaler
-from model.images import Encoded, ImageError, decode, encode
+from model.images import Encoded, ImageError, decode, encode, encode_to
 from tests.conftest import natural_image, tiny_generator
 
 S = 4
@@ -188,3 +188,14 @@ def test_png_rle_strategy_same_pixels_and_flat_areas_still_compress():
     flat = np.zeros((256, 256, 3), np.uint8)
     flat[:, 128:] = (200, 30, 90)
     assert len(encode(Encoded(flat, 8), "PNG", png_strategy="rle")) < flat.nbytes / 100
+
+
+def test_consume_drops_the_pixels_and_encodes_the_same():
+    px = natural_image(40, 56, seed=11)
+    for fmt in ("JPEG", "PNG"):
+        kept, given = Encoded(px.copy(), 8), Encoded(px.copy(), 8)
+        a, b = io.BytesIO(), io.BytesIO()
+        encode_to(a, kept, fmt, png_strategy="rle")
+        encode_to(b, given, fmt, png_strategy="rle", consume=True)
+        assert a.getvalue() == b.getvalue()
+        assert kept.pixels is not None and given.pixels is None

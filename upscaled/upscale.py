@@ -98,10 +98,11 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
                 enc = up.upscale_decoded(dec, tile_bar(bar, job.rel.name))
                 del dec  # the float input is as large as the 8-bit output: free it before encoding
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_open(dst, "wb") as f:
-                    encode_to(f, enc, out_fmt, **cfg.output.encode_options())
-                done += 1
                 h, w = enc.pixels.shape[:2]
+                with atomic_open(dst, "wb") as f:
+                    encode_to(f, enc, out_fmt, consume=True, **cfg.output.encode_options())
+                del enc
+                done += 1
                 mp_in += w * h / up.scale**2 / 1e6
                 mp_out += w * h / 1e6
             except (ImageError, OSError) as e:
