@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import struct
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path

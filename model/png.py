@@ -2,7 +2,7 @@
 
 Why not Pillow: its encoder tries every PNG filter on every row and compresses with zlib, 0.43-0.51 s
 for a 4096x3072 upscaled photo on this CPU; on 2 cores that time is taken from inference, and an
-upscaler's outputs are 16x its inputs. This writer takes 0.08-0.10 s for files 16-22% larger on
+upscaler's outputs are 16x its inputs. This writer takes 0.06-0.08 s for files 16-22% larger on
 photos, and 4x smaller on flat graphics, where zlib's run-length strategy finds little (measured
 on model outputs of val photos; numbers in bench/results/).
 
