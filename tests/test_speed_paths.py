@@ -45,4 +45,4 @@ def test_fast_path_within_0_05_db_of_fp32(precision: str, crops: list[np.ndarray
     for hr in crops:
         lr = downscale(hr, info.scale).astype(np.float32) / 255.0
         deltas.append(psnr_ssim_y(fast.upscale_rgb(lr), hr, info.scale)[0] - psnr_ssim_y(ref.upscale_rgb(lr), hr, info.scale)[0])
-    assert np.mean(deltas) > -0.05 and min(deltas) > -0.1, deltas
+    assert min(deltas) > -0.05, deltas
