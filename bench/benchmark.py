@@ -50,17 +50,10 @@ def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048, seconds: float =
     """GFLOP/s of the best matrix multiply this process runs in `dtype`, by two routes: torch's
     matmul (MKL/cuBLAS) and a 1x1 convolution in channels_last, which is a GEMM (M = pixels,
     K = N = channels) through oneDNN/cuDNN. On AMD CPUs MKL's fp32 GEMM takes a slower code path
-    (194 against 452 GFLOP/s here), so the convolution route is the honest peak for convolutions."""
+    (about 200 against 480 GFLOP/s here), so the convolution route is the honest peak for convolutions."""
 
     def rate(fn, flops: float) -> float:
-        fn()
-        sync(device)
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            fn()
-            reps += 1
-        sync(device)
-        return flops * reps / (time.perf_counter() - t0) / 1e9
+        return flops / time_call(fn, seconds, device) / 1e9
 
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
