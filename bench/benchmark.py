@@ -9,7 +9,8 @@ Rows:
   2. quality guard: the engine's fast path against fp32 on photo crops (PSNR of each against
      the original, difference in dB).
   3. daemon end-to-end throughput (images dropped into a real `upscaled serve`) over the bare
-     engine's throughput on the same images.
+     engine's throughput on the same images: reduced crops of the training photos where they are
+     present (--content), else synthetic gradients with noise, which PNG compresses worst.
   4. latency from one small file's arrival to its output being in place, minus model time.
   5. peak RSS and seconds per output megapixel for one large image through `upscaled upscale`.
 The same rows run on CUDA when a GPU is present (rows 1, 2 and 5 on the device).
@@ -44,6 +45,8 @@ from model.engine import EngineOptions, Upscaler, cpu_has_native_bf16, reuse_fre
 from model.quality import downscale, psnr_ssim_y  # noqa: E402
 
 VAL_PHOTOS = ROOT.parent / "shared" / "data" / "photos" / "val"
+TRAIN_PHOTOS = ROOT.parent / "shared" / "data" / "photos" / "train"
+PHOTO_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048, seconds: float = 2.0) -> dict:
@@ -144,12 +147,35 @@ def quality_guard(gen, device: str, crops: list[np.ndarray]) -> dict:
             "psnr_fast": float(np.mean(p_fast)), "delta_db": float(np.mean(p_fast) - np.mean(p_ref))}
 
 
-def write_images(folder: Path, specs: list[tuple[int, int, int]]) -> list[Path]:
+def photo_image(files: list[Path], w: int, h: int, seed: int) -> np.ndarray:
+    """A w x h low-resolution photo: a random crop of a training photo, reduced (box filter, as a
+    camera or a web page makes small images) from a random 1-3x larger area."""
+    rng = np.random.default_rng(seed)
+    with Image.open(files[seed % len(files)]) as im:
+        im = im.convert("RGB")
+        factor = min(rng.uniform(1.0, 3.0), im.width / w, im.height / h)
+        cw, ch = int(w * factor), int(h * factor)
+        x, y = int(rng.integers(0, im.width - cw + 1)), int(rng.integers(0, im.height - ch + 1))
+        return np.asarray(im.resize((w, h), Image.Resampling.BOX, box=(x, y, x + cw, y + ch)))
+
+
+def content_files(content: str) -> list[Path]:
+    """The photos the daemon rows are made of; [] means synthetic images."""
+    if content == "synthetic":
+        return []
+    files = sorted(f for f in TRAIN_PHOTOS.rglob("*") if f.suffix.lower() in PHOTO_EXTENSIONS) if TRAIN_PHOTOS.is_dir() else []
+    if not files and content == "photos":
+        raise SystemExit(f"--content photos: no photos under {TRAIN_PHOTOS}")
+    return files
+
+
+def write_images(folder: Path, specs: list[tuple[int, int, int]], photos: list[Path] = ()) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, (w, h, seed) in enumerate(specs):
         p = folder / f"img{i:04d}_{w}x{h}.png"
-        Image.fromarray(synthetic_photo(h, w, seed)).save(p, compress_level=1)
+        px = photo_image(photos, w, h, seed) if photos else synthetic_photo(h, w, seed)
+        Image.fromarray(px).save(p, compress_level=1)
         paths.append(p)
     return paths
 
@@ -211,9 +237,9 @@ def wait_outputs(outbox: Path, count: int, timeout: float) -> float:
 
 
 def daemon_rows(model: Path, device: str, up: Upscaler, n_small: int, n_large: int, tmp: Path,
-                overrides: dict | None = None) -> dict:
+                overrides: dict | None = None, photos: list[Path] = ()) -> dict:
     specs = [(256, 256, i) for i in range(n_small)] + [(1024, 768, 1000 + i) for i in range(n_large)]
-    staged = write_images(tmp / "staged", specs)
+    staged = write_images(tmp / "staged", specs, photos)
     # The bare engine is timed before and after the daemon, and the ratio uses the mean: on a
     # shared machine the speed drifts by more than the effect being measured.
     bare_before = bare_engine_seconds(up, staged)
@@ -241,7 +267,8 @@ def daemon_rows(model: Path, device: str, up: Upscaler, n_small: int, n_large: i
     bare_after = bare_engine_seconds(up, [base / "done" / f.name for f in staged])  # the same files
     bare = (bare_before + bare_after) / 2
     out_mp = sum(w * h * up.scale**2 for w, h, _ in specs) / 1e6
-    return {"images": f"{n_small} x 256x256 + {n_large} x 1024x768", "out_mp": out_mp,
+    content = f"photos ({len(photos)} files under {TRAIN_PHOTOS.relative_to(ROOT.parent)})" if photos else "synthetic"
+    return {"images": f"{n_small} x 256x256 + {n_large} x 1024x768", "content": content, "out_mp": out_mp,
             "bare_s": bare, "bare_before_s": bare_before, "bare_after_s": bare_after, "daemon_s": e2e, "ratio": bare / e2e,
             "latency_ms": latency * 1e3, "model_ms": model_time * 1e3, "overhead_ms": (latency - model_time) * 1e3}
 
@@ -271,6 +298,9 @@ def main() -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--skip", nargs="*", default=[], choices=["generator", "quality", "daemon", "large"])
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    ap.add_argument("--content", choices=["auto", "photos", "synthetic"], default="auto",
+                    help="what the daemon rows' images show: reduced crops of the training photos (auto: when "
+                         "they are present) or synthetic gradients with noise (compress worse: a PNG encoder's worst case)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="a config value for the daemon under test (for A/B runs), e.g. daemon.io_nice=0")
     args = ap.parse_args()
@@ -306,7 +336,7 @@ def main() -> int:
         up = Upscaler(gen, info, EngineOptions(device=device))
         if "daemon" not in args.skip:
             res["daemon"] = daemon_rows(Path(args.model), device, up, 10 if args.quick else 100,
-                                        1 if args.quick else 10, tmp, overrides)
+                                        1 if args.quick else 10, tmp, overrides, content_files(args.content))
         if "large" not in args.skip:
             w, h = (1500, 1000) if args.quick else (6000, 4000)
             res["large"] = large_image_row(Path(args.model), device, w, h, tmp)
@@ -340,7 +370,7 @@ def table(r: dict) -> str:
                      f"{q['psnr_fp32']:.3f} dB: {q['delta_db']:+.4f} dB (limit 0.05 dB)")
     if "daemon" in r:
         d = r["daemon"]
-        lines.append(f"daemon end-to-end: {d['images']} ({d['out_mp']:.0f} output MP): bare engine {d['bare_s']:.1f} s "
+        lines.append(f"daemon end-to-end: {d['images']} of {d.get('content', 'synthetic')} ({d['out_mp']:.0f} output MP): bare engine {d['bare_s']:.1f} s "
                      f"(mean of {d['bare_before_s']:.1f} s before and {d['bare_after_s']:.1f} s after the daemon), "
                      f"daemon {d['daemon_s']:.1f} s, throughput ratio {d['ratio']:.3f} (goal >= 0.9)")
         lines.append(f"latency, one 64x64 file: {d['latency_ms']:.0f} ms arrival-to-output, model {d['model_ms']:.0f} ms, "

@@ -29,6 +29,7 @@ try:
 except ImportError:  # pragma: no cover - isal has wheels for the usual platforms
     _deflate = zlib
     DEFLATE = "zlib"
+_crc32 = _deflate.crc32  # ISA-L's is ~9x faster than zlib's: 0.05 vs 0.45 ms per 1.6 MB chunk
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COLOUR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> gray, gray+alpha, RGB, RGBA
@@ -36,7 +37,14 @@ BLOCK_BYTES = 4 << 20  # raw bytes filtered and compressed at a time
 
 
 def chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", _crc32(body, _crc32(kind)) & 0xFFFFFFFF)
+
+
+def write_chunk(f: IO[bytes], kind: bytes, body: bytes) -> None:
+    """`f.write(chunk(kind, body))` without copying a megabyte-sized body twice."""
+    f.write(struct.pack(">I", len(body)) + kind)
+    f.write(body)
+    f.write(struct.pack(">I", _crc32(body, _crc32(kind)) & 0xFFFFFFFF))
 
 
 def metadata_chunks(icc: bytes | None, exif: bytes | None) -> bytes:
@@ -51,16 +59,19 @@ def metadata_chunks(icc: bytes | None, exif: bytes | None) -> bytes:
 def average_filter(rows: np.ndarray, prior: np.ndarray, bpp: int) -> np.ndarray:
     """PNG filter type 3 of `rows` (R x N bytes) whose previous row is `prior` (N bytes, zeros for
     the first row): each row prefixed with its filter byte."""
+    r, n = rows.shape
+    out = np.empty((r, n + 1), np.uint8)
+    out[:, 0] = 3
     up = np.empty_like(rows)
     up[0] = prior
     up[1:] = rows[:-1]
-    left = np.zeros_like(rows)
-    left[:, bpp:] = rows[:, :-bpp]
-    out = np.empty((rows.shape[0], rows.shape[1] + 1), np.uint8)
-    out[:, 0] = 3
-    mean = np.bitwise_and(left, up)
-    mean += (left ^ up) >> 1
-    np.subtract(rows, mean, out=out[:, 1:])
+    # A row's first pixel has no left neighbour (0): its mean is up >> 1.
+    np.subtract(rows[:, :bpp], up[:, :bpp] >> 1, out=out[:, 1 : 1 + bpp])
+    left, above = rows[:, :-bpp], up[:, bpp:]  # views: two temporaries fewer than padding `left`
+    mean = np.bitwise_xor(left, above)
+    mean >>= 1
+    mean += left & above
+    np.subtract(rows[:, bpp:], mean, out=out[:, 1 + bpp :])
     return out
 
 
@@ -85,5 +96,6 @@ def write_png(f: IO[bytes], px: np.ndarray, *, icc: bytes | None = None, exif: b
         data = z.compress(average_filter(block, prior, bpp))
         prior = block[-1]
         if data:
-            f.write(chunk(b"IDAT", data))
-    f.write(chunk(b"IDAT", z.flush()) + chunk(b"IEND", b""))
+            write_chunk(f, b"IDAT", data)
+    write_chunk(f, b"IDAT", z.flush())
+    f.write(chunk(b"IEND", b""))
