@@ -35,7 +35,7 @@ from loguru import logger
 from daemon.claims import Claims, place
 from daemon.job import STAGE_OF, TERMINAL, Failure, Job, JobState, Stage
 from model.atomic import atomic_open, atomic_write_text
-from model.images import EXTENSIONS, FORMATS, ImageError, decode, encode_to, output_format
+from model.images import EXTENSIONS, FORMATS, PILLOW_READS_RGBX, ImageError, decode, encode_to, output_format
 from upscaled.config import Config
 
 # Which thread performs a state's next transition: DECODED goes to the inference thread, these
@@ -106,7 +106,8 @@ class Worker:
             elif state is JobState.DECODED:
                 up = self.upscaler  # one model for the whole image
                 job.model_version = getattr(up, "version", "unknown")
-                job.encoded = up.upscale_decoded(job.decoded, self.on_progress)
+                fmt = out_path(self.folders.outbox, job.rel, self._requested())[1]
+                job.encoded = up.upscale_decoded(job.decoded, self.on_progress, for_pillow=fmt in PILLOW_READS_RGBX)
                 job.decoded = None
                 job.timings["upscale"] = time.perf_counter() - t0
                 job.state = JobState.UPSCALED

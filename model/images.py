@@ -29,6 +29,7 @@ EXTENSIONS = {
 }
 # Formats we read but would damage on write (GIF: 256 colours): their output is PNG.
 WRITE_AS = {"GIF": "PNG"}
+PILLOW_READS_RGBX = ("JPEG", "WEBP")  # formats whose Pillow encoders take an RGBX image as it is
 
 
 class ImageError(ValueError):
@@ -208,7 +209,19 @@ def assemble(dec: Decoded, rgb_q: np.ndarray) -> Encoded:
     if dec.alpha is not None:
         a = upscale_alpha(dec.alpha, (rgb_q.shape[1], rgb_q.shape[0]), dec.bits)
         planes = np.concatenate([planes, a[..., None]], axis=2)
-    return Encoded(np.ascontiguousarray(planes), dec.bits, dec.icc, dec.exif)
+    # The engine's RGB view of an RGBX buffer stays a view (see rgbx_buffer).
+    return Encoded(planes if planes is rgb_q else np.ascontiguousarray(planes), dec.bits, dec.icc, dec.exif)
+
+
+def rgbx_buffer(px: np.ndarray) -> np.ndarray | None:
+    """The H x W x 4 uint8 buffer `px` is the first three channels of (Upscaler.upscale_rgb with
+    rgbx=True), or None."""
+    base = px.base
+    if (px.ndim == 3 and px.shape[2] == 3 and px.dtype == np.uint8 and isinstance(base, np.ndarray)
+            and base.dtype == np.uint8 and base.shape == px.shape[:2] + (4,) and base.flags.c_contiguous
+            and base.ctypes.data == px.ctypes.data):
+        return base
+    return None
 
 
 def output_format(src_format: str, requested: str | None) -> str:
@@ -271,6 +284,9 @@ def encode_to(f: IO[bytes], enc: Encoded, fmt: str, *, jpeg_quality: int = 95, w
             im = None
     else:
         im = None
+    if im is None and fmt in PILLOW_READS_RGBX and (buf := rgbx_buffer(px)) is not None:
+        # Pillow's RGB pixels are 4 bytes: map the engine's RGBX buffer instead of copying into them.
+        im = Image.frombuffer("RGBX", (buf.shape[1], buf.shape[0]), buf, "raw", "RGBX", 0, 1)
     if im is None:
         im = Image.fromarray(np.ascontiguousarray(px[..., 0] if c == 1 else px))  # L, LA, RGB or RGBA
     if consume:

@@ -82,17 +82,18 @@ def write_png(f: IO[bytes], px: np.ndarray, *, icc: bytes | None = None, exif: b
     if c not in COLOUR_TYPE or px.dtype not in (np.uint8, np.uint16) or not h or not w:
         raise ValueError(f"cannot write a {h}x{w}x{c} {px.dtype} image as PNG")
     depth = 8 * px.dtype.itemsize
-    if depth == 16:
-        px = px.astype(">u2")  # PNG stores samples big-endian
-    rows = np.ascontiguousarray(px).view(np.uint8).reshape(h, w * c * px.dtype.itemsize)
     bpp = c * px.dtype.itemsize
+    row_bytes = w * bpp
     f.write(SIGNATURE + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, COLOUR_TYPE[c], 0, 0, 0)))
     f.write(metadata_chunks(icc, exif))
     z = _deflate.compressobj(level)
-    prior = np.zeros(rows.shape[1], np.uint8)
-    step = max(1, BLOCK_BYTES // rows.shape[1])
+    prior = np.zeros(row_bytes, np.uint8)
+    step = max(1, BLOCK_BYTES // row_bytes)
     for y in range(0, h, step):
-        block = rows[y : y + step]
+        # Block by block, so neither a strided view (the engine's RGBX layout) nor a 16-bit image
+        # (PNG stores samples big-endian) is ever copied whole.
+        block = np.ascontiguousarray(px[y : y + step], dtype=">u2" if depth == 16 else np.uint8)
+        block = block.view(np.uint8).reshape(-1, row_bytes)
         data = z.compress(average_filter(block, prior, bpp))
         prior = block[-1]
         if data:

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageCms
 
 from model.engine import EngineOptions, Upscaler
-from model.images import Encoded, ImageError, decode, encode, encode_to
+from model.images import Encoded, ImageError, decode, encode, encode_to, rgbx_buffer
 from tests.conftest import natural_image, tiny_generator
 
 S = 4
@@ -199,3 +199,28 @@ def test_consume_drops_the_pixels_and_encodes_the_same():
         encode_to(b, given, fmt, png_strategy="rle", consume=True)
         assert a.getvalue() == b.getvalue()
         assert kept.pixels is not None and given.pixels is None
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP", "PNG", "TIFF", "BMP"])
+def test_rgbx_layout_encodes_the_same_bytes(tmp_path: Path, up: Upscaler, fmt: str) -> None:
+    """for_pillow gives the RGB view of an RGBX buffer (Pillow maps it instead of copying it);
+    every format writes exactly what it writes from an ordinary array."""
+    p = tmp_path / "a.png"
+    Image.fromarray(natural_image(20, 30, seed=4)).save(p)
+    dec = decode(p)
+    plain, mapped = up.upscale_decoded(dec), up.upscale_decoded(dec, for_pillow=True)
+    assert rgbx_buffer(plain.pixels) is None and rgbx_buffer(mapped.pixels) is not None
+    assert np.array_equal(plain.pixels, mapped.pixels)
+    assert encode(plain, fmt) == encode(mapped, fmt)
+
+
+def test_rgbx_layout_only_where_it_applies(tmp_path: Path, up: Upscaler) -> None:
+    rgba = np.dstack([natural_image(16, 24), np.full((16, 24), 128, np.uint8)])
+    gray, deep = natural_image(16, 24)[..., 0], (np.random.default_rng(2).random((8, 8)) * 65535).astype(np.uint16)
+    for name, arr in (("rgba.png", rgba), ("gray.png", gray), ("deep.png", deep)):
+        Image.fromarray(arr).save(tmp_path / name)
+        enc = up.upscale_decoded(decode(tmp_path / name), for_pillow=True)
+        assert rgbx_buffer(enc.pixels) is None and enc.pixels.flags.c_contiguous
+    buf = np.zeros((4, 5, 4), np.uint8)
+    assert rgbx_buffer(buf[..., :3]) is buf
+    assert rgbx_buffer(buf[1:, :, :3]) is None and rgbx_buffer(buf[..., 1:]) is None  # not where it starts

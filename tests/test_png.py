@@ -63,3 +63,16 @@ def test_fast_is_the_default_with_the_same_pixels() -> None:
     flat = np.zeros((256, 256, 3), np.uint8)
     flat[:, 128:] = (200, 30, 90)
     assert len(encode(Encoded(flat, 8), "PNG")) < flat.nbytes / 100  # flat areas still compress
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_strided_views_are_written_block_by_block(monkeypatch: pytest.MonkeyPatch, dtype) -> None:
+    """The engine's RGB view of an RGBX buffer (and any strided view) gives the same file as a
+    contiguous copy, with blocks as the only copies."""
+    rgbx = np.random.default_rng(5).integers(0, np.iinfo(dtype).max + 1, (33, 21, 4)).astype(dtype)
+    monkeypatch.setattr(fastpng, "BLOCK_BYTES", 21 * 3 * dtype().itemsize * 4)
+    view, copy = io.BytesIO(), io.BytesIO()
+    fastpng.write_png(view, rgbx[..., :3])
+    fastpng.write_png(copy, np.ascontiguousarray(rgbx[..., :3]))
+    assert view.getvalue() == copy.getvalue()
+    assert np.array_equal(read_pypng(view.getvalue()), rgbx[..., :3])

@@ -9,7 +9,7 @@ from pathlib import Path
 from loguru import logger
 
 from model.atomic import atomic_open
-from model.images import EXTENSIONS, FORMATS, ImageError, decode, encode_to, is_supported, output_format
+from model.images import EXTENSIONS, FORMATS, PILLOW_READS_RGBX, ImageError, decode, encode_to, is_supported, output_format
 from upscaled.config import Config
 
 
@@ -95,7 +95,7 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
                     skipped += 1
                     continue
                 dec = decode(job.src)
-                enc = up.upscale_decoded(dec, tile_bar(bar, job.rel.name))
+                enc = up.upscale_decoded(dec, tile_bar(bar, job.rel.name), for_pillow=out_fmt in PILLOW_READS_RGBX)
                 del dec  # the float input is as large as the 8-bit output: free it before encoding
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 h, w = enc.pixels.shape[:2]
