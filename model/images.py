@@ -316,8 +316,18 @@ def encode_to(f: IO[bytes], enc: Encoded, fmt: str, *, jpeg_quality: int = 95, w
             kw.update(compress_type=zlib.Z_RLE)
     elif fmt == "TIFF":
         kw.update(compression="tiff_lzw")
+    start = f.tell() if f.seekable() else None
     try:
-        im.save(f, format=fmt, **kw)
+        try:
+            im.save(f, format=fmt, **kw)
+        except OSError as e:
+            if e.errno is not None or not kw.get("optimize") or start is None:
+                raise
+            # Pillow sizes the buffer of an optimised JPEG at 2 bytes per pixel (quality >= 95),
+            # and noise-like images at high quality need more: written again without optimising.
+            f.seek(start)
+            f.truncate()
+            im.save(f, format=fmt, **(kw | {"optimize": False}))
     except OSError as e:
         if e.errno is not None:
             raise  # a real I/O error (disk full, ...): the caller decides whether to retry

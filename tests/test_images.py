@@ -224,3 +224,16 @@ def test_rgbx_layout_only_where_it_applies(tmp_path: Path, up: Upscaler) -> None
     buf = np.zeros((4, 5, 4), np.uint8)
     assert rgbx_buffer(buf[..., :3]) is buf
     assert rgbx_buffer(buf[1:, :, :3]) is None and rgbx_buffer(buf[..., 1:]) is None  # not where it starts
+
+
+def test_noise_like_jpeg_at_high_quality_is_written(tmp_path: Path) -> None:
+    """Pillow's optimised-JPEG buffer (2 bytes per pixel) overflows on noise at quality >= 90 with
+    4:4:4; the file is written again without optimising, into the same open file."""
+    noise = np.random.default_rng(3).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    with open(tmp_path / "n.jpg", "wb") as f:
+        f.write(b"prefix")
+        encode_to(f, Encoded(noise, 8), "JPEG", jpeg_quality=100)
+    data = (tmp_path / "n.jpg").read_bytes()
+    assert data.startswith(b"prefix\xff\xd8") and data.count(b"\xff\xd8\xff") == 1
+    out = np.asarray(Image.open(io.BytesIO(data[6:])))
+    assert out.shape == noise.shape and np.abs(out.astype(int) - noise).mean() < 8
