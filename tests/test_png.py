@@ -76,3 +76,29 @@ def test_strided_views_are_written_block_by_block(monkeypatch: pytest.MonkeyPatc
     fastpng.write_png(copy, np.ascontiguousarray(rgbx[..., :3]))
     assert view.getvalue() == copy.getvalue()
     assert np.array_equal(read_pypng(view.getvalue()), rgbx[..., :3])
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_threads_write_the_same_file(monkeypatch: pytest.MonkeyPatch, dtype) -> None:
+    """Blocks compressed on several threads are concatenated raw deflate streams under one zlib
+    header and one combined adler32: the same bytes as serially, and zlib (pypng) checks the sum."""
+    px = natural_image(200, 300, seed=7).astype(dtype) * (257 if dtype == np.uint16 else 1)  # >= 256 KB: split
+    px[::7, ::5] ^= 1  # a little noise, so blocks do not compress to nothing
+    for block in (fastpng.BLOCK_BYTES, 300 * 3 * px.itemsize * 9):  # the default; many small blocks
+        monkeypatch.setattr(fastpng, "BLOCK_BYTES", block)
+        files = {}
+        for threads in (1, 2, 3):
+            buf = io.BytesIO()
+            fastpng.write_png(buf, px, threads=threads)
+            files[threads] = buf.getvalue()
+        assert files[1] == files[2] == files[3]
+        assert np.array_equal(read_pypng(files[2]), px)
+
+
+def test_adler32_combine_matches_zlib() -> None:
+    import zlib
+
+    rng = np.random.default_rng(0)
+    a, b = rng.bytes(100_003), rng.bytes(65_521 * 2 + 7)
+    assert fastpng.adler32_combine(zlib.adler32(a), zlib.adler32(b), len(b)) == zlib.adler32(a + b)
+    assert fastpng.adler32_combine(1, zlib.adler32(b), len(b)) == zlib.adler32(b)

@@ -71,6 +71,8 @@ def tile_bar(files_bar, name: str):
 def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: str | None, overwrite: bool) -> int:
     from tqdm import tqdm
 
+    import torch
+
     from upscaled.runtime import build_upscaler
 
     jobs, problems = collect(inputs)
@@ -100,7 +102,9 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 h, w = enc.pixels.shape[:2]
                 with atomic_open(dst, "wb") as f:
-                    encode_to(f, enc, out_fmt, consume=True, **cfg.output.encode_options())
+                    # The model is idle while its output is encoded: the PNG writer takes its threads.
+                    encode_to(f, enc, out_fmt, consume=True, png_threads=torch.get_num_threads(),
+                              **cfg.output.encode_options())
                 del enc
                 done += 1
                 mp_in += w * h / up.scale**2 / 1e6
