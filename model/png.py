@@ -10,8 +10,8 @@ on model outputs of val photos; numbers in bench/results/).
   and Average; Paeth is better still, but numpy needs ~10 passes over the image for it.
   floor((a + b) / 2) is computed as (a & b) + ((a ^ b) >> 1), in uint8 with no widening.
 - Deflate: ISA-L level 1 (the `isal` package; zlib level 1 where it is missing), streamed in
-  blocks of rows, so a 384-megapixel output never exists as one compressed buffer in memory;
-  the blocks can be compressed on several threads (`threads`).
+  1 MB blocks of rows, so a 384-megapixel output never exists as one compressed buffer in
+  memory; the blocks can be compressed on several threads (`threads`).
 - 8- and 16-bit, gray, gray+alpha, RGB, RGBA; the ICC profile and EXIF are kept (iCCP, eXIf).
 """
 
@@ -106,9 +106,9 @@ def write_png(f: IO[bytes], px: np.ndarray, *, icc: bytes | None = None, exif: b
         rows = rows.view(np.uint8).reshape(-1, row_bytes)
         prior, block = (rows[0], rows[1:]) if y else (np.zeros(row_bytes, np.uint8), rows)
         filtered = average_filter(block, prior, bpp)
-        z = _deflate.compressobj(level, zlib.DEFLATED, -15)
+        z = _deflate.compressobj(level, _deflate.DEFLATED, -15)  # raw: one zlib header for all blocks
         last = y + step >= h
-        data = z.compress(filtered) + z.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+        data = z.compress(filtered) + z.flush(_deflate.Z_FINISH if last else _deflate.Z_SYNC_FLUSH)
         return data, _deflate.adler32(filtered), filtered.nbytes
 
     write_chunk(f, b"IDAT", b"\x78\x01")  # zlib header: deflate, 32 KB window, fastest level
