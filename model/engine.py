@@ -21,7 +21,7 @@ from loguru import logger
 from model.checkpoint import CheckpointInfo
 from model.fold import FoldedGenerator
 from model.generator import Generator
-from model.images import Decoded, Encoded, assemble
+from model.images import Decoded, Encoded, assemble, unit_float
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -189,8 +189,10 @@ class Upscaler:
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         self.forward_passes += 1
-        x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        return self.model(x)
+        x = x.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:  # 8-bit input, converted here: a quarter of the bytes to copy and hold
+            x = x.float().mul_(1 / 255.0)
+        return self.model(x.contiguous(memory_format=torch.channels_last))
 
     @torch.inference_mode()
     def upscale_rgb(
@@ -200,7 +202,7 @@ class Upscaler:
         progress: Callable[[int, int], None] | None = None,
         rgbx: bool = False,
     ) -> np.ndarray:
-        """H x W x 3 float32 in [0, 1] -> (sH) x (sW) x 3 uint8/uint16, tile by tile.
+        """H x W x 3 float32 in [0, 1] (or uint8, value / 255) -> (sH) x (sW) x 3 uint8/uint16, tile by tile.
 
         The output is quantized tile by tile (on the device), so memory never holds
         full-resolution floats. On CUDA out-of-memory the image is retried with smaller tiles.
@@ -290,7 +292,10 @@ class Upscaler:
             return [self.upscale_decoded(d) for d in decs]
         bits = decs[0].bits
         hi = 255.0 if bits == 8 else 65535.0
-        x = torch.stack([torch.from_numpy(d.rgb).permute(2, 0, 1) for d in decs])
+        arrays = [d.rgb for d in decs]
+        if len({a.dtype for a in arrays}) > 1:  # never mix uint8 and float in one tensor
+            arrays = [unit_float(a) for a in arrays]
+        x = torch.stack([torch.from_numpy(a).permute(2, 0, 1) for a in arrays])
         if self.device.type == "cuda":
             x = x.pin_memory()
         y = (self._run(x).float().clamp_(0, 1).mul_(hi).add_(0.5))
@@ -299,6 +304,6 @@ class Upscaler:
 
     def warm_up(self) -> None:
         """One small forward so the first real image does not pay for lazy initialisation."""
-        probe = np.full((32, 32, 3), 0.5, dtype=np.float32)
+        probe = np.full((32, 32, 3), 128, dtype=np.uint8)  # the common input type
         self.upscale_rgb(probe)
 

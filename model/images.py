@@ -38,7 +38,9 @@ class ImageError(ValueError):
 
 @dataclass
 class Decoded:
-    rgb: np.ndarray  # float32, H x W x 3, in [0, 1]
+    # H x W x 3: uint8 for 8-bit colour (a quarter of float32's memory: 72 MB for a 24-MP photo;
+    # the engine converts it tile by tile), float32 in [0, 1] otherwise. unit_rgb() gives floats.
+    rgb: np.ndarray
     alpha: np.ndarray | None  # float32, H x W, in [0, 1]
     bits: int  # 8 or 16
     gray: bool
@@ -49,6 +51,20 @@ class Decoded:
     @property
     def size(self) -> tuple[int, int]:
         return self.rgb.shape[1], self.rgb.shape[0]
+
+    def unit_rgb(self) -> np.ndarray:
+        """The colour as float32 in [0, 1], whatever it is stored as."""
+        return unit_float(self.rgb)
+
+
+def unit_float(a: np.ndarray) -> np.ndarray:
+    """uint8 samples as float32 in [0, 1] (exactly as the engine converts them: x * (1 / 255) in
+    float32); float arrays as they are."""
+    if a.dtype != np.uint8:
+        return a
+    f = a.astype(np.float32)
+    f *= 1 / 255.0
+    return f
 
 
 @dataclass
@@ -138,16 +154,15 @@ def decode(source: str | os.PathLike | bytes) -> Decoded:
         f = np.clip(a / (hi if hi > 1.0 else 1.0), 0, 1)
         return Decoded(np.ascontiguousarray(np.repeat(f[..., None], 3, axis=2)), None, 16, True, fmt, icc, exif)
     if mode in ("L", "LA"):
-        a = np.asarray(im, dtype=np.float32) / 255.0
+        a = np.array(im)  # uint8, like 8-bit colour
         lum = a if mode == "L" else a[..., 0]
-        alpha = a[..., 1] if mode == "LA" else None
+        alpha = unit_float(a[..., 1]) if mode == "LA" else None
         return Decoded(np.ascontiguousarray(np.repeat(lum[..., None], 3, axis=2)), alpha, 8, True, fmt, icc, exif)
     if mode not in ("RGB", "RGBA", "RGBX"):
         im = im.convert("RGBA" if "A" in mode else "RGB")
         mode = im.mode
-    a = np.asarray(im, dtype=np.float32)
-    a *= 1 / 255.0  # in place: a 24-megapixel photo is 288 MB as floats
-    alpha = a[..., 3] if mode == "RGBA" else None
+    a = np.array(im)  # uint8, writable (asarray shares Pillow's read-only bytes); tiles become float in the engine
+    alpha = unit_float(a[..., 3]) if mode == "RGBA" else None
     return Decoded(np.ascontiguousarray(a[..., :3]), alpha, 8, False, fmt, icc, exif)
 
 

@@ -176,7 +176,7 @@ def test_png_compress_level_trades_size_not_pixels(bits):
     for data in (fast, small):
         dec = decode(data)
         assert dec.bits == bits
-        assert np.array_equal(np.round(dec.rgb * (2**bits - 1)).astype(px.dtype), px)
+        assert np.array_equal(np.round(dec.unit_rgb() * (2**bits - 1)).astype(px.dtype), px)
 
 
 def test_png_rle_strategy_same_pixels_and_flat_areas_still_compress():
@@ -184,7 +184,7 @@ def test_png_rle_strategy_same_pixels_and_flat_areas_still_compress():
     rle, plain = (encode(Encoded(px, 8), "PNG", png_compress_level=9, png_strategy=s) for s in ("rle", "default"))
     assert rle != plain  # the strategy reached zlib
     for data in (rle, plain):
-        assert np.array_equal(np.round(decode(data).rgb * 255).astype(np.uint8), px)
+        assert np.array_equal(np.round(decode(data).unit_rgb() * 255).astype(np.uint8), px)
     flat = np.zeros((256, 256, 3), np.uint8)
     flat[:, 128:] = (200, 30, 90)
     assert len(encode(Encoded(flat, 8), "PNG", png_strategy="rle")) < flat.nbytes / 100
@@ -237,3 +237,16 @@ def test_noise_like_jpeg_at_high_quality_is_written(tmp_path: Path) -> None:
     assert data.startswith(b"prefix\xff\xd8") and data.count(b"\xff\xd8\xff") == 1
     out = np.asarray(Image.open(io.BytesIO(data[6:])))
     assert out.shape == noise.shape and np.abs(out.astype(int) - noise).mean() < 8
+
+
+def test_8bit_input_stays_uint8_and_upscales_as_its_floats(tmp_path: Path, up: Upscaler) -> None:
+    """8-bit inputs are held as uint8 (a quarter of float32's memory) and converted tile by tile;
+    the result is exactly that of the float input, for colour, gray and alpha images."""
+    rgba = np.dstack([natural_image(21, 17, seed=8), np.full((21, 17), 200, np.uint8)])
+    for name, arr in (("c.png", rgba[..., :3]), ("g.png", rgba[..., 0]), ("a.png", rgba)):
+        Image.fromarray(arr).save(tmp_path / name)
+        dec = decode(tmp_path / name)
+        assert dec.rgb.dtype == np.uint8 and dec.rgb.flags.writeable
+        assert dec.unit_rgb().dtype == np.float32 and dec.unit_rgb().max() <= 1.0
+        assert np.array_equal(up.upscale_rgb(dec.rgb), up.upscale_rgb(dec.unit_rgb()))
+    assert decode(tmp_path / "a.png").alpha.dtype == np.float32

@@ -98,7 +98,7 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
                     continue
                 dec = decode(job.src)
                 enc = up.upscale_decoded(dec, tile_bar(bar, job.rel.name), for_pillow=out_fmt in PILLOW_READS_RGBX)
-                del dec  # the float input is as large as the 8-bit output: free it before encoding
+                del dec  # free the input before encoding
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 h, w = enc.pixels.shape[:2]
                 with atomic_open(dst, "wb") as f:
