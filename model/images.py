@@ -38,8 +38,9 @@ class ImageError(ValueError):
 
 @dataclass
 class Decoded:
-    # H x W x 3: uint8 for 8-bit colour (a quarter of float32's memory: 72 MB for a 24-MP photo;
-    # the engine converts it tile by tile), float32 in [0, 1] otherwise. unit_rgb() gives floats.
+    # H x W x 3: uint8 for 8-bit images, colour or gray (a quarter of float32's memory: 72 MB for
+    # a 24-MP photo; the engine converts it tile by tile), float32 in [0, 1] for deeper ones.
+    # unit_rgb() gives floats either way.
     rgb: np.ndarray
     alpha: np.ndarray | None  # float32, H x W, in [0, 1]
     bits: int  # 8 or 16

@@ -211,6 +211,8 @@ def test_rgbx_layout_encodes_the_same_bytes(tmp_path: Path, up: Upscaler, fmt: s
     plain, mapped = up.upscale_decoded(dec), up.upscale_decoded(dec, for_pillow=True)
     assert rgbx_buffer(plain.pixels) is None and rgbx_buffer(mapped.pixels) is not None
     assert np.array_equal(plain.pixels, mapped.pixels)
+    # X is left unset by the engine: whatever it holds must not reach the file (as alpha, say).
+    rgbx_buffer(mapped.pixels)[..., 3] = np.random.default_rng(0).integers(0, 256, mapped.pixels.shape[:2])
     assert encode(plain, fmt) == encode(mapped, fmt)
 
 
