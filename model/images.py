@@ -42,7 +42,7 @@ class Decoded:
     # a 24-MP photo; the engine converts it tile by tile), float32 in [0, 1] for deeper ones.
     # unit_rgb() gives floats either way.
     rgb: np.ndarray
-    alpha: np.ndarray | None  # float32, H x W, in [0, 1]
+    alpha: np.ndarray | None  # H x W: uint8 for 8-bit images, float32 in [0, 1] for deeper ones
     bits: int  # 8 or 16
     gray: bool
     format: str  # Pillow format name of the input
@@ -157,13 +157,13 @@ def decode(source: str | os.PathLike | bytes) -> Decoded:
     if mode in ("L", "LA"):
         a = np.array(im)  # uint8, like 8-bit colour
         lum = a if mode == "L" else a[..., 0]
-        alpha = unit_float(a[..., 1]) if mode == "LA" else None
+        alpha = np.ascontiguousarray(a[..., 1]) if mode == "LA" else None
         return Decoded(np.ascontiguousarray(np.repeat(lum[..., None], 3, axis=2)), alpha, 8, True, fmt, icc, exif)
     if mode not in ("RGB", "RGBA", "RGBX"):
         im = im.convert("RGBA" if "A" in mode else "RGB")
         mode = im.mode
     a = np.array(im)  # uint8, writable (asarray shares Pillow's read-only bytes); tiles become float in the engine
-    alpha = unit_float(a[..., 3]) if mode == "RGBA" else None
+    alpha = np.ascontiguousarray(a[..., 3]) if mode == "RGBA" else None  # a copy: `a` can go
     return Decoded(np.ascontiguousarray(a[..., :3]), alpha, 8, False, fmt, icc, exif)
 
 
@@ -194,7 +194,8 @@ def upscale_alpha(alpha: np.ndarray, size: tuple[int, int], bits: int) -> np.nda
     matters for a 400-megapixel output); 16-bit alpha goes through float to keep its precision.
     """
     if bits == 8:
-        return np.asarray(Image.fromarray(quantize(alpha, 8)).resize(size, Image.Resampling.BICUBIC))
+        a8 = alpha if alpha.dtype == np.uint8 else quantize(alpha, 8)
+        return np.asarray(Image.fromarray(a8).resize(size, Image.Resampling.BICUBIC))
     up = Image.fromarray(np.ascontiguousarray(alpha, dtype=np.float32)).resize(size, Image.Resampling.BICUBIC)
     return quantize(np.asarray(up, dtype=np.float32), 16)
 

@@ -251,4 +251,4 @@ def test_8bit_input_stays_uint8_and_upscales_as_its_floats(tmp_path: Path, up: U
         assert dec.rgb.dtype == np.uint8 and dec.rgb.flags.writeable
         assert dec.unit_rgb().dtype == np.float32 and dec.unit_rgb().max() <= 1.0
         assert np.array_equal(up.upscale_rgb(dec.rgb), up.upscale_rgb(dec.unit_rgb()))
-    assert decode(tmp_path / "a.png").alpha.dtype == np.float32
+    assert decode(tmp_path / "a.png").alpha.dtype == np.uint8  # upscaled as 8 bits, never as floats
