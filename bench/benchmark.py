@@ -169,25 +169,50 @@ def content_files(content: str) -> list[Path]:
     return files
 
 
-def write_images(folder: Path, specs: list[tuple[int, int, int]], photos: list[Path] = ()) -> list[Path]:
+def write_images(folder: Path, specs: list[tuple[int, int, int]], photos: list[Path] = (), prefix: str = "img") -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, (w, h, seed) in enumerate(specs):
-        p = folder / f"img{i:04d}_{w}x{h}.png"
+        p = folder / f"{prefix}{i:04d}_{w}x{h}.png"
         px = photo_image(photos, w, h, seed) if photos else synthetic_photo(h, w, seed)
         Image.fromarray(px).save(p, compress_level=1)
         paths.append(p)
     return paths
 
 
-def bare_engine_seconds(up: Upscaler, files: list[Path]) -> float:
-    from model.images import decode
+TICK = os.sysconf("SC_CLK_TCK")
 
-    arrays = [decode(f).rgb for f in files]
-    t0 = time.perf_counter()
+
+def machine_cpu() -> dict:
+    """Seconds the whole machine spent busy and stolen (by the hypervisor), from /proc/stat."""
+    f = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is counted in user already)
+    return {"busy": (f[0] + f[1] + f[2] + f[5] + f[6]) / TICK, "steal": f[7] / TICK}
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of each of a process's threads, summed by kernel thread name
+    (the daemon names its pipeline threads: daemon/worker.py name_os_thread)."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue  # the thread ended
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        name = "io" if name.startswith("io-") else name
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / TICK
+    return out
+
+
+def bare_engine_seconds(up: Upscaler, arrays: list[np.ndarray]) -> tuple[float, float, dict]:
+    """Wall seconds, this process's CPU seconds and the machine's CPU use for the engine alone."""
+    m0, c0, t0 = machine_cpu(), time.process_time(), time.perf_counter()
     for a in arrays:
         up.upscale_rgb(a)
-    return time.perf_counter() - t0
+    wall, cpu, m1 = time.perf_counter() - t0, time.process_time() - c0, machine_cpu()
+    return wall, cpu, {k: m1[k] - m0[k] for k in m0}
 
 
 def start_daemon(base: Path, model: Path, device: str, overrides: dict | None = None) -> tuple[subprocess.Popen, Path]:
@@ -236,20 +261,64 @@ def wait_outputs(outbox: Path, count: int, timeout: float) -> float:
     raise TimeoutError(f"only {n} of {count} outputs after {timeout} s")
 
 
+def drop_and_wait(files: list[Path], base: Path, expected: int, timeout: float) -> float:
+    """Rename `files` into the daemon's inbox (complete when they appear); seconds until the
+    outbox holds `expected` outputs."""
+    t0 = time.perf_counter()
+    for f in files:
+        os.replace(f, base / "inbox" / f.name)
+    return wait_outputs(base / "outbox", expected, timeout) - t0
+
+
 def daemon_rows(model: Path, device: str, up: Upscaler, n_small: int, n_large: int, tmp: Path,
-                overrides: dict | None = None, photos: list[Path] = ()) -> dict:
-    specs = [(256, 256, i) for i in range(n_small)] + [(1024, 768, 1000 + i) for i in range(n_large)]
+                overrides: dict | None = None, photos: list[Path] = (), round_seconds: float = 10.0) -> dict:
+    """The daemon against the bare engine on the same images, in alternating rounds.
+
+    On a shared machine the speed swings by more than the effect being measured (here 0.50 to
+    0.65 s for the same image within a minute, and 128 against 229 s for the same set), so
+    the images are split into rounds of about `round_seconds`, and each round is timed on the
+    bare engine and through the daemon next to each other (B D D B B D ...): a swing longer
+    than a round hits both sides alike. The daemon keeps running across rounds; a round's cost
+    to it is one pipeline fill and drain, a few tens of ms (renames are complete at once, no
+    settle wait, and the large images go first so a small one is last). CPU seconds, by thread,
+    say where a gap comes from: the model's threads working longer (contention), other threads'
+    work (decode, encode, watcher), or other processes and the hypervisor (noise).
+    """
+    from model.images import decode
+
+    specs = [(1024, 768, 1000 + i) for i in range(n_large)] + [(256, 256, i) for i in range(n_small)]
     staged = write_images(tmp / "staged", specs, photos)
-    # The bare engine is timed before and after the daemon, and the ratio uses the mean: on a
-    # shared machine the speed drifts by more than the effect being measured.
-    bare_before = bare_engine_seconds(up, staged)
+    arrays = [decode(f).rgb for f in staged]
+    warm = write_images(tmp / "warm", [(1024, 768, 99), (256, 256, 98)], photos, prefix="warm")
+    # Each shape once on both sides first (no first-run costs in the rounds), which also gives
+    # the seconds per image that size the rounds.
+    t_large, t_small = (bare_engine_seconds(up, [decode(f).rgb])[0] for f in warm)
+    estimate = t_large * n_large + t_small * n_small
+    n_rounds = max(1, min(n_small, round(estimate / round_seconds)))
+    rounds = [list(range(r, n_large, n_rounds)) + [n_large + i for i in range(r, n_small, n_rounds)] for r in range(n_rounds)]
     proc, base = start_daemon(tmp / "d", model, device, overrides)
+    bare_t, daemon_t, bare_cpu = [], [], 0.0
+    mach = {"bare": {"busy": 0.0, "steal": 0.0}, "daemon": {"busy": 0.0, "steal": 0.0}}
+    by_thread: dict[str, float] = {}
     try:
-        t0 = time.perf_counter()
-        for f in staged:
-            os.replace(f, base / "inbox" / f.name)  # a rename: the file is complete when it appears
-        t1 = wait_outputs(base / "outbox", len(staged), timeout=max(600, bare_before * 5))
-        e2e = t1 - t0
+        drop_and_wait(warm, base, 2, 600)  # the daemon sees both shapes once too
+        expected = 2
+        for r, idx in enumerate(rounds):
+            for side in (("bare", "daemon") if r % 2 == 0 else ("daemon", "bare")):
+                if side == "bare":
+                    wall, cpu, m = bare_engine_seconds(up, [arrays[i] for i in idx])
+                    bare_t.append(wall)
+                    bare_cpu += cpu
+                else:
+                    expected += len(idx)
+                    threads0, m0 = thread_cpu(proc.pid), machine_cpu()
+                    daemon_t.append(drop_and_wait([staged[i] for i in idx], base, expected, max(600, estimate * 5)))
+                    threads1, m1 = thread_cpu(proc.pid), machine_cpu()
+                    m = {k: m1[k] - m0[k] for k in m0}
+                    for k, v in threads1.items():
+                        by_thread[k] = by_thread.get(k, 0.0) + v - threads0.get(k, 0.0)
+                for k in m:
+                    mach[side][k] += m[k]
         # latency: one small file, the daemon idle
         small = write_images(tmp / "single", [(64, 64, 7)])[0]
         model_time = time_call(lambda: up.upscale_rgb(np.asarray(Image.open(small), np.float32) / 255), 1.0)
@@ -264,12 +333,17 @@ def daemon_rows(model: Path, device: str, up: Upscaler, n_small: int, n_large: i
         latency = time.perf_counter() - t0
     finally:
         stop_daemon(proc)
-    bare_after = bare_engine_seconds(up, [base / "done" / f.name for f in staged])  # the same files
-    bare = (bare_before + bare_after) / 2
+    bare, e2e = sum(bare_t), sum(daemon_t)
+    daemon_cpu = sum(by_thread.values())
     out_mp = sum(w * h * up.scale**2 for w, h, _ in specs) / 1e6
     content = f"photos ({len(photos)} files under {TRAIN_PHOTOS.relative_to(ROOT.parent)})" if photos else "synthetic"
     return {"images": f"{n_small} x 256x256 + {n_large} x 1024x768", "content": content, "out_mp": out_mp,
-            "bare_s": bare, "bare_before_s": bare_before, "bare_after_s": bare_after, "daemon_s": e2e, "ratio": bare / e2e,
+            "bare_s": bare, "daemon_s": e2e, "ratio": bare / e2e, "rounds": n_rounds,
+            "round_ratios": [round(b / d, 3) for b, d in zip(bare_t, daemon_t)],
+            "bare_cpu_s": bare_cpu, "daemon_cpu_s": daemon_cpu, "daemon_cpu_by_thread": {k: round(v, 2) for k, v in by_thread.items()},
+            # CPU the rest of the machine took meanwhile: other processes (busy minus ours) and steal
+            "others_cpu_s": {"bare": mach["bare"]["busy"] - bare_cpu, "daemon": mach["daemon"]["busy"] - daemon_cpu},
+            "steal_s": {k: mach[k]["steal"] for k in mach},
             "latency_ms": latency * 1e3, "model_ms": model_time * 1e3, "overhead_ms": (latency - model_time) * 1e3}
 
 
@@ -375,9 +449,16 @@ def table(r: dict) -> str:
                      f"{q['psnr_fp32']:.3f} dB: {q['delta_db']:+.4f} dB (limit 0.05 dB)")
     if "daemon" in r:
         d = r["daemon"]
-        lines.append(f"daemon end-to-end: {d['images']} of {d.get('content', 'synthetic')} ({d['out_mp']:.0f} output MP): bare engine {d['bare_s']:.1f} s "
-                     f"(mean of {d['bare_before_s']:.1f} s before and {d['bare_after_s']:.1f} s after the daemon), "
-                     f"daemon {d['daemon_s']:.1f} s, throughput ratio {d['ratio']:.3f} (goal >= 0.9)")
+        rr = d.get("round_ratios", [])
+        lines.append(f"daemon end-to-end: {d['images']} of {d.get('content', 'synthetic')} ({d['out_mp']:.0f} output MP) "
+                     f"in {d.get('rounds', 1)} alternating round(s): bare engine {d['bare_s']:.1f} s, daemon {d['daemon_s']:.1f} s, "
+                     f"throughput ratio {d['ratio']:.3f} (goal >= 0.9)" +
+                     (f"; rounds {min(rr):.3f}-{max(rr):.3f}" if len(rr) > 1 else ""))
+        if "daemon_cpu_by_thread" in d:
+            threads = ", ".join(f"{k} {v:.1f}" for k, v in sorted(d["daemon_cpu_by_thread"].items(), key=lambda kv: -kv[1]) if v >= 0.05)
+            o, st = d["others_cpu_s"], d["steal_s"]
+            lines.append(f"  CPU seconds: bare engine {d['bare_cpu_s']:.1f}, daemon {d['daemon_cpu_s']:.1f} ({threads}); "
+                         f"meanwhile other processes {o['bare']:.1f} / {o['daemon']:.1f}, steal {st['bare']:.1f} / {st['daemon']:.1f} (bare / daemon)")
         lines.append(f"latency, one 64x64 file: {d['latency_ms']:.0f} ms arrival-to-output, model {d['model_ms']:.0f} ms, "
                      f"overhead {d['overhead_ms']:.0f} ms (goal < 100 ms)")
     if "large" in r:

@@ -1,6 +1,9 @@
 """The benchmark's table renders on every kind of machine, including one without native bf16,
 where the bf16 peak is not measured (it would take minutes of emulated matmuls)."""
 import importlib.util
+import os
+import threading
+import time
 from pathlib import Path
 
 spec = importlib.util.spec_from_file_location("benchmark", Path(__file__).parents[1] / "bench" / "benchmark.py")
@@ -25,3 +28,38 @@ def test_table_without_a_bf16_peak_says_so() -> None:
 def test_table_with_a_bf16_peak_gives_its_share() -> None:
     text = benchmark.table(result(native_bf16=True, bf16_peaks={"matmul": 900.0, "conv1x1": 943.0}, bf16_peak_gflops=943.0))
     assert "bf16 900 | 943" in text and "| 118 | 76% | 13% |" in text
+
+
+def test_thread_cpu_sums_cpu_seconds_by_kernel_thread_name() -> None:
+    from daemon.worker import name_os_thread
+
+    def burn() -> None:
+        name_os_thread("bench-burner")
+        end = time.thread_time() + 0.3
+        while time.thread_time() < end:
+            pass
+        done.wait()
+
+    done = threading.Event()
+    t = threading.Thread(target=burn)
+    t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while benchmark.thread_cpu(os.getpid()).get("bench-burner", 0.0) < 0.25:
+            assert time.monotonic() < deadline, benchmark.thread_cpu(os.getpid())
+            time.sleep(0.05)
+    finally:
+        done.set()
+        t.join()
+
+
+def test_table_gives_the_daemon_cpu_by_thread() -> None:
+    daemon = {"images": "10 x 256x256 + 1 x 1024x768", "content": "synthetic", "out_mp": 23.0, "bare_s": 10.0,
+              "daemon_s": 10.5, "ratio": 10 / 10.5, "rounds": 2, "round_ratios": [0.93, 0.975], "bare_cpu_s": 19.9,
+              "daemon_cpu_s": 20.6, "daemon_cpu_by_thread": {"inference": 19.8, "io": 0.7, "python": 0.1, "watchdog": 0.01},
+              "others_cpu_s": {"bare": 0.2, "daemon": 0.3}, "steal_s": {"bare": 0.0, "daemon": 1.5},
+              "latency_ms": 60.0, "model_ms": 30.0, "overhead_ms": 30.0}
+    text = benchmark.table(result(daemon=daemon))
+    assert "in 2 alternating round(s)" in text and "throughput ratio 0.952 (goal >= 0.9); rounds 0.930-0.975" in text
+    assert "daemon 20.6 (inference 19.8, io 0.7, python 0.1)" in text  # below 0.05 s is left out
+    assert "steal 0.0 / 1.5 (bare / daemon)" in text

@@ -462,6 +462,24 @@ def test_io_threads_run_at_lower_cpu_priority_than_inference(tmp_path, ckpt, ups
         pipeline.stop()
 
 
+def test_pipeline_threads_carry_their_names_in_the_kernel(tmp_path, ckpt, upscaler):
+    # What `top -H`, `ps -L` and the benchmark's CPU-by-thread line see.
+    from daemon.worker import Pipeline
+
+    worker, _ = make_worker(tmp_path, ckpt, upscaler)
+    pipeline = Pipeline(worker, 2, lambda job: None)
+    pipeline.start()
+    try:
+        wait_for(lambda: all(t.native_id for t in pipeline._threads), what="threads started")
+
+        def comm() -> dict:
+            return {t.name: Path(f"/proc/self/task/{t.native_id}/comm").read_text().strip() for t in pipeline._threads}
+
+        wait_for(lambda: comm() == {"io-0": "io-0", "io-1": "io-1", "inference": "inference"}, what=f"names {comm()}")
+    finally:
+        pipeline.stop()
+
+
 def test_io_threads_can_run_only_when_a_core_is_idle(tmp_path, ckpt, upscaler):
     from daemon.worker import Pipeline
 
