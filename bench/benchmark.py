@@ -11,6 +11,8 @@ Rows:
   3. daemon end-to-end throughput (images dropped into a real `upscaled serve`) over the bare
      engine's throughput on the same images: reduced crops of the training photos where they are
      present (--content), else synthetic gradients with noise, which PNG compresses worst.
+     Timed in alternating rounds of ~10 s (see daemon_rows), with the daemon's CPU seconds by
+     thread, and what other processes and the hypervisor took meanwhile.
   4. latency from one small file's arrival to its output being in place, minus model time.
   5. peak RSS and seconds per output megapixel for one large image through `upscaled upscale`.
 The same rows run on CUDA when a GPU is present (rows 1, 2 and 5 on the device).

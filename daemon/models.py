@@ -100,6 +100,9 @@ class ModelSlot:
         `current`, verified; if it is refused, the bundled default (verified too), and the refusal
         is shown in the status so the operator sees why.
         """
+        return on_passing_thread(self._start)
+
+    def _start(self) -> Any:
         if self.pinned:
             from upscaled.runtime import build_upscaler, checkpoint_for
 
@@ -320,6 +323,33 @@ def _release(loaded: Loaded) -> None:
         import torch
 
         torch.cuda.empty_cache()
+
+
+def on_passing_thread(fn):
+    """`fn()` on a thread of its own that ends when it returns: its result, or its exception.
+
+    Why: libgomp gives every thread that runs a parallel torch op its own pool of OpenMP workers,
+    alive as long as that thread. A model verified and warmed up on the main thread left the
+    main thread a pool for the daemon's whole life; beside the inference thread's pool that is
+    more OpenMP threads than cores, and libgomp then spins only briefly before putting a worker
+    to sleep between two parallel regions. The inference thread's workers slept and were woken
+    ~8,500 times in 33 images, and the daemon lost ~5% of its engine's throughput to that
+    (bench/results/2026-12-02.md). A thread that ends takes its pool with it.
+    """
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=run, name="model-loader")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def _key_of(path: Path) -> Key:

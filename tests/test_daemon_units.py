@@ -519,3 +519,40 @@ def test_auto_io_priority_is_idle_only_alone_in_a_cgroup(tmp_path):
     assert not alone_in_cgroup(tmp_path / "missing", tmp_path / "none", pid=42)
     assert io_priority("auto", True) == "idle" and io_priority("auto", False) == 10
     assert io_priority(3, True) == 3 and io_priority("idle", False) == "idle"
+
+
+def test_model_loading_thread_takes_its_openmp_workers_with_it():
+    # libgomp gives each thread that runs a parallel op its own worker pool for as long as that
+    # thread lives; the start-up load must not leave one to the main thread (daemon/models.py).
+    import torch
+
+    from daemon.models import on_passing_thread
+
+    def new_tasks() -> set[str]:  # by id: other tests' threads may end meanwhile
+        return set(os.listdir("/proc/self/task")) - base
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    x = torch.ones(1 << 22)
+    try:
+        base = set(os.listdir("/proc/self/task"))
+        assert on_passing_thread(lambda: float((x * 2).sum())) == 2 * (1 << 22)
+        wait_for(lambda: not new_tasks(), what=f"threads left behind: {new_tasks()}")
+        # The control: the same op on a thread that stays leaves it a worker besides itself.
+        ran, stay = threading.Event(), threading.Event()
+
+        def keep() -> None:
+            float((x * 2).sum())
+            ran.set()
+            stay.wait()
+
+        t = threading.Thread(target=keep)
+        t.start()
+        ran.wait()
+        assert new_tasks() - {str(t.native_id)}, "the op started no OpenMP worker: the check above proves nothing"
+        stay.set()
+        t.join()
+        with pytest.raises(ZeroDivisionError):
+            on_passing_thread(lambda: 1 / 0)
+    finally:
+        torch.set_num_threads(threads)
