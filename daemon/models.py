@@ -333,8 +333,8 @@ def on_passing_thread(fn):
     main thread a pool for the daemon's whole life; beside the inference thread's pool that is
     more OpenMP threads than cores, and libgomp then spins only briefly before putting a worker
     to sleep between two parallel regions. The inference thread's workers slept and were woken
-    ~8,500 times in 33 images, and the daemon lost ~5% of its engine's throughput to that
-    (bench/results/2026-12-02.md). A thread that ends takes its pool with it.
+    ~8,500 times in 33 images, and a small file took 30-36 ms longer than its model time to come
+    out instead of 11-13 ms (bench/results/2026-12-02.md). A thread that ends takes its pool with it.
     """
     box: dict = {}
 
@@ -344,7 +344,7 @@ def on_passing_thread(fn):
         except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
             box["error"] = e
 
-    t = threading.Thread(target=run, name="model-loader")
+    t = threading.Thread(target=run, name="model-loader", daemon=True)  # never holds up an exit
     t.start()
     t.join()
     if "error" in box:
