@@ -58,8 +58,9 @@ def test_table_gives_the_daemon_cpu_by_thread() -> None:
               "daemon_s": 10.5, "ratio": 10 / 10.5, "rounds": 2, "round_ratios": [0.93, 0.975], "bare_cpu_s": 19.9,
               "daemon_cpu_s": 20.6, "daemon_cpu_by_thread": {"inference": 19.8, "io": 0.7, "python": 0.1, "watchdog": 0.01},
               "others_cpu_s": {"bare": 0.2, "daemon": 0.3}, "steal_s": {"bare": 0.0, "daemon": 1.5},
-              "latency_ms": 60.0, "model_ms": 30.0, "overhead_ms": 30.0}
+              "latency_ms": 60.0, "latencies_ms": [58.0, 60.0, 75.2], "model_ms": 30.0, "overhead_ms": 30.0}
     text = benchmark.table(result(daemon=daemon))
     assert "in 2 alternating round(s)" in text and "throughput ratio 0.952 (goal >= 0.9); rounds 0.930-0.975" in text
     assert "daemon 20.6 (inference 19.8, io 0.7, python 0.1)" in text  # below 0.05 s is left out
     assert "steal 0.0 / 1.5 (bare / daemon)" in text
+    assert "60 ms arrival-to-output (median of 3: 58-75 ms), model 30 ms, overhead 30 ms" in text
