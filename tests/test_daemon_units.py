@@ -556,3 +556,32 @@ def test_model_loading_thread_takes_its_openmp_workers_with_it():
             on_passing_thread(lambda: 1 / 0)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_start_up_load_leaves_no_openmp_workers_behind(tmp_path):
+    # The wiring of the fix above, in a fresh process (the first parallel op of a process is
+    # what gives its thread a pool): ModelSlot.start must leave the calling thread no worker,
+    # and the same load run on that thread directly, the control, must leave one.
+    from model.checkpoint import BUNDLED_DEFAULT
+
+    _, config = make_config(tmp_path, BUNDLED_DEFAULT)
+    script = (
+        "import os, sys, time, torch\n"
+        "torch.set_num_threads(2)\n"
+        "from daemon.models import ModelSlot\n"
+        "from upscaled.config import load\n"
+        "slot = ModelSlot(load(sys.argv[1]), watch=False)\n"
+        "base = set(os.listdir('/proc/self/task'))\n"
+        "(slot.start if sys.argv[2] == 'start' else slot._start)()\n"
+        "time.sleep(0.2)\n"  # a passing thread's workers end just after it
+        "print(len(set(os.listdir('/proc/self/task')) - base))\n"
+    )
+
+    def left_behind(how: str) -> int:
+        r = subprocess.run([sys.executable, "-c", script, str(config), how], capture_output=True, text=True,
+                           cwd=Path(__file__).parents[1], timeout=120)
+        assert r.returncode == 0, r.stderr
+        return int(r.stdout.split()[-1])
+
+    assert left_behind("direct") >= 1, "the load ran no parallel op: the check below proves nothing"
+    assert left_behind("start") == 0
