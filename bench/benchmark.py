@@ -46,29 +46,32 @@ from model.generator import Generator, GeneratorConfig  # noqa: E402
 from model.engine import EngineOptions, Upscaler, cpu_has_native_bf16, reuse_freed_memory  # noqa: E402
 from model.quality import downscale, psnr_ssim_y  # noqa: E402
 
-VAL_PHOTOS = ROOT.parent / "shared" / "data" / "photos" / "val"
-TRAIN_PHOTOS = ROOT.parent / "shared" / "data" / "photos" / "train"
+PHOTOS = ROOT.parent / "shared" / "data" / "photos"  # --photos; on a GPU machine a carried copy
+VAL_PHOTOS, TRAIN_PHOTOS = PHOTOS / "val", PHOTOS / "train"
 PHOTO_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048, seconds: float = 2.0) -> dict:
+def matmul_peak(dtype: torch.dtype, device: str, n: int = 0, seconds: float = 2.0) -> dict:
     """GFLOP/s of the best matrix multiply this process runs in `dtype`, by two routes: torch's
     matmul (MKL/cuBLAS) and a 1x1 convolution in channels_last, which is a GEMM (M = pixels,
     K = N = channels) through oneDNN/cuDNN. On AMD CPUs MKL's fp32 GEMM takes a slower code path
-    (about 200 against 480 GFLOP/s here), so the convolution route is the honest peak for convolutions."""
+    (about 200 against 480 GFLOP/s here), so the convolution route is the honest peak for convolutions.
+    A GPU needs far larger products to reach its peak than a CPU does: 8192^3 and 256x256 pixels there."""
 
     def rate(fn, flops: float) -> float:
         return flops / time_call(fn, seconds, device) / 1e9
 
+    cuda = device.startswith("cuda")
+    n = n or (8192 if cuda else 2048)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    c, side = 1024, 64
+    c, side = 1024, 256 if cuda else 64
     conv = torch.nn.Conv2d(c, c, 1, bias=False).to(device, dtype).to(memory_format=torch.channels_last)
     x = torch.randn(1, c, side, side, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         mm = rate(lambda: a @ b, 2 * n**3)
         gemm_conv = rate(lambda: conv(x), 2 * c * c * side * side)
-    return {"matmul": mm, "conv1x1": gemm_conv, "peak": max(mm, gemm_conv)}
+    return {"matmul": mm, "conv1x1": gemm_conv, "peak": max(mm, gemm_conv), "n": n, "side": side}
 
 
 def sync(device: str) -> None:
@@ -111,10 +114,12 @@ def photo_crops(count: int, side: int) -> list[np.ndarray]:
 
 
 def generator_rows(gen, device: str, lr_side: int, label: str) -> list[dict]:
+    """One tile per pass on a CPU (it is busy with one); 8 on a GPU, as the engine batches there."""
     flops_px = gen.flops_per_output_pixel()
-    out_px = (lr_side * gen.cfg.scale) ** 2
+    n = 8 if device.startswith("cuda") else 1
+    out_px = n * (lr_side * gen.cfg.scale) ** 2
     rows = []
-    x = torch.rand(1, 3, lr_side, lr_side, device=device)
+    x = torch.rand(n, 3, lr_side, lr_side, device=device)
     plain = gen.to(device).eval()
 
     def run_plain():
@@ -124,7 +129,7 @@ def generator_rows(gen, device: str, lr_side: int, label: str) -> list[dict]:
     rows.append(("plain fp32 NCHW forward", time_call(run_plain, device=device)))
     for precision in ["fp32"] + (["bf16"] if device == "cpu" and cpu_has_native_bf16() else []) + \
             (["fp16"] if device.startswith("cuda") else []):
-        up = Upscaler(gen, None, EngineOptions(device=device, precision=precision, tile=lr_side, batch=1))
+        up = Upscaler(gen, None, EngineOptions(device=device, precision=precision, tile=lr_side, batch=n))
         rows.append((f"engine {precision} (folded, channels_last)", time_call(lambda: up.forward(x), device=device)))
     c = gen.cfg
     return [
@@ -136,8 +141,10 @@ def generator_rows(gen, device: str, lr_side: int, label: str) -> list[dict]:
 
 
 def quality_guard(gen, device: str, crops: list[np.ndarray]) -> dict:
+    """The fast path against fp32 on the CPU: on a GPU, PyTorch's fp32 convolutions are TF32
+    (10-bit mantissa) unless told otherwise, so the reference is computed where fp32 is fp32."""
     s = gen.cfg.scale
-    ref = Upscaler(gen, None, EngineOptions(device=device, precision="fp32"))
+    ref = Upscaler(gen, None, EngineOptions(device="cpu", precision="fp32"))
     fast = Upscaler(gen, None, EngineOptions(device=device, precision="auto"))
     p_ref, p_fast = [], []
     for hr in crops:
@@ -145,7 +152,7 @@ def quality_guard(gen, device: str, crops: list[np.ndarray]) -> dict:
         hr_c = hr[: lr.shape[0] * s, : lr.shape[1] * s]
         p_ref.append(psnr_ssim_y(ref.upscale_rgb(lr), hr_c, s)[0])
         p_fast.append(psnr_ssim_y(fast.upscale_rgb(lr), hr_c, s)[0])
-    return {"fast_precision": str(fast.dtype).replace("torch.", ""), "psnr_fp32": float(np.mean(p_ref)),
+    return {"fast_precision": str(fast.dtype).replace("torch.", ""), "fast_device": str(fast.device), "psnr_fp32": float(np.mean(p_ref)),
             "psnr_fast": float(np.mean(p_fast)), "delta_db": float(np.mean(p_fast) - np.mean(p_ref))}
 
 
@@ -342,7 +349,7 @@ def daemon_rows(model: Path, device: str, up: Upscaler, n_small: int, n_large: i
     bare, e2e = sum(bare_t), sum(daemon_t)
     daemon_cpu = sum(by_thread.values())
     out_mp = sum(w * h * up.scale**2 for w, h, _ in specs) / 1e6
-    content = f"photos ({len(photos)} files under {TRAIN_PHOTOS.relative_to(ROOT.parent)})" if photos else "synthetic"
+    content = f"photos ({len(photos)} files under {TRAIN_PHOTOS.parent.name}/{TRAIN_PHOTOS.name})" if photos else "synthetic"
     return {"images": f"{n_small} x 256x256 + {n_large} x 1024x768", "content": content, "out_mp": out_mp,
             "bare_s": bare, "daemon_s": e2e, "ratio": bare / e2e, "rounds": n_rounds,
             "round_ratios": [round(b / d, 3) for b, d in zip(bare_t, daemon_t)],
@@ -381,9 +388,13 @@ def main() -> int:
     ap.add_argument("--content", choices=["auto", "photos", "synthetic"], default="auto",
                     help="what the daemon rows' images show: reduced crops of the training photos (auto: when "
                          "they are present) or synthetic gradients with noise (compress worse: a PNG encoder's worst case)")
+    ap.add_argument("--photos", metavar="DIR", default=str(PHOTOS),
+                    help="folder with val/ (quality crops) and train/ (daemon images) photos (default: %(default)s)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="a config value for the daemon under test (for A/B runs), e.g. daemon.io_nice=0")
     args = ap.parse_args()
+    global VAL_PHOTOS, TRAIN_PHOTOS
+    VAL_PHOTOS, TRAIN_PHOTOS = Path(args.photos) / "val", Path(args.photos) / "train"
     overrides = {}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -436,7 +447,8 @@ def table(r: dict) -> str:
     lines = [f"upscaled benchmark {r['date']} on {r['device']} ({r.get('gpu') or r['cpu']}, {r['threads']} threads, "
              f"native bf16: {r['native_bf16']}){' [quick]' if r['quick'] else ''}",
              f"served model {r['model']}" + (f", daemon config {r['daemon_config']}" if r.get("daemon_config") else ""), "",
-             "matrix-multiply peak of this process, GFLOP/s (torch matmul 2048^3 | 1x1 conv GEMM 1024 ch, 64x64): " +
+             f"matrix-multiply peak of this process, GFLOP/s (torch matmul {r['fp32_peaks'].get('n', 2048)}^3 | 1x1 conv GEMM "
+             f"1024 ch, {r['fp32_peaks'].get('side', 64)}^2 px): " +
              ", ".join(f"{k} {r[k + '_peaks']['matmul']:.0f} | {r[k + '_peaks']['conv1x1']:.0f}" for k in ("fp32", "bf16") if k + "_peaks" in r) +
              f"; peak = the better: fp32 {r['fp32_peak_gflops']:.0f}, bf16 " +
              (f"{r['bf16_peak_gflops']:.0f}" if "bf16_peak_gflops" in r else "not measured (no native bf16: emulated, unused)"), ""]
@@ -451,13 +463,14 @@ def table(r: dict) -> str:
         lines.append("")
     if "quality" in r:
         q = r["quality"]
-        lines.append(f"quality guard: fast path ({q['fast_precision']}) {q['psnr_fast']:.3f} dB vs fp32 "
+        lines.append(f"quality guard: fast path ({q['fast_precision']} on {q.get('fast_device', 'cpu')}) {q['psnr_fast']:.3f} dB vs fp32 on the CPU "
                      f"{q['psnr_fp32']:.3f} dB: {q['delta_db']:+.4f} dB (limit 0.05 dB)")
     if "daemon" in r:
         d = r["daemon"]
         rr = d.get("round_ratios", [])
         lines.append(f"daemon end-to-end: {d['images']} of {d.get('content', 'synthetic')} ({d['out_mp']:.0f} output MP) "
                      f"in {d.get('rounds', 1)} alternating round(s): bare engine {d['bare_s']:.1f} s, daemon {d['daemon_s']:.1f} s, "
+                     f"{d['out_mp'] / d['bare_s']:.2f} vs {d['out_mp'] / d['daemon_s']:.2f} output MP/s, "
                      f"throughput ratio {d['ratio']:.3f} (goal >= 0.9)" +
                      (f"; rounds {min(rr):.3f}-{max(rr):.3f}" if len(rr) > 1 else ""))
         if "daemon_cpu_by_thread" in d:

@@ -35,7 +35,7 @@ from daemon.models import ModelSlot
 from daemon.notify import Notifier
 from daemon.status import ServiceState, StatusBoard
 from daemon.watcher import Hint, InboxFilter, InboxHandler, Settler, make_observer, scan
-from daemon.worker import Pipeline, Worker, out_path
+from daemon.worker import Pipeline, Worker, io_thread_count, out_path
 from upscaled.config import Config, ConfigError
 
 TICK = 0.25  # seconds the loop sleeps when nothing wakes it
@@ -92,6 +92,7 @@ class Service:
         self.slot = ModelSlot(cfg, self.wake, watch=not once)
         self.worker: Worker | None = None
         self.pipeline: Pipeline | None = None
+        self.io_workers = 0  # daemon.io_workers as applied, once the model's device is known
         self.observer = None
         self.stopping = False
         self.stop_deadline = 0.0
@@ -116,7 +117,8 @@ class Service:
         self._recover()
         self.upscaler = self.slot.start()
         self.worker = Worker(cfg, self.upscaler, self.claims)
-        self.pipeline = Pipeline(self.worker, cfg.daemon.io_workers, self._on_finished, cfg.daemon.io_nice)
+        self.io_workers = io_thread_count(cfg.daemon.io_workers, self.upscaler.device.type)
+        self.pipeline = Pipeline(self.worker, self.io_workers, self._on_finished, cfg.daemon.io_nice)
         self.pipeline.start()
         if not self.once:
             handler = InboxHandler(self.filter, self.hints, self.wake, polling=cfg.watch.mode == "polling")
@@ -130,7 +132,7 @@ class Service:
         io = self.pipeline.io_nice
         logger.info("{} {} -> {} (model {}, {} watching, {} I/O threads at {})",
                     "processing" if self.once else "serving", self.inbox, cfg.path("outbox"), self.upscaler.version,
-                    "no" if self.once else cfg.watch.mode, cfg.daemon.io_workers,
+                    "no" if self.once else cfg.watch.mode, self.io_workers,
                     "SCHED_IDLE" if io == "idle" else f"nice +{io}")
         self.notify.ready(self.board.summary())
 
@@ -262,7 +264,7 @@ class Service:
         # One job per I/O thread, one batch being upscaled and one decoded and waiting for the
         # device (a batch is one image on a CPU, several small ones on a GPU).
         batch = max(1, self.pipeline.worker.upscaler.tile_and_batch()[1]) if self.pipeline else 1
-        return self.cfg.daemon.io_workers + 1 + batch
+        return self.io_workers + 1 + batch
 
     def _claim_ready(self, now: float) -> None:
         free = self.capacity() - self.pipeline.in_flight()

@@ -254,6 +254,20 @@ def io_priority(setting: int | str, alone: bool) -> int | str:
     return setting
 
 
+def io_thread_count(setting: int | str, device_type: str, cores: int | None = None) -> int:
+    """`daemon.io_workers` as applied. Beside a CPU model, 2: inference takes every core, and the
+    I/O threads (below its priority) only fill its gaps. Beside a GPU the CPU does little but
+    decode and encode, and a 4x PNG takes several times the GPU's upscale (12 MP: 0.13 s on one
+    core), so every core but the one feeding the GPU encodes, up to 8 (each job in flight holds
+    an output image)."""
+    if setting != "auto":
+        return int(setting)
+    if device_type != "cuda":
+        return 2
+    cores = len(os.sched_getaffinity(0)) if cores is None else cores  # the cores this process may use
+    return max(2, min(8, cores - 1))
+
+
 def name_os_thread(name: str) -> None:
     """Give the calling thread `name` in the kernel as well (15 bytes at most), so `top -H`,
     `ps -L` and /proc/PID/task/*/comm tell the inference thread from the I/O threads; Python 3.11

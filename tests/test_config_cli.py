@@ -35,6 +35,8 @@ def test_documented_config_equals_builtin_defaults() -> None:
         ({"output": {"jpeg_quality": 101}}, "output.jpeg_quality", "1..100"),
         ({"output": {"png_strategy": "lz4"}}, "output.png_strategy", "fast, rle, default"),
         ({"daemon": {"io_nice": 20}}, "daemon.io_nice", "0..19"),
+        ({"daemon": {"io_workers": 0}}, "daemon.io_workers", "auto or an integer >= 1"),
+        ({"daemon": {"io_workers": "many"}}, "daemon.io_workers", "an integer or one of auto"),
         ({"daemon": {"io_nice": "low"}}, "daemon.io_nice", "an integer or one of auto, idle"),
         ({"trainer": {"lr_g": "fast"}}, "trainer.lr_g", "a number"),
         ({"paths": {"outbox": "data/inbox/out"}}, "paths.outbox", "outside paths.inbox"),

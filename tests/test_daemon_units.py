@@ -521,6 +521,16 @@ def test_auto_io_priority_is_idle_only_alone_in_a_cgroup(tmp_path):
     assert io_priority(3, True) == 3 and io_priority("idle", False) == "idle"
 
 
+def test_auto_io_threads_are_two_beside_a_cpu_model_and_the_spare_cores_beside_a_gpu():
+    from daemon.worker import io_thread_count
+
+    assert [io_thread_count("auto", "cpu", cores=n) for n in (1, 2, 16, 64)] == [2, 2, 2, 2]
+    assert [io_thread_count("auto", "cuda", cores=n) for n in (1, 2, 4, 9, 16, 64)] == [2, 2, 3, 8, 8, 8]
+    assert io_thread_count(5, "cuda", cores=16) == 5 and io_thread_count(1, "cpu") == 1
+    # without `cores`, the cores this process may run on (a cpuset or taskset), not the machine's
+    assert io_thread_count("auto", "cuda") == max(2, min(8, len(os.sched_getaffinity(0)) - 1))
+
+
 def test_model_loading_thread_takes_its_openmp_workers_with_it():
     # libgomp gives each thread that runs a parallel op its own worker pool for as long as that
     # thread lives; the start-up load must not leave one to the main thread (daemon/models.py).

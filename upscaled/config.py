@@ -127,7 +127,7 @@ class WatchConfig:
 @dataclass(frozen=True)
 class DaemonConfig:
     originals: Literal["move", "delete", "keep"] = "move"  # what happens to an input once its output exists
-    io_workers: int = 2  # threads decoding and encoding beside the inference thread
+    io_workers: int | Literal["auto"] = "auto"  # decode/encode threads: auto = 2 beside a CPU model, more beside a GPU
     io_nice: int | Literal["auto", "idle"] = "auto"  # I/O threads' CPU priority: auto, idle (SCHED_IDLE), or 0..19 below inference
     retry_initial: float = 5.0  # seconds before retrying after a transient error (disk full, ...)
     retry_max: float = 300.0
@@ -137,7 +137,7 @@ class DaemonConfig:
 
     def __post_init__(self) -> None:
         _need(self.lease_interval > 0, "lease_interval", "seconds > 0", self.lease_interval)
-        _need(self.io_workers >= 1, "io_workers", "an integer >= 1", self.io_workers)
+        _need(self.io_workers == "auto" or self.io_workers >= 1, "io_workers", "auto or an integer >= 1", self.io_workers)
         _need(self.io_nice in ("auto", "idle") or 0 <= self.io_nice <= 19, "io_nice", "auto, idle or an integer 0..19", self.io_nice)
         _need(0 < self.retry_initial <= self.retry_max, "retry_initial", "0 < retry_initial <= retry_max", self.retry_initial)
         _need(self.shutdown_timeout > 0, "shutdown_timeout", "seconds > 0", self.shutdown_timeout)
