@@ -66,6 +66,15 @@ def test_batched_tiles_with_overlapped_copies_assemble_the_image_of_one_pass() -
     assert worst <= 3 and mean < 0.3, (worst, mean)  # fp16 on the GPU against fp32 on the CPU
 
 
+def test_self_ensemble_on_the_gpu_matches_the_cpu() -> None:
+    g = tiny_generator(GeneratorConfig(channels=16, blocks=2))
+    img = natural_image(120, 88, seed=4)
+    gpu = Upscaler(g, None, EngineOptions(device="cuda", precision="fp16", self_ensemble=8, tile=48)).upscale_rgb(img)
+    cpu = Upscaler(g, None, EngineOptions(device="cpu", precision="fp32", self_ensemble=8)).upscale_rgb(img)
+    worst, mean = levels(gpu, cpu)
+    assert worst <= 3 and mean < 0.3, (worst, mean)
+
+
 def test_out_of_memory_retries_the_image_with_smaller_tiles() -> None:
     g = tiny_generator(GeneratorConfig(channels=64, blocks=2))
     up = Upscaler(g, None, EngineOptions(device="cuda", precision="fp16", tile=1024, batch=8))

@@ -111,6 +111,10 @@ def test_eval_prints_the_table(trained, capsys, monkeypatch):
     assert report["fingerprint"] == read_info(trained["run"] / "best.safetensors").validation["fingerprint"]
     rc = cli_main(["eval", "--data", str(trained["photos"]), "--model", str(trained["run"] / "best.safetensors"), "--json", "--max-images", "1"])
     assert rc == 0 and len(json.loads(capsys.readouterr().out)["images"]) == 1
+    rc = cli_main(["eval", "--data", str(trained["photos"]), "--model", str(trained["run"] / "best.safetensors"), "--json", "--self-ensemble", "4"])
+    four = json.loads(capsys.readouterr().out)
+    assert rc == 0 and four["self_ensemble"] == 4 and report["self_ensemble"] == 1
+    assert four["mean_psnr_y"]["model"] != report["mean_psnr_y"]["model"]  # the flag reached the engine
 
 
 def _small(photos: Path, **kw) -> TrainerConfig:

@@ -51,9 +51,10 @@ def main(cfg: Config, args) -> int:
     if args.json:
         out = report.to_dict()
         out.update(model=up.version, fingerprint=fingerprint(files, folder, up.scale), data=str(folder),
-                   device=str(up.device), precision=str(up.dtype).replace("torch.", ""))
+                   device=str(up.device), precision=str(up.dtype).replace("torch.", ""), self_ensemble=up.ensemble)
         json.dump(out, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        print(format_table(report, f"{up.version} on {up.device} ({str(up.dtype).replace('torch.', '')})"))
+        views = f", self-ensemble of {up.ensemble}" if up.ensemble > 1 else ""
+        print(format_table(report, f"{up.version} on {up.device} ({str(up.dtype).replace('torch.', '')}{views})"))
     return 0

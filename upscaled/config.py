@@ -74,6 +74,7 @@ class InferenceConfig:
     batch: int = 0
     threads: int = 0
     memory_budget_mb: int = 0
+    self_ensemble: int = 1
 
     def __post_init__(self) -> None:
         d = self.device
@@ -86,6 +87,7 @@ class InferenceConfig:
         _need(self.batch >= 0, "batch", "0 (auto) or a positive integer", self.batch)
         _need(self.threads >= 0, "threads", "0 (all cores) or a positive integer", self.threads)
         _need(self.memory_budget_mb >= 0, "memory_budget_mb", "0 (auto) or megabytes", self.memory_budget_mb)
+        _need(self.self_ensemble in (1, 2, 4, 8), "self_ensemble", "1, 2, 4 or 8", self.self_ensemble)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ def engine_options(cfg: Config):
     i = cfg.inference
     return EngineOptions(
         device=i.device, precision=i.precision, tile=i.tile, overlap=i.overlap, batch=i.batch,
-        threads=i.threads, memory_budget_mb=i.memory_budget_mb,
+        threads=i.threads, memory_budget_mb=i.memory_budget_mb, self_ensemble=i.self_ensemble,
     )
 
 
