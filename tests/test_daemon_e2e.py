@@ -156,6 +156,30 @@ def test_polling_mode_picks_up_a_copy(tmp_path, ckpt):
         assert stop(proc) == 0, log_tail(tmp_path)
 
 
+def test_daemon_serves_the_configured_self_ensemble(tmp_path, ckpt):
+    import numpy as np
+    from PIL import Image
+
+    from model.checkpoint import load_generator
+    from model.engine import EngineOptions, Upscaler
+
+    cfg, config = make_config(tmp_path, ckpt, inference={"device": "cpu", "precision": "fp32", "self_ensemble": 4})
+    proc = serve(config, log=tmp_path / "daemon.log")
+    try:
+        wait_running(tmp_path, proc)
+        write_image(tmp_path / "staging" / "e.png", w=40, h=28, seed=4).rename(tmp_path / "inbox" / "e.png")
+        wait_for(lambda: (tmp_path / "done" / "e.png").exists(), 30, what="the file")
+    finally:
+        assert stop(proc) == 0, log_tail(tmp_path)
+    assert "self-ensemble of 4 views" in log_tail(tmp_path)
+    rgb = np.asarray(Image.open(tmp_path / "done" / "e.png").convert("RGB"))
+    out = np.asarray(Image.open(tmp_path / "outbox" / "e.png").convert("RGB")).astype(np.int16)
+    g, info = load_generator(ckpt)
+    diff = {n: np.abs(out - Upscaler(g, info, EngineOptions(device="cpu", precision="fp32", self_ensemble=n))
+                      .upscale_rgb(rgb).astype(np.int16)).max() for n in (1, 4)}
+    assert diff[4] <= 1 < diff[1], diff
+
+
 def test_two_daemons_process_each_file_exactly_once(tmp_path, ckpt):
     cfg, config = make_config(tmp_path, ckpt, watch={"settle_seconds": 0.2})
     inbox = tmp_path / "inbox"

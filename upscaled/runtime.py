@@ -62,8 +62,8 @@ def build_upscaler(cfg: Config, override: str | None = None):
         )
     up = Upscaler(generator, info, engine_options(cfg))
     logger.info(
-        "model {} ({} checkpoint {}), x{}, {} blocks x {} channels, on {} in {}",
+        "model {} ({} checkpoint {}), x{}, {} blocks x {} channels, on {} in {}{}",
         info.version, origin, path.name, info.scale, info.generator.blocks, info.generator.channels,
-        up.device, str(up.dtype).replace("torch.", ""),
+        up.device, str(up.dtype).replace("torch.", ""), f", self-ensemble of {up.ensemble} views" if up.ensemble > 1 else "",
     )
     return up
