@@ -1,5 +1,5 @@
-"""The CUDA path: fp16 quality, batched tiles with overlapped copies, the out-of-memory retry, and
-the daemon serving from a GPU. Skipped without a GPU; on one, `bench/gpu_check.sh` runs these
+"""The CUDA path: fp16 quality, batched tiles with overlapped copies, self-ensemble, the
+out-of-memory retry, the daemon serving from a GPU, and training on one. Skipped without a GPU; on one, `bench/gpu_check.sh` runs these
 with the benchmark in one call."""
 
 from __future__ import annotations
@@ -131,3 +131,27 @@ def test_daemon_serves_from_the_gpu_with_an_io_thread_per_spare_core(tmp_path: P
     for i in range(6):
         with Image.open(Path(cfg.path("outbox")) / f"p{i}.png") as im:
             assert im.size == (384, 256)
+
+
+def test_training_on_the_gpu_runs_both_phases_validates_and_resumes(tmp_path: Path) -> None:
+    from model.checkpoint import load_generator as load
+    from tests.test_train import TINY, records
+    from tests.test_train_data import photo_folder
+    from trainer.train import EXIT_INTERRUPTED, train
+    from upscaled.config import TrainerConfig
+
+    photos = photo_folder(tmp_path / "photos", 2)
+    tc = TrainerConfig(data=str(photos), val=str(photos), **TINY, batch=4, crop=32, steps=12, pretrain_steps=6,
+                       log_every=1, save_every=100, val_every=6, workers=0, seed=3, device="cuda")
+    run = tmp_path / "run"
+    assert train(tc, run, until=8) == EXIT_INTERRUPTED  # stopped in the GAN phase ...
+    assert train(tc, run, resume=True) == 0  # ... and finished from its saved state
+    steps = records(run, "train")
+    assert sorted(r["step"] for r in steps) == list(range(1, 13))
+    assert {r["phase"] for r in steps} == {"pretrain", "gan"}
+    assert all(math.isfinite(r[k]) for r in steps for k in ("l1", "loss_g") if k in r)
+    vals = records(run, "val")
+    assert vals and all(math.isfinite(v["psnr_y"]) for v in vals), vals
+    g, info = load(run / "best.safetensors")
+    out = Upscaler(g, info, EngineOptions(device="cuda")).upscale_rgb(natural_image(24, 32))
+    assert out.shape == (96, 128, 3)
