@@ -24,6 +24,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
 
 
+def _self_ensemble(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--self-ensemble", type=int, choices=[1, 2, 4, 8], metavar="N",
+                   help="average the model over N flipped/transposed views (1, 2, 4, 8): closer to the original "
+                   "(higher PSNR), slightly smoother, N times slower (default: inference.self_ensemble)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="upscaled",
@@ -44,9 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the configured, published or bundled fidelity one)")
     p.add_argument("--format", choices=["png", "jpg", "webp"], help="output format (default: the input's own)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("--self-ensemble", type=int, choices=[1, 2, 4, 8], metavar="N",
-                   help="average over N flipped/transposed views (1, 2, 4, 8): sharper and closer to the original, "
-                   "N times slower (default: inference.self_ensemble)")
+    _self_ensemble(p)
     _common(p)
 
     p = sub.add_parser(
@@ -89,9 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the configured, published or bundled fidelity one)")
     p.add_argument("--max-images", type=int, default=0, metavar="N", help="only the first N images (sorted by path)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--self-ensemble", type=int, choices=[1, 2, 4, 8], metavar="N",
-                   help="average over N flipped/transposed views (1, 2, 4, 8): sharper and closer to the original, "
-                   "N times slower (default: inference.self_ensemble)")
+    _self_ensemble(p)
     _common(p)
 
     p = sub.add_parser(
