@@ -206,7 +206,7 @@ class Upscaler:
         """One batch through the model; with self-ensemble, the mean of the model's answers for
         the batch seen flipped left-right, up-down and transposed (1, 2, 4 or 8 of those views),
         each turned back. A network trained on flipped and rotated crops errs differently on each
-        view, so the mean errs less: +0.055, +0.104 and +0.128 dB for 2, 4 and 8 views with the
+        view, so the mean errs less: +0.057, +0.105 and +0.132 dB for 2, 4 and 8 views with the
         bundled model on the val photos, at 2, 4 and 8 times the time (README, "The bundled models")."""
         self.forward_passes += 1
         x = x.to(self.device, non_blocking=True)
