@@ -46,8 +46,7 @@ from model.generator import Generator, GeneratorConfig  # noqa: E402
 from model.engine import EngineOptions, Upscaler, cpu_has_native_bf16, reuse_freed_memory  # noqa: E402
 from model.quality import downscale, psnr_ssim_y  # noqa: E402
 
-PHOTOS = ROOT.parent / "shared" / "data" / "photos"  # --photos; on a GPU machine a carried copy
-VAL_PHOTOS, TRAIN_PHOTOS = PHOTOS / "val", PHOTOS / "train"
+PHOTOS = ROOT.parent / "shared" / "data" / "photos"  # val/ and train/; --photos (a GPU machine has a carried copy)
 PHOTO_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -99,9 +98,9 @@ def synthetic_photo(h: int, w: int, seed: int) -> np.ndarray:
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
-def photo_crops(count: int, side: int) -> list[np.ndarray]:
+def photo_crops(val: Path, count: int, side: int) -> list[np.ndarray]:
     """Centre crops of the validation photos when present, else synthetic images."""
-    files = sorted(VAL_PHOTOS.rglob("*.png")) if VAL_PHOTOS.is_dir() else []
+    files = sorted(val.rglob("*.png")) if val.is_dir() else []
     crops = []
     for f in files[:count]:
         a = np.asarray(Image.open(f).convert("RGB"))
@@ -168,13 +167,13 @@ def photo_image(files: list[Path], w: int, h: int, seed: int) -> np.ndarray:
         return np.asarray(im.resize((w, h), Image.Resampling.BOX, box=(x, y, x + cw, y + ch)))
 
 
-def content_files(content: str) -> list[Path]:
+def content_files(content: str, train: Path) -> list[Path]:
     """The photos the daemon rows are made of; [] means synthetic images."""
     if content == "synthetic":
         return []
-    files = sorted(f for f in TRAIN_PHOTOS.rglob("*") if f.suffix.lower() in PHOTO_EXTENSIONS) if TRAIN_PHOTOS.is_dir() else []
+    files = sorted(f for f in train.rglob("*") if f.suffix.lower() in PHOTO_EXTENSIONS) if train.is_dir() else []
     if not files and content == "photos":
-        raise SystemExit(f"--content photos: no photos under {TRAIN_PHOTOS}")
+        raise SystemExit(f"--content photos: no photos under {train}")
     return files
 
 
@@ -349,7 +348,7 @@ def daemon_rows(model: Path, device: str, up: Upscaler, n_small: int, n_large: i
     bare, e2e = sum(bare_t), sum(daemon_t)
     daemon_cpu = sum(by_thread.values())
     out_mp = sum(w * h * up.scale**2 for w, h, _ in specs) / 1e6
-    content = f"photos ({len(photos)} files under {TRAIN_PHOTOS.parent.name}/{TRAIN_PHOTOS.name})" if photos else "synthetic"
+    content = f"photos ({len(photos)} files under {os.path.commonpath(photos)})" if photos else "synthetic"
     return {"images": f"{n_small} x 256x256 + {n_large} x 1024x768", "content": content, "out_mp": out_mp,
             "bare_s": bare, "daemon_s": e2e, "ratio": bare / e2e, "rounds": n_rounds,
             "round_ratios": [round(b / d, 3) for b, d in zip(bare_t, daemon_t)],
@@ -393,8 +392,6 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="a config value for the daemon under test (for A/B runs), e.g. daemon.io_nice=0")
     args = ap.parse_args()
-    global VAL_PHOTOS, TRAIN_PHOTOS
-    VAL_PHOTOS, TRAIN_PHOTOS = Path(args.photos) / "val", Path(args.photos) / "train"
     overrides = {}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -427,11 +424,11 @@ def main() -> int:
             if gen.cfg != GeneratorConfig():  # the design's default size too, for the peak-share goal
                 res["generator"] += generator_rows(Generator(GeneratorConfig()), device, side, "design default")
         if "quality" not in args.skip:
-            res["quality"] = quality_guard(gen, device, photo_crops(4 if args.quick else 10, 96 if args.quick else 192))
+            res["quality"] = quality_guard(gen, device, photo_crops(Path(args.photos) / "val", 4 if args.quick else 10, 96 if args.quick else 192))
         up = Upscaler(gen, info, EngineOptions(device=device))
         if "daemon" not in args.skip:
             res["daemon"] = daemon_rows(Path(args.model), device, up, 10 if args.quick else 100,
-                                        1 if args.quick else 10, tmp, overrides, content_files(args.content))
+                                        1 if args.quick else 10, tmp, overrides, content_files(args.content, Path(args.photos) / "train"))
         if "large" not in args.skip:
             w, h = (1500, 1000) if args.quick else (6000, 4000)
             res["large"] = large_image_row(Path(args.model), device, w, h, tmp)

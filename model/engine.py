@@ -109,12 +109,15 @@ def available_memory_bytes(device: torch.device) -> int:
 
 
 def _view(x: torch.Tensor, k: int, undo: bool = False) -> torch.Tensor:
-    """Self-ensemble view k of an N x C x H x W batch, or (undo) its inverse."""
-    steps = [(lambda t: t.flip(-1)) if k & 1 else None, (lambda t: t.flip(-2)) if k & 2 else None,
-             (lambda t: t.transpose(-1, -2)) if k & 4 else None]
-    for step in (reversed(steps) if undo else steps):
-        if step is not None:
-            x = step(x)
+    """Self-ensemble view k of an N x C x H x W batch (bit 0: flip left-right, bit 1: up-down,
+    bit 2: then transpose), or (undo) its inverse: transpose first, then the same flips."""
+    flips = [d for bit, d in ((1, -1), (2, -2)) if k & bit]
+    if undo and k & 4:
+        x = x.transpose(-1, -2)
+    if flips:
+        x = x.flip(flips)
+    if not undo and k & 4:
+        x = x.transpose(-1, -2)
     return x
 
 

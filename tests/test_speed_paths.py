@@ -53,7 +53,7 @@ def test_self_ensemble_views_are_distinct_and_turn_back() -> None:
 
     x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
     views = [_view(x, k) for k in range(8)]
-    assert len({(tuple(v.shape), v.flatten().tolist().__str__()) for v in views}) == 8
+    assert len({str(v.tolist()) for v in views}) == 8
     for k, v in enumerate(views):
         assert torch.equal(_view(v, k, undo=True), x)
 
