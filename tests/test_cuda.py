@@ -1,6 +1,6 @@
-"""The CUDA path: fp16 quality, batched tiles with overlapped copies, self-ensemble, the
-out-of-memory retry, the daemon serving from a GPU, and training on one. Skipped without a GPU; on one, `bench/gpu_check.sh` runs these
-with the benchmark in one call."""
+"""The CUDA path: batched tiles with overlapped copies, self-ensemble, the out-of-memory retry,
+the daemon serving from a GPU, and training on one (fp16's quality guard is test_speed_paths').
+Skipped without a GPU; on one, `bench/gpu_check.sh` runs these with the benchmark in one call."""
 
 from __future__ import annotations
 
@@ -14,12 +14,10 @@ import torch
 from loguru import logger
 from PIL import Image
 
-from model.checkpoint import BUNDLED_DEFAULT, load_generator
 from model.engine import EngineOptions, Upscaler, plan_tiles
 from model.generator import GeneratorConfig
 from model.images import Decoded
-from model.quality import downscale, psnr_ssim_y
-from tests.conftest import ROOT, natural_image, tiny_generator
+from tests.conftest import natural_image, tiny_generator
 from tests.daemon_helpers import files_under, make_config, serve, stop, tiny_checkpoint, wait_for, write_image
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh runs these on one)")
@@ -29,23 +27,6 @@ def levels(a: np.ndarray, b: np.ndarray) -> tuple[int, float]:
     """Largest and mean absolute difference, in output levels."""
     d = np.abs(a.astype(np.int32) - b.astype(np.int32))
     return int(d.max()), float(d.mean())
-
-
-def test_fp16_on_the_gpu_is_within_0_05_db_of_fp32_on_the_cpu() -> None:
-    # The reference is the CPU's: PyTorch runs fp32 convolutions on a GPU as TF32 by default.
-    g, info = load_generator(BUNDLED_DEFAULT)
-    fast = Upscaler(g, info, EngineOptions(device="cuda"))
-    assert fast.dtype == torch.float16 and next(fast.model.parameters()).is_cuda
-    ref = Upscaler(g, info, EngineOptions(device="cpu", precision="fp32"))
-    with Image.open(ROOT / "docs" / "comparison.png") as im:
-        boxes = json.loads(im.text["upscaled:originals"])
-        sheet = np.asarray(im.convert("RGB"))
-    deltas = []
-    for x, y, _, _ in boxes:
-        hr = sheet[y : y + 96, x : x + 96]
-        lr = downscale(hr, info.scale).astype(np.float32) / 255.0
-        deltas.append(psnr_ssim_y(fast.upscale_rgb(lr), hr, info.scale)[0] - psnr_ssim_y(ref.upscale_rgb(lr), hr, info.scale)[0])
-    assert min(deltas) > -0.05, deltas
 
 
 def test_batched_tiles_with_overlapped_copies_assemble_the_image_of_one_pass() -> None:
@@ -101,6 +82,7 @@ def test_out_of_memory_retries_the_image_with_smaller_tiles() -> None:
 
 def test_equal_size_images_share_one_forward_pass_on_the_gpu() -> None:
     up = Upscaler(tiny_generator(), None, EngineOptions(device="cuda"))
+    assert up.dtype == torch.float16 and next(up.model.parameters()).is_cuda  # precision auto on a GPU
     decs = [Decoded(natural_image(96, 128, seed=i), None, 8, False, "PNG") for i in range(5)]
     assert up.batch_limit(decs[0].size) >= 5
     passes = up.forward_passes
