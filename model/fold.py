@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.generator import Generator
+from model.generator import Generator, skip
 
 
 def _fuse(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -90,6 +90,15 @@ class FoldedGenerator(nn.Module):
         self.cfg, self.dtype = g.cfg, dtype
         self.head = g.head.float()
         self.body, self.body_tail = g.body.to(dtype), g.body_tail.to(dtype)
+        if g.cfg.upsampler == "lowres":  # already one conv at low resolution, then the shuffle
+            self.upsample, last_conv, self.shuffle = nn.Sequential(), g.upsample[0], g.cfg.scale
+            self.last_conv, self.last_slope = nn.Identity(), None
+            self.tail_padding = last_conv.padding
+            self.tail_weight = nn.Parameter(last_conv.weight.detach().to(dtype), requires_grad=False)
+            self.tail_bias = nn.Parameter(last_conv.bias.detach().float(), requires_grad=False)
+            self.eval()
+            return
+        self.shuffle = 2
         *ups, last = g.upsample
         self.upsample = nn.Sequential(*ups).to(dtype)
         self.last_conv = last.conv.to(dtype)
@@ -105,10 +114,14 @@ class FoldedGenerator(nn.Module):
         x = x.float()
         h = self.head(x - 0.5).to(self.dtype)
         h = h + self.body_tail(self.body(h))
-        z = F.prelu(self.last_conv(self.upsample(h)), self.last_slope)
+        z = self.last_conv(self.upsample(h))
+        if self.last_slope is not None:
+            z = F.prelu(z, self.last_slope)
         # shift ~ the output's mean; the bias handed to the conv is exactly representable in
         # self.dtype, so conv + (bias - that) is the unshifted sum with only the small part rounded.
-        shift = (x.mean(dim=(0, 2, 3)) - 0.5).repeat_interleave(4)
+        # With a skip the network's output is already the small residual.
+        r2 = self.shuffle**2
+        shift = (x.mean(dim=(0, 2, 3)) - 0.5).repeat_interleave(r2) if self.cfg.skip == "none" else 0.0
         low = (self.tail_bias - shift).to(self.dtype)
         y = F.conv2d(z, self.tail_weight, low, padding=self.tail_padding).float()
-        return F.pixel_shuffle(y + (self.tail_bias - low.float())[:, None, None], 2) + 0.5
+        return F.pixel_shuffle(y + (self.tail_bias - low.float())[:, None, None], self.shuffle) + skip(x, self.cfg)

@@ -37,7 +37,31 @@ def test_default_generator_matches_design() -> None:
     assert g.flops_per_output_pixel() == pytest.approx(277e3, rel=0.01)
 
 
-@pytest.mark.parametrize("bad", [{"scale": 3}, {"channels": 0}, {"blocks": 0}])
+# Every generator layout the trainer can select (issue 17), small enough for tests.
+VARIANTS = [
+    GeneratorConfig(channels=8, blocks=2),
+    GeneratorConfig(channels=8, blocks=2, batchnorm=False, upsampler="lowres"),
+    GeneratorConfig(channels=8, blocks=3, batchnorm=False, upsampler="lowres", skip="bilinear"),
+    GeneratorConfig(channels=8, blocks=2, batchnorm=True, upsampler="lowres", skip="bicubic", scale=2),
+    GeneratorConfig(channels=8, blocks=1, batchnorm=False, skip="bilinear", scale=8),
+]
+
+
+def test_lowres_tail_layout_and_cost() -> None:
+    g = Generator(GeneratorConfig(channels=32, blocks=24, batchnorm=False, upsampler="lowres", skip="bilinear"))
+    conv, shuffle = g.upsample
+    assert (conv.out_channels, shuffle.upscale_factor) == (3 * 16, 4) and isinstance(g.tail, torch.nn.Identity)
+    # every conv at low resolution: the same 59 GFLOP/MP as the 8x32 stages model it replaces
+    assert g.flops_per_output_pixel() == pytest.approx(Generator(GeneratorConfig(channels=32, blocks=8)).flops_per_output_pixel(), rel=0.01)
+    # a zero-initialised network outputs exactly the skip: the bilinear upscale of its input
+    with torch.no_grad():
+        for p in g.parameters():
+            p.zero_()
+        x = torch.rand(1, 3, 8, 8)
+        assert torch.allclose(g(x), torch.nn.functional.interpolate(x, scale_factor=4, mode="bilinear"), atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [{"scale": 3}, {"channels": 0}, {"blocks": 0}, {"upsampler": "deconv"}, {"skip": "nearest"}])
 def test_generator_config_rejects_impossible_values(bad: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         GeneratorConfig(**bad)
@@ -49,6 +73,7 @@ def test_generator_config_rejects_impossible_values(bad: dict) -> None:
         (GeneratorConfig(scale=2, channels=8, blocks=1), torch.float32),
         (GeneratorConfig(scale=4, channels=12, blocks=3, batchnorm=False), torch.float32),
         (GeneratorConfig(scale=8, channels=8, blocks=2), torch.float16),
+        *[(cfg, torch.float32) for cfg in VARIANTS[1:]],
     ],
 )
 def test_checkpoint_round_trip(tmp_path: Path, cfg: GeneratorConfig, dtype: torch.dtype) -> None:
@@ -153,9 +178,9 @@ def test_inference_form_is_the_same_function(scale: int, batchnorm: bool) -> Non
     assert low.dtype == torch.float32 and (low - want).abs().max() < 0.02  # bf16 body, fp32 ends
 
 
-def test_receptive_radius_bounds_the_influence() -> None:
-    cfg = GeneratorConfig(channels=8, blocks=2)
-    g = Generator(cfg).eval()
+@pytest.mark.parametrize("cfg", VARIANTS, ids=GeneratorConfig.describe)
+def test_receptive_radius_bounds_the_influence(cfg: GeneratorConfig) -> None:
+    g = tiny_generator(cfg, seed=4)
     r = receptive_radius(cfg)
     x = torch.rand(1, 3, 4 * r, 4 * r)
     x2 = x.clone()
@@ -180,15 +205,18 @@ def test_tiles_cover_every_pixel_once() -> None:
         assert (owned == 1).all()
 
 
-def test_tiled_equals_untiled() -> None:
-    g = tiny_generator(GeneratorConfig(channels=8, blocks=2), seed=1)
+@pytest.mark.parametrize("cfg", VARIANTS, ids=GeneratorConfig.describe)
+def test_tiled_equals_untiled(cfg: GeneratorConfig) -> None:
+    g = tiny_generator(cfg, seed=1)
     rng = np.random.default_rng(0)
     img = rng.random((61, 83, 3), dtype=np.float32)
+    s = cfg.scale
     whole = Upscaler(g, opts=EngineOptions(device="cpu", precision="fp32", tile=512)).upscale_rgb(img)
-    tiled_up = Upscaler(g, opts=EngineOptions(device="cpu", precision="fp32", tile=16, batch=3))
+    tile = 16
+    tiled_up = Upscaler(g, opts=EngineOptions(device="cpu", precision="fp32", tile=tile, batch=3))
     tiled = tiled_up.upscale_rgb(img)
-    assert tiled.shape == (61 * 4, 83 * 4, 3) and tiled.dtype == np.uint8
-    assert len(plan_tiles(61, 83, 16, tiled_up.overlap)[1]) > 4  # really tiled
+    assert tiled.shape == (61 * s, 83 * s, 3) and tiled.dtype == np.uint8
+    assert len(plan_tiles(61, 83, tile, tiled_up.overlap)[1]) > 4  # really tiled
     assert np.abs(tiled.astype(int) - whole.astype(int)).max() <= 1  # equal up to rounding
     # and 16-bit outputs keep 16-bit precision through the same path
     whole16 = Upscaler(g, opts=EngineOptions(device="cpu", precision="fp32", tile=512)).upscale_rgb(img, bits=16)

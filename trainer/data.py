@@ -188,6 +188,17 @@ class HRData(TrainingData):
         return self.degradations.apply(lr, rng), hr
 
 
+class MixedData(TrainingData):
+    """Crops drawn from `first` or, with probability `share`, from `second` (each keeps its cache)."""
+
+    def __init__(self, first: TrainingData, second: TrainingData, share: float, **kw):
+        super().__init__(**{**kw, "cache_mb": 0})
+        self.first, self.second, self.share = first, second, share
+
+    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        return (self.second if rng.random() < self.share else self.first).sample(rng)
+
+
 class PairedData(TrainingData):
     """Aligned random crops of LR/HR pairs (HR exactly `scale` times the LR size)."""
 

@@ -37,6 +37,7 @@ from trainer.data import (
     DataError,
     Degradations,
     HRData,
+    MixedData,
     PairedData,
     check_hr_folder,
     check_pairs,
@@ -159,6 +160,28 @@ def vgg_loss(vgg: torch.nn.Module, sr: torch.Tensor, hr: torch.Tensor) -> torch.
 # ----------------------------------------------------------------------------- the run
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def cpu_isa() -> str:
+    """The widest matrix/vector ISA the CPU offers, as these machines differ: amx, avx512_bf16, ..."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "unknown"
+    for isa in ("amx_bf16", "avx512_bf16", "avx512f", "avx2"):
+        if isa in flags:
+            return isa
+    return "other"
+
+
 def autocast_dtype(tc: TrainerConfig, device: torch.device) -> torch.dtype | None:
     if tc.precision == "fp32":
         return None
@@ -179,10 +202,19 @@ def build_data(tc: TrainerConfig, scale: int, seed: int, rank: int):
         pairs = check_pairs(Path(tc.paired_lr), Path(tc.paired_hr), scale, common["crop"])
         logger.info("training on {} LR/HR pairs from {} and {}", len(pairs), tc.paired_lr, tc.paired_hr)
         return PairedData(pairs, **common)
-    files = check_hr_folder(Path(tc.data), common["crop"])
-    logger.info("training on {} photos from {} (LR by antialiased bicubic)", len(files), tc.data)
     degradations = Degradations(tc.degrade_blur, tc.degrade_noise, tc.degrade_jpeg)
-    return HRData(files, shrink=(tc.downscale_min, tc.downscale_max), degradations=degradations, **common)
+
+    def hr_data(folder: str, cache_mb: int) -> HRData:
+        files = check_hr_folder(Path(folder), common["crop"])
+        logger.info("training on {} images from {} (LR by antialiased bicubic)", len(files), folder)
+        return HRData(files, shrink=(tc.downscale_min, tc.downscale_max), degradations=degradations,
+                      **{**common, "cache_mb": cache_mb})
+
+    if not tc.data_extra:
+        return hr_data(tc.data, common["cache_mb"])
+    half = max(32, common["cache_mb"] // 2)
+    logger.info("{:.0%} of the crops from {}", tc.data_extra_share, tc.data_extra)
+    return MixedData(hr_data(tc.data, half), hr_data(tc.data_extra, half), tc.data_extra_share, **common)
 
 
 def train(
@@ -223,8 +255,10 @@ def train(
     # --- data (every problem reported before anything trains)
     data = build_data(tc, scale, seed, rank)
     val = ValidationSet.load(Path(tc.val), scale, tc.val_max_images) if tc.val and master else None
-    if val:
-        logger.info("validating on {} images from {} (fingerprint {})", len(val.images), tc.val, val.fingerprint)
+    val_extra = ValidationSet.load(Path(tc.val_extra), scale, tc.val_max_images) if val and tc.val_extra else None
+    for v in (val, val_extra):
+        if v:
+            logger.info("validating on {} images from {} (fingerprint {})", len(v.images), v.folder, v.fingerprint)
 
     # --- models
     if state:
@@ -238,13 +272,15 @@ def train(
         g.train()
         logger.info("fine-tuning {} (version {}, {})", tc.init, info.version, gcfg)
     else:
-        gcfg = GeneratorConfig(scale=scale, channels=tc.generator_channels, blocks=tc.generator_blocks, batchnorm=tc.generator_batchnorm)
+        gcfg = GeneratorConfig(scale=scale, channels=tc.generator_channels, blocks=tc.generator_blocks,
+                               batchnorm=tc.generator_batchnorm, upsampler=tc.generator_upsampler, skip=tc.generator_skip)
         g = Generator(gcfg)
     d = Discriminator(tc.discriminator_width)
     ema = copy.deepcopy(g).eval().requires_grad_(False)
     opt_g = torch.optim.Adam(g.parameters(), lr=tc.lr_g, betas=(tc.beta1, tc.beta2))
     opt_d = torch.optim.Adam(d.parameters(), lr=tc.lr_d, betas=(tc.beta1, tc.beta2))
-    step, best_psnr = 0, -math.inf
+    # best_psnr: the selection score, PSNR-Y on val, or with val_extra the mean gain over bicubic
+    step, best_psnr, cpu_seconds = 0, -math.inf, 0.0
     if state:
         g.load_state_dict(state["generator"])
         d.load_state_dict(state["discriminator"])
@@ -252,9 +288,11 @@ def train(
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
         step, best_psnr = int(state["step"]), float(state["best_psnr"])
+        cpu_seconds = float(state.get("cpu_seconds", 0.0))
         set_rng_state(state["rng"])
         if (run_dir / "best.safetensors").exists():  # a validation after the last save may have improved it
-            best_psnr = max(best_psnr, float(read_info(run_dir / "best.safetensors").metrics.get("psnr_y", -math.inf)))
+            m = read_info(run_dir / "best.safetensors").metrics
+            best_psnr = max(best_psnr, float(m.get("selection", m.get("psnr_y", -math.inf))))
         logger.info("resuming {} at step {} of {}", run_dir, step, tc.steps)
     g.to(device, memory_format=torch.channels_last)
     d.to(device, memory_format=torch.channels_last)
@@ -285,11 +323,20 @@ def train(
     log.write({"event": "resume" if state else "start", "step": step, "time": time.time(), "seed": seed, "config": config_record})
     gate_cache: dict = {}
     last_val_step = -1
+    cpu_start = time.process_time() - cpu_seconds  # CPU time of every thread, across resumes
+
+    def provenance() -> dict:
+        """What trained this model and for how long: the table in docs/training.md reads it."""
+        return {"run": str(run_dir), "seed": seed, "cpu": cpu_name(), "isa": cpu_isa(),
+                "cpu_minutes": round((time.process_time() - cpu_start) / 60, 1),
+                "precision": str(amp).replace("torch.", "") if amp else "fp32", "device": str(device),
+                "pixel_loss": tc.pixel_loss, "crop": tc.crop, "batch": tc.batch}
 
     def save_state(done: int) -> None:
         payload = {
             "version": STATE_VERSION, "step": done, "seed": seed, "best_psnr": best_psnr,
             "generator_config": gcfg.to_dict(), "config": config_record, "scale": scale,
+            "cpu_seconds": time.process_time() - cpu_start,
             "generator": g.state_dict(), "discriminator": d.state_dict(), "ema": ema.state_dict(),
             "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "rng": rng_state(),
         }
@@ -303,20 +350,28 @@ def train(
         ema_cpu = copy.deepcopy(ema).to("cpu") if device.type != "cpu" else ema
         report = score(ema_cpu, val, str(device))
         m = report.metrics()
+        validation = {**val.describe(), "metrics": m}
+        m["selection"] = m["psnr_y"]
+        if val_extra:
+            mx = score(ema_cpu, val_extra, str(device)).metrics()
+            validation["extra"] = {**val_extra.describe(), "metrics": mx}
+            m["selection"] = 0.5 * (m["psnr_y"] - m["bicubic_psnr_y"] + mx["psnr_y"] - mx["bicubic_psnr_y"])
         sheet = sample_sheet(ema_cpu, val, str(device))
         with atomic_open(run_dir / "samples" / f"step_{at:07d}.png", "wb") as f:
             sheet.save(f, "PNG")
-        improved = m["psnr_y"] > best_psnr
+        improved = m["selection"] > best_psnr
         if improved:
-            best_psnr = m["psnr_y"]
-            save_checkpoint(run_dir / "best.safetensors", ema_cpu, step=at,
-                            validation={**val.describe(), "metrics": m}, extra={"run": str(run_dir), "seed": seed})
+            best_psnr = m["selection"]
+            save_checkpoint(run_dir / "best.safetensors", ema_cpu, step=at, validation=validation, extra=provenance())
         logger.info(
-            "step {}: val PSNR-Y {:.3f} dB (bicubic {:.3f}), SSIM-Y {:.4f} (bicubic {:.4f}){} [{:.1f} s]",
-            at, m["psnr_y"], m["bicubic_psnr_y"], m["ssim_y"], m["bicubic_ssim_y"], ", new best" if improved else "", time.time() - t0,
+            "step {}: val PSNR-Y {:.3f} dB (bicubic {:.3f}), SSIM-Y {:.4f} (bicubic {:.4f}){}{} [{:.1f} s]",
+            at, m["psnr_y"], m["bicubic_psnr_y"], m["ssim_y"], m["bicubic_ssim_y"],
+            f"; {val_extra.folder.name}: {mx['psnr_y']:.3f} dB (bicubic {mx['bicubic_psnr_y']:.3f})" if val_extra else "",
+            ", new best" if improved else "", time.time() - t0,
         )
-        log.write({"event": "val", "step": at, **m, "lanczos_psnr_y": report.mean_psnr_y["lanczos"],
-                   "best": improved, "seconds": time.time() - t0})
+        extra_record = {f"extra_{k}": v for k, v in mx.items()} if val_extra else {}
+        log.write({"event": "val", "step": at, **m, **extra_record, "lanczos_psnr_y": report.mean_psnr_y["lanczos"],
+                   "best": improved, "seconds": time.time() - t0, "cpu_minutes": provenance()["cpu_minutes"]})
 
     def maybe_publish(at: int) -> None:
         if not (publish and (run_dir / "best.safetensors").exists()):
@@ -376,7 +431,7 @@ def train(
             # 4. generator step: L1 (+ lambda MSE(D(G(lr)), 1)) (+ VGG)
             sr32 = sr.float()
             l1 = F.l1_loss(sr32, hr)
-            loss_g = l1
+            loss_g = l1 if tc.pixel_loss == "l1" else F.mse_loss(sr32, hr)
             if gan:
                 d.requires_grad_(False)  # D's own weights do not move in the generator's step
                 with autocast():
@@ -425,7 +480,7 @@ def train(
 
         bar.close()
         if master:
-            save_checkpoint(run_dir / "last.safetensors", copy.deepcopy(ema).to("cpu"), step=step, extra={"run": str(run_dir), "seed": seed})
+            save_checkpoint(run_dir / "last.safetensors", copy.deepcopy(ema).to("cpu"), step=step, extra=provenance())
             if val:
                 if last_val_step != step:
                     validate(step)
@@ -458,7 +513,7 @@ def settings(cfg: Config, args) -> TrainerConfig:
         tc = dataclasses.replace(tc, init=str(checkpoint_for(cfg)[0]))
     elif tc.init and bundled_checkpoint(tc.init) is not None:  # "fidelity" / "gan": a shipped model
         tc = dataclasses.replace(tc, init=str(bundled_checkpoint(tc.init)))
-    paths = {k: str(cfg.resolve(getattr(tc, k))) for k in ("data", "paired_lr", "paired_hr", "val", "out", "init", "vgg_weights") if getattr(tc, k)}
+    paths = {k: str(cfg.resolve(getattr(tc, k))) for k in ("data", "data_extra", "paired_lr", "paired_hr", "val", "val_extra", "out", "init", "vgg_weights") if getattr(tc, k)}
     return dataclasses.replace(tc, **paths)
 
 

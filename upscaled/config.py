@@ -160,14 +160,20 @@ class ModelsConfig:
 @dataclass(frozen=True)
 class TrainerConfig:
     data: str | None = None  # folder of HR images (LR made on the fly)
+    data_extra: str | None = None  # a second HR folder (e.g. text, art, UI beside photos) ...
+    data_extra_share: float = 0.5  # ... that this share of each batch's crops is drawn from
     paired_lr: str | None = None
     paired_hr: str | None = None
     val: str | None = None
+    val_extra: str | None = None  # a second validation folder, reported beside val; with it the
+    # best checkpoint is the one with the highest mean gain over bicubic across both
     out: str | None = None  # run folder; default: paths.runs/<timestamp>
     init: str | None = None  # start from this checkpoint (fine-tune)
     generator_channels: int = 64
     generator_blocks: int = 16
     generator_batchnorm: bool = True
+    generator_upsampler: Literal["stages", "lowres"] = "stages"
+    generator_skip: Literal["none", "bilinear", "bicubic"] = "none"
     discriminator_width: int = 64  # channels of the discriminator's first conv (64 -> 512 in 4 stages)
     steps: int = 20000
     pretrain_steps: int = 10000  # phase 1, L1 only; 0 = straight to the GAN
@@ -178,6 +184,7 @@ class TrainerConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     lr_schedule: Literal["cosine", "constant"] = "cosine"
+    pixel_loss: Literal["l1", "mse"] = "l1"  # mse: for a short final fine-tune at a low rate
     adv_weight: float = 1e-3  # lambda of the adversarial MSE term
     perceptual_weight: float = 0.0  # VGG loss; needs vgg_weights
     vgg_weights: str | None = None  # a local VGG19 safetensors/state file; nothing is downloaded
@@ -208,6 +215,7 @@ class TrainerConfig:
         _need(0 < self.downscale_min <= self.downscale_max <= 1, "downscale_min",
               "0 < downscale_min <= downscale_max <= 1", (self.downscale_min, self.downscale_max))
         _need(0 <= self.ema < 1, "ema", "a number in [0, 1)", self.ema)
+        _need(0 <= self.data_extra_share <= 1, "data_extra_share", "a share in [0, 1]", self.data_extra_share)
         for k in ("degrade_blur", "degrade_noise", "degrade_jpeg"):
             _need(0 <= getattr(self, k) <= 1, k, "a probability in [0, 1]", getattr(self, k))
         _need(self.perceptual_weight == 0 or self.vgg_weights is not None, "vgg_weights",
