@@ -20,7 +20,6 @@ again; a changed file (new size or mtime) is.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import json
 import os
@@ -34,7 +33,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from model.atomic import atomic_write_text, fsync_dir
+from model.atomic import NAME_MAX, atomic_write_text, clip_name, fsync_dir, numbered, rename_noreplace
 
 LEASE = "lease.json"
 FILES = "files"
@@ -43,40 +42,12 @@ KEPT_LEDGER = "kept.jsonl"
 STALE_LEASES = 6  # a lease this many intervals old belongs to a dead (or hopelessly stuck) owner
 
 # ---------------------------------------------------------------------------------------------
-# Renames that never overwrite
-
-
-_RENAME_NOREPLACE = 1
-_AT_FDCWD = -100
-try:
-    _libc = ctypes.CDLL(None, use_errno=True)
-    _renameat2 = _libc.renameat2
-    _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-except (OSError, AttributeError):  # not glibc >= 2.28
-    _renameat2 = None
-
-
-def rename_noreplace(src: Path, dst: Path) -> None:
-    """Rename `src` to `dst`, raising FileExistsError instead of replacing an existing `dst`.
-
-    Atomic (renameat2 RENAME_NOREPLACE) where the file system supports it; elsewhere (NFS, SMB)
-    an existence check followed by rename, which only races with another writer of the same name.
-    """
-    if _renameat2 is not None:
-        r = _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
-        if r == 0:
-            return
-        e = ctypes.get_errno()
-        if e not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise OSError(e, os.strerror(e), str(src), None, str(dst))
-    if os.path.lexists(dst):
-        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
-    os.rename(src, dst)
+# Moves that never overwrite
 
 
 def _copy_noreplace(src: Path, dst: Path) -> None:
     """Cross-file-system move: copy to a temp name beside `dst`, fsync, rename without replacing."""
-    tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.tmp")
+    tmp = dst.with_name(f".{clip_name(dst.name, NAME_MAX - 14)}.{secrets.token_hex(4)}.tmp")
     try:
         with open(src, "rb") as fi, open(tmp, "xb") as fo:
             shutil.copyfileobj(fi, fo, 1 << 20)
@@ -95,7 +66,7 @@ def place(src: Path, dst: Path) -> Path:
     """Move `src` to `dst`, or to `name-1.ext`, `name-2.ext`... if taken; returns where it went."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     for n in range(100000):
-        cand = dst if n == 0 else dst.with_name(f"{dst.stem}-{n}{dst.suffix}")
+        cand = numbered(dst, n)
         try:
             try:
                 rename_noreplace(src, cand)
@@ -162,13 +133,14 @@ class Claims:
 
     # -- life cycle ----------------------------------------------------------------------------
 
-    def open(self) -> None:
-        """Create the owner folder and its lease. Raises OSError when the folders are unusable."""
+    def open(self, again: bool = False) -> None:
+        """Create the owner folder and its lease. Raises OSError when the folders are unusable.
+        `again`: after the inbox was recreated (a remounted share), make what is missing."""
         self.inbox.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(parents=True, exist_ok=True)
         if os.stat(self.inbox).st_dev != os.stat(self.work).st_dev:
             raise OSError(errno.EXDEV, "paths.work must be on the inbox's file system (claims are renames)", str(self.work))
-        self.files.mkdir(parents=True)
+        self.files.mkdir(parents=True, exist_ok=again)
         lease = {
             "host": self.host, "pid": self.pid, "proc_start": proc_start(self.pid),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),

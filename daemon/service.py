@@ -23,9 +23,12 @@ import heapq
 import os
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
+import traceback
+from pathlib import Path
 
 from loguru import logger
 
@@ -36,10 +39,55 @@ from daemon.notify import Notifier
 from daemon.status import ServiceState, StatusBoard
 from daemon.watcher import Hint, InboxFilter, InboxHandler, Settler, make_observer, scan
 from daemon.worker import Pipeline, Worker, io_thread_count, out_path
+from model.errors import CheckpointError
 from upscaled.config import Config, ConfigError
 
 TICK = 0.25  # seconds the loop sleeps when nothing wakes it
+INBOX_CHECK = 1.0  # seconds between checks that the watched inbox is still the same folder
 EXIT_FORCED = 1
+EXIT_USAGE = 2
+EXIT_LOCKED = 75  # EX_TEMPFAIL, as `upscaled train` when another run holds its lock
+
+
+class AlreadyRunning(RuntimeError):
+    pass
+
+
+class StatusLock:
+    """One daemon per status file: an flock on STATUS.lock, released by the kernel when we die.
+
+    Several daemons may share an inbox (each with its own paths.status); two writing one status
+    file would each overwrite the other's, so the second is refused.
+    """
+
+    def __init__(self, status: Path):
+        self.path = status.with_name(status.name + ".lock")
+        self._f = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise AlreadyRunning(
+                f"another upscaled serve ({holder}) is running with the status file {self.path.with_suffix('')}; "
+                "stop it first, or give each daemon its own paths.status (several may share one inbox)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self._f = f
+
+    def release(self) -> None:
+        if self._f is not None:
+            self._f.close()  # closing drops the lock; the file stays (removing it would race a new holder)
+            self._f = None
 
 # Settings that only take effect on a restart (the rest apply on SIGHUP).
 RESTART_ONLY = {
@@ -86,7 +134,7 @@ class Service:
         self.claims = Claims(self.inbox, cfg.path("work"), cfg.daemon.lease_interval)
         self.filter = InboxFilter(self.inbox, [cfg.path("work"), cfg.path("models"), cfg.path("status")])
         self.settler = Settler(self.inbox, cfg.watch.settle_seconds, trust_mtime=once, skip=self._skip,
-                               closed_grace=cfg.watch.closed_grace)
+                               closed_grace=cfg.watch.closed_grace, incomplete_wait=cfg.watch.incomplete_wait)
         self.retries: list[tuple[float, int, Job]] = []  # heap by retry_at
         self.upscaler = None
         self.slot = ModelSlot(cfg, self.wake, watch=not once)
@@ -98,6 +146,10 @@ class Service:
         self.stop_deadline = 0.0
         self.next_rescan = 0.0
         self.gave_up: set[str] = set()  # --once: left in the inbox after a transient error
+        self.blocked: dict[str, dict] = {}  # inbox paths we cannot claim or read: retried at each rescan
+        self.lock = StatusLock(cfg.path("status"))
+        self._inbox_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the inbox being watched
+        self._next_inbox_check = 0.0
         self.exit_code = 0
         self._seq = 0
         self._claims_open = False
@@ -121,10 +173,7 @@ class Service:
         self.pipeline = Pipeline(self.worker, self.io_workers, self._on_finished, cfg.daemon.io_nice)
         self.pipeline.start()
         if not self.once:
-            handler = InboxHandler(self.filter, self.hints, self.wake, polling=cfg.watch.mode == "polling")
-            self.observer = make_observer(cfg.watch.mode, cfg.watch.poll_interval, self.inbox, handler)
-            self.slot.schedule(self.observer)
-            self.observer.start()
+            self._watch()
         self.rescan(time.monotonic())
         self.board.set(state=ServiceState.RUNNING, model_version=self.upscaler.version, device=str(self.upscaler.device),
                        model=self.slot.describe())
@@ -135,6 +184,51 @@ class Service:
                     "no" if self.once else cfg.watch.mode, self.io_workers,
                     "SCHED_IDLE" if io == "idle" else f"nice +{io}")
         self.notify.ready(self.board.summary())
+
+    def _watch(self) -> None:
+        """(Re)start the observer on the inbox as it is now (and on the models folder)."""
+        cfg = self.cfg
+        if self.observer is not None:
+            self.observer.stop()
+            self.observer.join(2.0)
+        handler = InboxHandler(self.filter, self.hints, self.wake, polling=cfg.watch.mode == "polling")
+        self.observer = make_observer(cfg.watch.mode, cfg.watch.poll_interval, self.inbox, handler)
+        self.slot.schedule(self.observer)
+        st = os.stat(self.inbox)
+        self._inbox_id = (st.st_dev, st.st_ino)
+        self.observer.start()
+
+    def _check_inbox(self, now: float) -> None:
+        """A share unmounted and mounted again, or an inbox deleted and made anew, is another
+        folder: inotify watches the old one. Watch the new one within a second, and scan it."""
+        if self.once or self.stopping or now < self._next_inbox_check:
+            return
+        self._next_inbox_check = now + INBOX_CHECK
+        try:
+            st = os.stat(self.inbox)
+        except OSError as e:
+            if self._inbox_id is not None:
+                logger.error("the inbox {} is gone ({}); watching for it to come back", self.inbox, e.strerror or e)
+                self._problem("inbox", f"the inbox {self.inbox} is gone ({e.strerror or e})")
+                self._inbox_id = None
+            return
+        if (st.st_dev, st.st_ino) == self._inbox_id:
+            return
+        logger.warning("the inbox {} is a new folder (recreated or remounted): watching it again", self.inbox)
+        with contextlib.suppress(OSError):
+            self.claims.open(again=True)
+        self._watch()
+        self.blocked.pop("inbox", None)
+        self.next_rescan = 0.0
+
+    def _problem(self, key: str, reason: str) -> None:
+        """Something that stops part of the inbox from flowing: logged once, shown in the status
+        until it is gone, retried at each rescan."""
+        if self.blocked.get(key, {}).get("reason") != reason:
+            if key != "inbox":
+                logger.error("cannot take {}: {}; skipping it, retried every {:.0f} s", key, reason, self.cfg.watch.rescan_interval)
+            self.blocked[key] = {"file": key, "reason": reason, "since": _iso()}
+            self.board.last_error = {"file": key, "reason": reason, "time": _iso()}
 
     def _on_finished(self, job: Job) -> None:
         # Pipeline threads: enqueue and wake the loop, nothing else.
@@ -174,6 +268,7 @@ class Service:
             raise RuntimeError("a pipeline thread died; exiting so the service manager restarts us")
         if not self.stopping:
             self._models()
+        self._check_inbox(now)
         self._drain_hints(now)
         if now >= self.next_rescan and not self.stopping:
             self.rescan(now)
@@ -229,13 +324,20 @@ class Service:
         self.next_rescan = now + self.cfg.watch.rescan_interval
         self._recover()
         new = 0
-        for rel, st in scan(self.inbox, self.filter):
+        unreadable: dict[str, str] = {}
+        for rel, st in scan(self.inbox, self.filter, unreadable):
             if rel in self.settler.candidates or rel in self.gave_up:
                 continue
             if self._skip(rel, st):
                 continue
             self.settler.note(Hint.SCANNED, rel, st, now)
             new += 1
+        for rel, reason in unreadable.items():
+            self._problem(rel, reason)
+        for key in [k for k, v in self.blocked.items() if v.get("folder") and k not in unreadable]:
+            del self.blocked[key]  # readable again
+        for key in unreadable:
+            self.blocked[key]["folder"] = True
         return new
 
     def _recover(self) -> None:
@@ -274,9 +376,16 @@ class Service:
             if free <= 0:
                 break
             seen = self.settler.take(rel)
-            claimed = self.claims.claim(rel)
+            try:
+                claimed = self.claims.claim(rel)
+            except OSError as e:  # a file or folder our user may not move: skip it, keep the rest flowing
+                self._problem(rel, f"cannot move it into the work folder ({e.strerror or e}); "
+                              f"the daemon's user (uid {os.geteuid()}) needs write access to its folder")
+                continue
             if claimed is None:
+                self.blocked.pop(rel, None)
                 continue  # another daemon won it, or it is gone
+            self.blocked.pop(rel, None)
             st = claimed.stat()
             if seen is not None and (st.st_size, st.st_mtime_ns) != (seen.size, seen.mtime_ns):
                 # Written to since it was found complete: not ready after all.
@@ -350,6 +459,9 @@ class Service:
             {"file": j.rel, "problem": j.problem, "attempts": j.attempts, "next_in_s": round(max(0.0, t - now), 1)}
             for t, _, j in sorted(self.retries, key=lambda r: r[0])
         ]
+        self.board.set(blocked=[{k: v for k, v in b.items() if k != "folder"} for b in self.blocked.values()])
+        if not self.retries and not self.blocked and self.board.last_error is not None:
+            self.board.set(last_error=None)  # the condition is gone
         if self.board.write(now=now):
             self.notify.status(self.board.summary())
 
@@ -387,6 +499,7 @@ class Service:
         self.slot.cfg = merged
         self.settler.settle_seconds = merged.watch.settle_seconds
         self.settler.closed_grace = min(merged.watch.closed_grace, merged.watch.settle_seconds)
+        self.settler.incomplete_wait = merged.watch.incomplete_wait
         self.board.interval = merged.daemon.status_interval
         self.next_rescan = min(self.next_rescan, time.monotonic() + merged.watch.rescan_interval)
         logger.info("SIGHUP: config reloaded from {}; applied: {}", self.config_path, ", ".join(changed) or "nothing changed")
@@ -431,6 +544,7 @@ class Service:
             clean = False  # a candidate is still loading inside torch
         if self._claims_open and self.exit_code != EXIT_FORCED:
             self.claims.close()
+        self.lock.release()
         self.board.set(state=ServiceState.STOPPED, in_flight=0 if clean else self.board.in_flight)
         self.board.write(force=True)
         self.notify.close()
@@ -454,13 +568,38 @@ def _iso() -> str:
 
 def main(cfg: Config, once: bool = False, config_path: str | os.PathLike | None = None) -> int:
     """`upscaled serve [--once]`; returns the exit code."""
+    if os.geteuid() == 0 and not cfg.daemon.allow_root:
+        logger.error("refusing to run as root: the inbox takes files from anyone, and a decoder bug should not "
+                     "hand them the machine. Run as an ordinary user (systemd/upscaled.service does), or set "
+                     "daemon.allow_root: true")
+        return EXIT_USAGE
+    if config_path is None:
+        logger.info("no config file (--config, ${}, ./config.yaml): built-in defaults, folders under {}: inbox {}, "
+                    "outbox {}, done {}, failed {}", "UPSCALED_CONFIG", cfg.base_dir, cfg.path("inbox"),
+                    cfg.path("outbox"), cfg.path("done"), cfg.path("failed"))
+    else:
+        logger.info("config {}: inbox {}, outbox {}", config_path, cfg.path("inbox"), cfg.path("outbox"))
     svc = Service(cfg, once=once, config_path=config_path)
+    try:
+        svc.lock.acquire()  # before anything is written: a second daemon must not touch the first's files
+    except AlreadyRunning as e:
+        logger.error("{}", e)
+        return EXIT_LOCKED
     if threading.current_thread() is threading.main_thread():
         svc.signals.install()
     clean = True
     try:
         svc.startup()
         svc.run()
+    except (ConfigError, CheckpointError):
+        svc.exit_code = svc.exit_code or EXIT_USAGE
+        raise  # the command line reports them, naming the key or the file
+    except Exception as e:  # noqa: BLE001 - anything else is fatal: say what and where before exiting
+        svc.exit_code = svc.exit_code or 1
+        reason = f"{type(e).__name__}: {e}"
+        logger.opt(exception=e).critical("fatal error, exiting: {}", reason)
+        svc.board.fatal = {"reason": reason, "time": _iso(), "traceback": traceback.format_exc(limit=20)}
+        svc.board.last_error = {"file": "", "reason": f"fatal: {reason}", "time": _iso()}
     except BaseException:
         svc.exit_code = svc.exit_code or 1
         raise

@@ -54,8 +54,11 @@ class StatusBoard:
         self.in_flight = 0
         self.processed = 0
         self.failed = 0
-        self.last_error: dict[str, str] | None = None
+        self.last_error: dict[str, str] | None = None  # the current problem; cleared once it is gone
+        self.last_failed: dict[str, str] | None = None  # the last file that went to failed/
         self.retrying: list[dict[str, Any]] = []
+        self.blocked: list[dict[str, Any]] = []  # inbox files or folders the daemon cannot take
+        self.fatal: dict[str, str] | None = None  # the error that ended the daemon
         self._done: collections.deque[tuple[float, float]] = collections.deque()  # (monotonic, output MP)
         self._written = 0.0
         self._dirty = True
@@ -72,7 +75,7 @@ class StatusBoard:
 
     def record_failed(self, file: str, reason: str) -> None:
         self.failed += 1
-        self.last_error = {"file": file, "reason": reason, "time": _now_iso()}
+        self.last_failed = {"file": file, "reason": reason, "time": _now_iso()}
         self._dirty = True
 
     def set(self, **values: Any) -> None:
@@ -108,7 +111,10 @@ class StatusBoard:
             "processed": self.processed,
             "failed": self.failed,
             "retrying": self.retrying,
+            "blocked": self.blocked,
             "last_error": self.last_error,
+            "last_failed": self.last_failed,
+            "fatal": self.fatal,
             "throughput": self.throughput(),
             "processed_by_model": self.by_model,
             "recent": list(self.recent),
@@ -191,8 +197,13 @@ def render(st: dict[str, Any]) -> str:
     if st.get("last_error"):
         e = st["last_error"]
         lines.append(f"  last error:  {e.get('file')}: {e.get('reason')} ({e.get('time')})")
+    if st.get("last_failed"):
+        e = st["last_failed"]
+        lines.append(f"  last failed: {e.get('file')}: {e.get('reason')} ({e.get('time')})")
     for r in st.get("retrying") or []:
         lines.append(f"  retrying:    {r.get('file')}: {r.get('problem')} (attempt {r.get('attempts')}, next in {r.get('next_in_s')} s)")
+    for b in st.get("blocked") or []:
+        lines.append(f"  skipped:     {b.get('file')}: {b.get('reason')} (since {b.get('since')})")
     lines.append(f"  updated:     {st.get('updated')}")
     return "\n".join(lines)
 
@@ -208,10 +219,12 @@ def _model_detail(m: dict[str, Any]) -> str:
     return s
 
 
-def main(cfg: Config, as_json: bool = False) -> int:
-    path = cfg.path("status")
+def main(cfg: Config | None, as_json: bool = False, path: Path | None = None) -> int:
+    """`upscaled status`; `cfg` None (an invalid config) reads `path` with default timings."""
+    path = cfg.path("status") if cfg is not None else path
     st = read(path)
-    stale_after = max(3 * cfg.daemon.status_interval, 4 * IDLE_REFRESH)
+    interval = cfg.daemon.status_interval if cfg is not None else 2.0
+    stale_after = max(3 * interval, 4 * IDLE_REFRESH)
     if st is None:
         if as_json:
             print(json.dumps({"running": False, "status_file": str(path)}))
@@ -227,5 +240,8 @@ def main(cfg: Config, as_json: bool = False) -> int:
         print(f"upscaled daemon: not running (last seen {st.get('updated', 'never')}, pid {st.get('pid')} on {st.get('host')})")
         if st.get("processed") is not None:
             print(f"  processed {st.get('processed')}, failed {st.get('failed')} in its last run")
+        if st.get("fatal"):
+            print(f"  it ended with a fatal error: {st['fatal'].get('reason')} ({st['fatal'].get('time')}); "
+                  "the traceback is in its log")
     sys.stdout.flush()
     return EXIT_RUNNING if running else EXIT_NOT_RUNNING

@@ -9,7 +9,9 @@ loop feeds the hints to a `Settler`, which decides when a file is ready:
 - CHANGED (created, modified, any polling event) or SCANNED: ready once its size and mtime have
   not changed for `settle_seconds` and nobody has it open.
 
-A file that changes after it was found ready goes back to waiting.
+A file that changes after it was found ready goes back to waiting, and so does one whose image
+data visibly ends early (`image_complete`) while its last change is recent: a writer that reopens
+the file for each chunk, slower than `closed_grace`, is not finished.
 """
 
 from __future__ import annotations
@@ -52,6 +54,34 @@ class Hint(str, Enum):
     SCANNED = "scanned"
 
 
+def image_complete(path: Path) -> bool:
+    """False when the file visibly ends before its image does (cheap: the head and the last bytes).
+
+    PNG ends with IEND, JPEG with EOI, GIF with its trailer; WebP and BMP state their size in the
+    header. TIFF and anything else: True (nothing cheap to tell by).
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(0, size - 16))
+            tail = f.read()
+    except OSError:
+        return True  # the claim and decode report it properly
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return tail.endswith(b"IEND\xaeB`\x82")
+    if head.startswith(b"\xff\xd8"):
+        return tail.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
+    if head[:4] == b"GIF8":
+        return tail.endswith(b";")
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return int.from_bytes(head[4:8], "little") + 8 <= size
+    if head[:2] == b"BM" and len(head) >= 6:
+        declared = int.from_bytes(head[2:6], "little")  # 0 is allowed by the format
+        return declared == 0 or declared <= size
+    return True
+
+
 def ignored_name(name: str) -> bool:
     return name.startswith(".") or name in IGNORED_NAMES or name.lower().endswith(IGNORED_SUFFIXES)
 
@@ -76,14 +106,19 @@ class InboxFilter:
         return rel.as_posix()
 
 
-def scan(inbox: Path, filt: InboxFilter) -> Iterator[tuple[str, os.stat_result]]:
-    """Every candidate regular file under the inbox (symlinks neither followed nor returned)."""
+def scan(inbox: Path, filt: InboxFilter, unreadable: dict[str, str] | None = None) -> Iterator[tuple[str, os.stat_result]]:
+    """Every candidate regular file under the inbox (symlinks neither followed nor returned).
+    Folders that cannot be listed are put in `unreadable` (inbox-relative path -> reason)."""
     stack = [inbox]
     while stack:
         folder = stack.pop()
         try:
             entries = list(os.scandir(folder))
-        except OSError:
+        except OSError as e:
+            if unreadable is not None and folder != inbox:
+                unreadable[filt.rel(folder) or str(folder)] = (
+                    f"cannot list this folder ({e.strerror or e}); the daemon's user (uid {os.geteuid()}) needs "
+                    "read and execute access to it")
             continue
         for e in entries:
             if ignored_name(e.name):
@@ -176,8 +211,10 @@ class Settler:
     """Candidates and the rule that makes them ready; driven by the service loop only."""
 
     def __init__(self, inbox: Path, settle_seconds: float, trust_mtime: bool = False,
-                 skip: Callable[[str, os.stat_result], bool] = lambda rel, st: False, closed_grace: float = 0.5):
+                 skip: Callable[[str, os.stat_result], bool] = lambda rel, st: False, closed_grace: float = 0.5,
+                 incomplete_wait: float = 30.0):
         self.inbox = inbox
+        self.incomplete_wait = incomplete_wait
         self.settle_seconds = settle_seconds
         self.closed_grace = min(closed_grace, settle_seconds)
         self.trust_mtime = trust_mtime  # --once: a file untouched for settle_seconds is ready at once
@@ -275,6 +312,10 @@ class Settler:
             if now - c.stable_since >= (self.closed_grace if c.closed else self.settle_seconds):
                 if self.skip(rel, st):
                     self.candidates.pop(rel, None)
+                    continue
+                if time.time() - st.st_mtime < self.incomplete_wait and not image_complete(self.inbox / rel):
+                    # Most likely still being written: wait for its next change (or a settle period).
+                    c.closed, c.stable_since = False, now
                     continue
                 c.settled = True
                 out.append(rel)

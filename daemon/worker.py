@@ -8,8 +8,10 @@ by the inference thread between two images, so each image is upscaled wholly by 
 waiting when the inference thread finishes one.
 
 Errors are sorted once, in `advance`: an OSError is the environment's fault (disk full, outbox
-not writable, read-only file system...) and is retried with back-off, the input kept claimed;
-anything else is the image's fault and sends it to failed/ with a reason.
+not writable, read-only file system...) and is retried with back-off for as long as it lasts,
+the input kept claimed; an OSError that is the input's own (`input_fault`: a name too long for
+the outbox, an input the daemon may not read) is retried a few times, then the input goes to
+failed/; anything else is the image's fault and sends it to failed/ with a reason.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import errno
 import gc
 import heapq
 import itertools
@@ -35,7 +38,7 @@ from loguru import logger
 
 from daemon.claims import Claims, place
 from daemon.job import STAGE_OF, TERMINAL, Failure, Job, JobState, Stage
-from model.atomic import atomic_open, atomic_write_text
+from model.atomic import atomic_open, atomic_write_text, sidecar
 from model.images import EXTENSIONS, FORMATS, PILLOW_READS_RGBX, ImageError, decode, encode_to, output_format
 from upscaled.config import Config
 
@@ -55,9 +58,23 @@ def out_path(outbox: Path, rel: str, requested: str | None) -> tuple[Path, str]:
     return outbox / (src if fmt == src_format else src.with_suffix(FORMATS[fmt])), fmt
 
 
+INPUT_FAULT_ATTEMPTS = 3  # an OSError that is the input's own is tried this often before failed/
+CONFLICT = {"suffix": "suffix", "overwrite": "replace", "skip": "skip"}  # output.on_conflict -> atomic_open
+
+
+def input_fault(e: OSError, job: Job, state: JobState) -> bool:
+    """True when the OSError is the input's fault, not the environment's: retrying will not help."""
+    if e.errno in (errno.ENAMETOOLONG, errno.EISDIR, errno.ELOOP):
+        return True
+    reading_input = state is JobState.CLAIMED and e.filename in (str(job.claimed), os.fsencode(job.claimed))
+    return reading_input and e.errno in (errno.EACCES, errno.EPERM)
+
+
 def human_reason(e: BaseException) -> str:
     if isinstance(e, ImageError):
         return str(e)
+    if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:
+        return f"the file name is too long for the output folder ({os.path.basename(os.fsdecode(e.filename or ''))!r})"
     if isinstance(e, OSError):
         return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
     if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
@@ -113,13 +130,13 @@ class Worker:
                 job.timings["upscale"] = time.perf_counter() - t0
                 job.state = JobState.UPSCALED
             elif state is JobState.UPSCALED:
-                job.output, fmt = out_path(self.folders.outbox, job.rel, self._requested())
-                job.output.parent.mkdir(parents=True, exist_ok=True)
+                wanted, fmt = out_path(self.folders.outbox, job.rel, self._requested())
+                wanted.parent.mkdir(parents=True, exist_ok=True)
                 locked = False
                 try:
                     # Encoded straight into the temp file (a huge PNG never sits in memory as
                     # bytes); the lock covers only the check and the rename that publishes it.
-                    with atomic_open(job.output, "wb") as f:
+                    with atomic_open(wanted, "wb", conflict=CONFLICT[self.cfg.output.on_conflict]) as f:
                         # consume: a retry after an error starts over from the input anyway.
                         encode_to(f, job.encoded, fmt, consume=True, **self.cfg.output.encode_options())
                         job.encoded = None
@@ -127,10 +144,16 @@ class Worker:
                         locked = True
                         if job.released:
                             raise _Released()  # the temp file is removed, nothing is published
+                    job.output = f.published
                     job.state = JobState.WRITTEN
+                except FileExistsError:  # output.on_conflict: skip
+                    raise ImageError(f"its output {wanted.name} already exists in the outbox and output.on_conflict "
+                                     "is skip (remove that file, or set suffix or overwrite, and drop this again)") from None
                 finally:
                     if locked:
                         job.lock.release()
+                if job.output != wanted:
+                    logger.info("{}: {} was taken (output.on_conflict: suffix); wrote {}", job.rel, wanted.name, job.output.name)
                 job.timings["write"] = time.perf_counter() - t0
             elif state is JobState.WRITTEN:
                 with job.lock:
@@ -148,7 +171,9 @@ class Worker:
         except Exception as e:  # noqa: BLE001 - a bad image never stops the daemon
             job.decoded = job.encoded = None
             lost = state is JobState.CLAIMED and isinstance(e, FileNotFoundError) and not job.claimed.exists()
-            if (isinstance(e, OSError) and not lost) or state is JobState.REJECTED:
+            given_up = (isinstance(e, OSError) and state is not JobState.REJECTED and input_fault(e, job, state)
+                        and job.attempts + 1 >= INPUT_FAULT_ATTEMPTS)
+            if (isinstance(e, OSError) and not lost and not given_up) or state is JobState.REJECTED:
                 if not isinstance(e, OSError):
                     logger.opt(exception=e).error("cannot record the failure of {}; keeping it claimed", job.rel)
                 job.attempts += 1
@@ -158,6 +183,10 @@ class Worker:
                 job.state = JobState.RETRY
             else:
                 reason = "the file vanished from the work folder" if lost else human_reason(e)
+                if given_up and e.errno in (errno.EACCES, errno.EPERM):
+                    reason = f"the daemon's user (uid {os.geteuid()}) may not read this file (permission denied)"
+                if given_up:
+                    reason += f"; tried {INPUT_FAULT_ATTEMPTS} times"
                 exc = "".join(traceback.format_exception_only(type(e), e)).strip()
                 job.failure = Failure(STAGE_OF[state], reason, exc)
                 job.state = JobState.REJECTED
@@ -217,7 +246,7 @@ class Worker:
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "model_version": job.model_version or self.model_version,
         }
-        atomic_write_text(dest.with_name(dest.name + ".error.json"), json.dumps(record, indent=2) + "\n")
+        atomic_write_text(sidecar(dest, ".error.json"), json.dumps(record, indent=2) + "\n")
         self.claims.forget(job.claimed)
 
 

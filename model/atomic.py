@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
-import tempfile
+import secrets
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Iterator, Literal
+
+NAME_MAX = 255  # bytes in one file name on every Linux file system we write to
+
+Conflict = Literal["replace", "suffix", "skip"]
 
 
 def _umask() -> int:
@@ -20,7 +26,7 @@ def _umask() -> int:
     return 0o022
 
 
-_FILE_MODE = 0o666 & ~_umask()  # what open() would have given; mkstemp's 0600 hides outputs from others
+_FILE_MODE = 0o666 & ~_umask()
 
 
 def fsync_dir(folder: Path) -> None:
@@ -37,22 +43,90 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def clip_name(name: str, limit: int = NAME_MAX) -> str:
+    """`name` cut to at most `limit` bytes (UTF-8, never inside a character)."""
+    return name.encode()[:limit].decode(errors="ignore")
+
+
+def numbered(path: Path, n: int) -> Path:
+    """`name.ext`, `name-1.ext`, `name-2.ext`, ...; the stem is shortened if the name would not fit."""
+    if n == 0:
+        return path
+    tail = f"-{n}{path.suffix}"
+    return path.with_name(clip_name(path.stem, NAME_MAX - len(tail.encode())) + tail)
+
+
+def sidecar(path: Path, suffix: str) -> Path:
+    """`path` + `suffix` (e.g. NAME.error.json), the name shortened if it would not fit."""
+    return path.with_name(clip_name(path.name, NAME_MAX - len(suffix.encode())) + suffix)
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _renameat2 = _libc.renameat2
+    _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+except (OSError, AttributeError):  # not glibc >= 2.28
+    _renameat2 = None
+
+
+def rename_noreplace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Rename `src` to `dst`, raising FileExistsError instead of replacing an existing `dst`.
+
+    Atomic (renameat2 RENAME_NOREPLACE) where the file system supports it; elsewhere (NFS, SMB)
+    an existence check followed by rename, which only races with another writer of the same name.
+    """
+    if _renameat2 is not None:
+        r = _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
+        if r == 0:
+            return
+        e = ctypes.get_errno()
+        if e not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(e, os.strerror(e), str(src), None, str(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
+def publish_as(tmp: str | os.PathLike, path: Path, conflict: Conflict = "replace") -> Path:
+    """Rename the finished `tmp` to `path`; returns the name it got.
+
+    replace: over whatever is there; suffix: the first free one of name, name-1, name-2...;
+    skip: raise FileExistsError when `path` exists (the caller decides what that means).
+    """
+    if conflict == "replace":
+        os.replace(tmp, path)
+        return path
+    for n in range(100000 if conflict == "suffix" else 1):
+        cand = numbered(path, n)
+        try:
+            rename_noreplace(tmp, cand)
+            return cand
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "already exists", str(path))
+
+
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Yield a file opened on a temp name beside `path`; on success it replaces `path` atomically.
+def atomic_open(path: str | os.PathLike, mode: str = "wb", conflict: Conflict = "replace") -> Iterator[IO]:
+    """Yield a file opened on a temp name beside `path`; on success it is renamed to `path`
+    (see `publish_as` for `conflict`) and `f.published` holds the name it got.
 
     On any exception the temp file is removed and `path` is untouched.
     """
     path = Path(path)
-    # The temp name starts with a dot and ends in .tmp so that watchers (ours included) skip it.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # The temp name starts with a dot and ends in .tmp so that watchers (ours included) skip it;
+    # the original name in it is shortened so that the temp name fits wherever `path` does.
+    tmp = path.with_name(f".{clip_name(path.name, NAME_MAX - 18)}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
     try:
-        os.fchmod(fd, _FILE_MODE)
+        os.fchmod(fd, _FILE_MODE)  # what open() would have given; 0600 would hide outputs from others
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        f.published = publish_as(tmp, path, conflict)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -27,6 +27,9 @@ EXTENSIONS = {
     ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".webp": "WEBP",
     ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP", ".gif": "GIF",
 }
+# The only decoders an input file is ever shown (Pillow's `formats=`): whatever its name, ICO,
+# TGA, EPS (which runs Ghostscript), PSD and the rest never see untrusted inbox files.
+READ_FORMATS = tuple(sorted(set(EXTENSIONS.values())))
 # Formats we read but would damage on write (GIF: 256 colours): their output is PNG.
 WRITE_AS = {"GIF": "PNG"}
 PILLOW_READS_RGBX = ("JPEG", "WEBP")  # formats whose Pillow encoders take an RGBX image as it is
@@ -103,12 +106,12 @@ def decode(source: str | os.PathLike | bytes) -> Decoded:
     if not data:
         raise ImageError("the file is empty")
     try:
-        im = Image.open(io.BytesIO(data))
+        im = Image.open(io.BytesIO(data), formats=READ_FORMATS)
         im.load()
     except Image.DecompressionBombError as e:
         raise ImageError(f"image is too large to process safely ({e})") from None
     except Image.UnidentifiedImageError:
-        raise ImageError("not an image, or an image format upscaled cannot read") from None
+        raise ImageError(f"not an image, or not one of the formats upscaled reads ({', '.join(READ_FORMATS)})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"not a readable image ({e})") from None
     fmt = im.format or "PNG"

@@ -40,7 +40,7 @@ def settings(root: Path, checkpoint: Path, **sections: dict) -> dict:
         },
         "watch": {"settle_seconds": 0.5, "rescan_interval": 2.0, "poll_interval": 0.3},
         "daemon": {"retry_initial": 0.2, "retry_max": 1.0, "shutdown_timeout": 10.0, "status_interval": 0.2,
-                   "lease_interval": 0.5, "io_workers": 2},
+                   "lease_interval": 0.5, "io_workers": 2, "allow_root": True},
     }
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)

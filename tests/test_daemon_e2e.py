@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.daemon_helpers import (
     ROOT,
@@ -21,6 +22,7 @@ from tests.daemon_helpers import (
     image_bytes,
     make_config,
     serve,
+    settings,
     stop,
     tiny_checkpoint,
     wait_for,
@@ -130,7 +132,7 @@ def test_serve_drops_by_copy_rename_and_slow_writer(tmp_path, ckpt):
         assert proc.poll() is None
         wait_for(lambda: status_of(tmp_path).get("processed") == 8, 10, what="status counters")
         st = status_of(tmp_path)
-        assert st["failed"] == 1 and st["last_error"]["file"] == "corrupt.png" and st["model_version"]
+        assert st["failed"] == 1 and st["last_failed"]["file"] == "corrupt.png" and st["model_version"]
     finally:
         t0 = time.monotonic()
         rc = stop(proc)
@@ -181,12 +183,17 @@ def test_daemon_serves_the_configured_self_ensemble(tmp_path, ckpt):
 
 
 def test_two_daemons_process_each_file_exactly_once(tmp_path, ckpt):
+    # Two daemons on one shared inbox, each with its own status file (as documented).
     cfg, config = make_config(tmp_path, ckpt, watch={"settle_seconds": 0.2})
+    data = settings(tmp_path, ckpt, watch={"settle_seconds": 0.2})
+    data["paths"]["status"] = str(tmp_path / "status-2.json")
+    config2 = tmp_path / "config-2.yaml"
+    config2.write_text(yaml.safe_dump(data))
     inbox = tmp_path / "inbox"
     names = [f"d{i % 3}/img{i:02d}.png" for i in range(24)]
     for i, n in enumerate(names[:12]):
         write_image(inbox / n, seed=i)
-    procs = [serve(config, log=tmp_path / "daemon.log") for _ in range(2)]
+    procs = [serve(c, log=tmp_path / "daemon.log") for c in (config, config2)]
     try:
         for i, n in enumerate(names[12:], 12):  # more while both run
             write_image(tmp_path / "staging" / n, seed=i)

@@ -356,7 +356,8 @@ def test_status_file_and_status_command(tmp_path, ckpt, capsys):
     assert board.write(force=True)
     st = json.loads(cfg.path("status").read_text())
     assert st["state"] == "running" and st["pid"] == os.getpid() and st["processed"] == 1 and st["failed"] == 1
-    assert st["last_error"]["reason"] == "not a readable image" and st["throughput"]["images_per_min"] > 0
+    assert st["last_failed"]["reason"] == "not a readable image" and st["throughput"]["images_per_min"] > 0
+    assert st["last_error"] is None  # a failed file is a fact, not a standing problem
     assert status_mod.main(cfg) == status_mod.EXIT_RUNNING
     out = capsys.readouterr().out
     assert "running" in out and "v1" in out and "not a readable image" in out

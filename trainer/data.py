@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
-from model.images import EXTENSIONS, decode
+from model.images import EXTENSIONS, READ_FORMATS, decode
 from model.quality import to_uint8
 
 BICUBIC = Image.Resampling.BICUBIC
@@ -47,7 +47,7 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 def load_rgb8(path: Path, max_side: int = 0, shrink: float = 1.0) -> Image.Image:
     """Decode (EXIF orientation applied, 16-bit rounded to 8) to an 8-bit RGB Pillow image, capped
     at `max_side` on the long side, then shrunk by `shrink` (antialiased bicubic)."""
-    with Image.open(path) as im:
+    with Image.open(path, formats=READ_FORMATS) as im:
         if im.mode in ("RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1"):
             img = ImageOps.exif_transpose(im).convert("RGB")  # 8-bit: Pillow directly, no float copy
         else:
@@ -60,7 +60,7 @@ def load_rgb8(path: Path, max_side: int = 0, shrink: float = 1.0) -> Image.Image
 
 def header_size(path: Path) -> tuple[int, int]:
     """(width, height) as displayed, from the header only."""
-    with Image.open(path) as im:
+    with Image.open(path, formats=READ_FORMATS) as im:
         w, h = im.size
         orientation = im.getexif().get(0x0112, 1)
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
@@ -258,7 +258,7 @@ def check_pairs(lr_dir: Path, hr_dir: Path, scale: int, crop: int) -> list[tuple
         for f in (lr, hr):
             try:
                 sizes.append(header_size(f))
-                with Image.open(f) as im:
+                with Image.open(f, formats=READ_FORMATS) as im:
                     im.load()  # decode the pixels: catches truncated files, not just bad headers
             except (OSError, ValueError, SyntaxError) as e:
                 problems.append(f"{f}: unreadable ({e})")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -123,6 +124,17 @@ def _run(args: argparse.Namespace) -> int:
     from upscaled import config as config_mod
 
     config_path = Path(args.config) if args.config else config_mod.default_path()
+    if args.command == "status":
+        from daemon.status import main as status
+
+        # The daemon's status, not the config's validity: a file being edited must not hide it.
+        try:
+            cfg = config_mod.load_file(config_path)
+        except config_mod.ConfigError as e:
+            path = config_mod.status_path_despite(config_path)
+            logger.warning("the config is invalid ({}); reading the daemon's status from {}", e, path)
+            return status(None, as_json=args.json, path=path)
+        return status(cfg, as_json=args.json)
     cfg = config_mod.load_file(config_path)
     if getattr(args, "self_ensemble", None):
         cfg = dataclasses.replace(cfg, inference=dataclasses.replace(cfg.inference, self_ensemble=args.self_ensemble))
@@ -135,10 +147,6 @@ def _run(args: argparse.Namespace) -> int:
 
         # The file is re-read on SIGHUP; None means built-in defaults, nothing to re-read.
         return serve(cfg, once=args.once, config_path=config_path.resolve() if config_path else None)
-    if args.command == "status":
-        from daemon.status import main as status
-
-        return status(cfg, as_json=args.json)
     if args.command == "train":
         from trainer.train import main as train
 
@@ -173,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         logger.warning("interrupted")
         return 130
+    except BrokenPipeError:
+        # `upscaled status | head`: the reader left; that is not an error. Point stdout at
+        # /dev/null so the interpreter's final flush does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -98,6 +98,10 @@ class OutputConfig:
     webp_lossless: bool = False
     png_strategy: Literal["fast", "rle", "default"] = "fast"  # how PNGs are compressed (model/png.py, Pillow)
     png_compress_level: int = 4  # zlib level 0..9, for png_strategy rle and default
+    # An output name already taken (photo.png and photo.gif both become photo.png; the same name
+    # dropped twice): suffix = photo-1.png, as done/ does; overwrite = replace it; skip = the
+    # input goes to failed/ saying so. Never does one input's output silently replace another's.
+    on_conflict: Literal["suffix", "overwrite", "skip"] = "suffix"
 
     def __post_init__(self) -> None:
         _need(0 <= self.png_compress_level <= 9, "png_compress_level", "an integer 0..9", self.png_compress_level)
@@ -118,9 +122,11 @@ class WatchConfig:
     settle_seconds: float = 2.0  # size and mtime unchanged this long => the file is complete
     rescan_interval: float = 30.0  # seconds between reconciliation scans
     closed_grace: float = 0.5  # a file closed after writing is ready once untouched this long
+    incomplete_wait: float = 30.0  # an image whose end is missing is waited for this long after its last change
 
     def __post_init__(self) -> None:
         _need(self.closed_grace >= 0, "closed_grace", "seconds >= 0", self.closed_grace)
+        _need(self.incomplete_wait >= 0, "incomplete_wait", "seconds >= 0", self.incomplete_wait)
         _need(self.poll_interval > 0, "poll_interval", "seconds > 0", self.poll_interval)
         _need(self.settle_seconds >= 0, "settle_seconds", "seconds >= 0", self.settle_seconds)
         _need(self.rescan_interval > 0, "rescan_interval", "seconds > 0", self.rescan_interval)
@@ -136,6 +142,7 @@ class DaemonConfig:
     shutdown_timeout: float = 60.0  # seconds to finish in-flight images on SIGTERM
     status_interval: float = 2.0  # seconds between status-file updates while busy
     lease_interval: float = 10.0  # seconds between claim-lease heartbeats; 6 missed = owner presumed dead
+    allow_root: bool = False  # run as root anyway (a daemon reading files anyone can drop should not)
 
     def __post_init__(self) -> None:
         _need(self.lease_interval > 0, "lease_interval", "seconds > 0", self.lease_interval)
@@ -330,6 +337,22 @@ def default_path() -> Path | None:
         return Path(env)
     local = Path("config.yaml")
     return local if local.is_file() else None
+
+
+def status_path_despite(path: Path | None) -> Path:
+    """paths.status from a config that does not validate (being edited, say): the key as written
+    if the YAML still parses, else the default; relative to the file's folder as always."""
+    base = path.resolve().parent if path is not None else Path.cwd()
+    value = PathsConfig.status
+    try:
+        data = yaml.safe_load(path.read_text()) if path is not None else None
+        candidate = data["paths"]["status"]
+        if isinstance(candidate, str):
+            value = candidate
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        pass
+    p = Path(os.path.expanduser(value))
+    return p if p.is_absolute() else (base / p).resolve()
 
 
 def load(path: str | os.PathLike | None = None) -> Config:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from model.atomic import atomic_open
+from model.atomic import atomic_open, numbered
 from model.images import EXTENSIONS, FORMATS, PILLOW_READS_RGBX, ImageError, decode, encode_to, is_supported, output_format
 from upscaled.config import Config
 
@@ -47,6 +47,24 @@ def destination(outdir: Path, rel: Path, requested: str | None) -> tuple[Path, s
     src_format = EXTENSIONS[rel.suffix.lower()]
     fmt = output_format(src_format, requested)
     return outdir / (rel if fmt == src_format else rel.with_suffix(FORMATS[fmt])), fmt
+
+
+def plan(jobs: list[Job], outdir: Path, requested: str | None) -> list[tuple[Job, Path, str]]:
+    """Each job's output path and format, no two the same: an input whose output name another
+    input of this run already has (photo.gif and photo.png both make photo.png) gets photo-1.png,
+    as the daemon does. Outputs that existed before the run are --overwrite's business."""
+    taken: set[Path] = set()
+    out = []
+    for job in jobs:
+        dst, fmt = destination(outdir, job.rel, requested)
+        n = 0
+        while numbered(dst, n) in taken:
+            n += 1
+        if n:
+            logger.info("{}: {} is another input's output in this run; writing {}", job.src, dst.name, numbered(dst, n).name)
+        taken.add(numbered(dst, n))
+        out.append((job, numbered(dst, n), fmt))
+    return out
 
 
 def tile_bar(files_bar, name: str):
@@ -88,10 +106,9 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
     mp_in = mp_out = 0.0
     t0 = time.perf_counter()
     with tqdm(total=len(jobs), unit="img", desc="upscaling", dynamic_ncols=True) as bar:
-        for job in jobs:
+        for job, dst, out_fmt in plan(jobs, outdir, requested):
             bar.set_postfix_str(job.rel.as_posix()[-40:], refresh=False)
             try:
-                dst, out_fmt = destination(outdir, job.rel, requested)
                 if dst.exists() and not overwrite:
                     logger.warning("skipped {}: {} exists (use --overwrite)", job.src, dst)
                     skipped += 1
