@@ -163,6 +163,8 @@ class Claims:
             try:
                 os.utime(self.lease)
             except FileNotFoundError:  # someone removed our folder: take it back
+                if not self.inbox.is_dir():
+                    return  # the inbox itself is gone (an unmounted share): never create it under the mount point
                 logger.error("lease {} vanished; recreating it", self.lease)
                 self.files.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(self.lease, json.dumps({"host": self.host, "pid": self.pid,

@@ -147,6 +147,7 @@ class Service:
         self.next_rescan = 0.0
         self.gave_up: set[str] = set()  # --once: left in the inbox after a transient error
         self.blocked: dict[str, dict] = {}  # inbox paths we cannot claim or read: retried at each rescan
+        self.ignored: set[str] = set()  # deliberately passed over (temp names, symlinks...), logged once
         self.lock = StatusLock(cfg.path("status"))
         self._inbox_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the inbox being watched
         self._next_inbox_check = 0.0
@@ -325,13 +326,18 @@ class Service:
         self._recover()
         new = 0
         unreadable: dict[str, str] = {}
-        for rel, st in scan(self.inbox, self.filter, unreadable):
+        ignored: dict[str, str] = {}
+        for rel, st in scan(self.inbox, self.filter, unreadable, ignored):
             if rel in self.settler.candidates or rel in self.gave_up:
                 continue
             if self._skip(rel, st):
                 continue
             self.settler.note(Hint.SCANNED, rel, st, now)
             new += 1
+        for rel, why in ignored.items():
+            if rel not in self.ignored:
+                logger.info("ignored {}: {}", rel, why)
+        self.ignored = set(ignored)  # logged once while it stays; again if it comes back
         for rel, reason in unreadable.items():
             self._problem(rel, reason)
         for key in [k for k, v in self.blocked.items() if v.get("folder") and k not in unreadable]:
@@ -568,17 +574,17 @@ def _iso() -> str:
 
 def main(cfg: Config, once: bool = False, config_path: str | os.PathLike | None = None) -> int:
     """`upscaled serve [--once]`; returns the exit code."""
-    if os.geteuid() == 0 and not cfg.daemon.allow_root:
-        logger.error("refusing to run as root: the inbox takes files from anyone, and a decoder bug should not "
-                     "hand them the machine. Run as an ordinary user (systemd/upscaled.service does), or set "
-                     "daemon.allow_root: true")
-        return EXIT_USAGE
     if config_path is None:
         logger.info("no config file (--config, ${}, ./config.yaml): built-in defaults, folders under {}: inbox {}, "
                     "outbox {}, done {}, failed {}", "UPSCALED_CONFIG", cfg.base_dir, cfg.path("inbox"),
                     cfg.path("outbox"), cfg.path("done"), cfg.path("failed"))
     else:
         logger.info("config {}: inbox {}, outbox {}", config_path, cfg.path("inbox"), cfg.path("outbox"))
+    if os.geteuid() == 0 and not cfg.daemon.allow_root:
+        logger.error("refusing to run as root: the inbox takes files from anyone, and a decoder bug should not "
+                     "hand them the machine. Run as an ordinary user (systemd/upscaled.service does), or set "
+                     "daemon.allow_root: true")
+        return EXIT_USAGE
     svc = Service(cfg, once=once, config_path=config_path)
     try:
         svc.lock.acquire()  # before anything is written: a second daemon must not touch the first's files

@@ -68,6 +68,8 @@ def image_complete(path: Path) -> bool:
             tail = f.read()
     except OSError:
         return True  # the claim and decode report it properly
+    if size == 0:
+        return False  # created, not yet written
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return tail.endswith(b"IEND\xaeB`\x82")
     if head.startswith(b"\xff\xd8"):
@@ -93,6 +95,11 @@ class InboxFilter:
         self.inbox = inbox
         self.own = [p for p in own if p.is_relative_to(inbox)]  # our folders inside the inbox
 
+    def is_own(self, path: str | os.PathLike) -> bool:
+        """One of our folders inside the inbox (the work folder, ...) or something in one."""
+        p = Path(os.fsdecode(path))
+        return any(p.is_relative_to(o) for o in self.own)
+
     def rel(self, path: str | os.PathLike) -> str | None:
         """The inbox-relative path of `path`, or None when it is outside, ignored, or ours."""
         p = Path(os.fsdecode(path))
@@ -106,9 +113,14 @@ class InboxFilter:
         return rel.as_posix()
 
 
-def scan(inbox: Path, filt: InboxFilter, unreadable: dict[str, str] | None = None) -> Iterator[tuple[str, os.stat_result]]:
+IGNORED_WHY = "a hidden or temporary name (dot files, .part, .tmp, .crdownload, ~, .swp, Thumbs.db)"
+
+
+def scan(inbox: Path, filt: InboxFilter, unreadable: dict[str, str] | None = None,
+         ignored: dict[str, str] | None = None) -> Iterator[tuple[str, os.stat_result]]:
     """Every candidate regular file under the inbox (symlinks neither followed nor returned).
-    Folders that cannot be listed are put in `unreadable` (inbox-relative path -> reason)."""
+    Folders that cannot be listed are put in `unreadable`, and what is deliberately passed over
+    in `ignored` (inbox-relative path -> reason)."""
     stack = [inbox]
     while stack:
         folder = stack.pop()
@@ -122,6 +134,8 @@ def scan(inbox: Path, filt: InboxFilter, unreadable: dict[str, str] | None = Non
             continue
         for e in entries:
             if ignored_name(e.name):
+                if ignored is not None and not filt.is_own(e.path):
+                    ignored[Path(e.path).relative_to(inbox).as_posix()] = IGNORED_WHY
                 continue
             try:
                 st = e.stat(follow_symlinks=False)
@@ -134,6 +148,9 @@ def scan(inbox: Path, filt: InboxFilter, unreadable: dict[str, str] | None = Non
                 rel = filt.rel(e.path)
                 if rel is not None:
                     yield rel, st
+            elif ignored is not None and filt.rel(e.path) is not None:
+                ignored[filt.rel(e.path)] = ("a symbolic link (never followed: it could point anywhere)"
+                                            if stat.S_ISLNK(st.st_mode) else "not a regular file (a pipe, socket or device)")
 
 
 class InboxHandler(FileSystemEventHandler):

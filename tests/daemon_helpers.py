@@ -99,16 +99,36 @@ def files_under(folder: Path, include_hidden: bool = False) -> list[str]:
     return sorted(out)
 
 
-def serve(config: Path, *extra: str, env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
-    """Start `upscaled serve` as a real subprocess."""
+def serve(config: Path | None, *extra: str, env: dict | None = None, log: Path | None = None,
+          cwd: Path = ROOT, prefix: list[str] | tuple = ()) -> subprocess.Popen:
+    """Start `upscaled serve` as a real subprocess (`config` None: no --config; `prefix`: a
+    command to run it under, such as as_daemon_user())."""
     e = dict(os.environ)
     e.pop("NOTIFY_SOCKET", None)
     e.update(env or {})
     out = open(log, "ab") if log else subprocess.DEVNULL
+    args = ["--config", str(config)] if config is not None else []
     return subprocess.Popen(
-        [sys.executable, "-m", "upscaled", "serve", "--config", str(config), *extra],
-        cwd=ROOT, env=e, stdout=out, stderr=subprocess.STDOUT,
+        [*prefix, sys.executable, "-m", "upscaled", "serve", *args, *extra],
+        cwd=cwd, env=e, stdout=out, stderr=subprocess.STDOUT,
     )
+
+
+NOBODY = 65534
+
+
+def as_daemon_user() -> list[str]:
+    """A command prefix under which file permissions apply to the daemon. Under root (CI):
+    root without its capabilities (setpriv empties the bounding set, so an exec'd process keeps
+    none), for which the modes of files it does not own apply; otherwise nothing."""
+    return ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"] if os.geteuid() == 0 else []
+
+
+def not_ours(path: Path, mode: int) -> None:
+    """Give `path` `mode` for a daemon that does not own it: under root, owned by nobody."""
+    if os.geteuid() == 0:
+        os.lchown(path, NOBODY, NOBODY)
+    os.chmod(path, mode)
 
 
 def stop(proc: subprocess.Popen, timeout: float = 20.0) -> int:
