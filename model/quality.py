@@ -153,6 +153,7 @@ class ImageScores:
     detail: dict[str, float] = field(default_factory=dict)  # method -> detail(out) / detail(original)
     colour_shift: float = 0.0  # the model's, see colour_shift()
     seconds: float = 0.0  # time the model took on this image
+    peer_seconds: dict[str, float] = field(default_factory=dict)  # time each peer took
 
 
 @dataclass
@@ -166,6 +167,8 @@ class Report:
     model_seconds_per_mp: float  # model seconds per output megapixel
     mean_detail: dict[str, float] = field(default_factory=dict)
     max_colour_shift: float = 0.0  # the model's worst image
+    peer_seconds_per_mp: dict[str, float] = field(default_factory=dict)  # peers measured in the same run
+    lr_jpeg: int = 0  # > 0: the LR images were saved as JPEG at this quality before upscaling
     protocol: str = PROTOCOL
 
     def to_dict(self) -> dict:
@@ -187,17 +190,31 @@ class Report:
 METHODS = ("model", "bicubic", "lanczos")
 
 
+def jpeg(lr8: np.ndarray, quality: int) -> np.ndarray:
+    """`lr8` saved as a JPEG of `quality` and decoded again (4:2:0, as phones and the web do)."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(lr8).save(buf, "JPEG", quality=quality)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
 def evaluate_images(
     upscale_fn: Upscale | None,
     hr_images: Iterable[tuple[str, np.ndarray]] | Sequence[np.ndarray],
     scale: int,
     baselines: bool = True,
+    peers: dict[str, Upscale] | None = None,
+    lr_jpeg: int = 0,
 ) -> Report:
-    """Score `upscale_fn` (and bicubic/Lanczos when `baselines`) on HR images.
+    """Score `upscale_fn` (and bicubic/Lanczos when `baselines`, and each of `peers`, other
+    upscalers measured in the same run) on HR images.
 
     `hr_images` yields arrays or (name, array) pairs; arrays are uint8/uint16 or float in
-    [0, 1], H x W x 3. `upscale_fn` may be None to score only the baselines.
+    [0, 1], H x W x 3. `upscale_fn` may be None to score only the baselines. `lr_jpeg` > 0
+    compresses each LR image as a JPEG of that quality first (compressed inputs), for every method.
     """
+    peers = peers or {}
     scores: list[ImageScores] = []
     model_seconds = 0.0
     out_pixels = 0
@@ -205,6 +222,8 @@ def evaluate_images(
         name, hr = item if isinstance(item, tuple) else (f"#{i}", item)
         hr8 = crop_to_multiple(to_uint8(hr), scale)
         lr8 = downscale(hr8, scale)
+        if lr_jpeg:
+            lr8 = jpeg(lr8, lr_jpeg)
         s = ImageScores(name=name, size=(hr8.shape[1], hr8.shape[0]))
         outputs: dict[str, np.ndarray] = {}
         if upscale_fn is not None:
@@ -213,6 +232,10 @@ def evaluate_images(
             s.seconds = time.perf_counter() - t0
             model_seconds += s.seconds
             out_pixels += hr8.shape[0] * hr8.shape[1]
+        for peer, fn in peers.items():
+            t0 = time.perf_counter()
+            outputs[peer] = fn(lr8.astype(np.float32) / 255.0)
+            s.peer_seconds[peer] = time.perf_counter() - t0
         if baselines:
             outputs["bicubic"] = resize_up(lr8, scale, Image.Resampling.BICUBIC)
             outputs["lanczos"] = resize_up(lr8, scale, Image.Resampling.LANCZOS)
@@ -225,7 +248,8 @@ def evaluate_images(
         scores.append(s)
     if not scores:
         raise ValueError("no images to evaluate")
-    methods = [m for m in METHODS if m in scores[0].psnr_y]
+    methods = [m for m in (METHODS[0], *peers, *METHODS[1:]) if m in scores[0].psnr_y]
+    mp = sum(s.size[0] * s.size[1] for s in scores) / 1e6
     return Report(
         scale=scale,
         images=scores,
@@ -234,6 +258,8 @@ def evaluate_images(
         model_seconds_per_mp=model_seconds / (out_pixels / 1e6) if out_pixels else 0.0,
         mean_detail={m: float(np.mean([s.detail[m] for s in scores])) for m in methods},
         max_colour_shift=max(s.colour_shift for s in scores),
+        peer_seconds_per_mp={p: sum(s.peer_seconds[p] for s in scores) / mp for p in peers},
+        lr_jpeg=lr_jpeg,
     )
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from model.quality import METHODS, evaluate_images, fingerprint
+from model.quality import evaluate_images, fingerprint
 from trainer.data import DataError, load_validation
 from upscaled.config import Config
 from upscaled.runtime import build_upscaler
@@ -19,7 +19,7 @@ EXIT_USAGE = 2
 
 
 def format_table(report, model_name: str) -> str:
-    methods = [m for m in METHODS if m in report.mean_psnr_y]
+    methods = list(report.mean_psnr_y)
     name_w = max([len("image"), len("mean")] + [len(s.name) for s in report.images])
     head = (f"{'image':<{name_w}}  {'size':>11}" + "".join(f"  {m + ' PSNR':>13} {'SSIM':>6} {'detail':>6}" for m in methods)
             + f"  {'colour':>6}  {'s/MP':>6}")
@@ -35,6 +35,14 @@ def format_table(report, model_name: str) -> str:
     mean = f"{'mean':<{name_w}}  {'':>11}" + "".join(
         f"  {report.mean_psnr_y[m]:>13.3f} {report.mean_ssim_y[m]:>6.4f} {report.mean_detail[m]:>6.2f}" for m in methods)
     lines.append(mean + f"  {report.max_colour_shift:>6.2%}  {report.model_seconds_per_mp:>6.2f}")
+    bic = report.mean_psnr_y["bicubic"]
+    gains = "; ".join(f"{m} {report.mean_psnr_y[m] - bic:+.3f} dB" for m in methods if m not in ("bicubic",))
+    lines.append(f"gain over bicubic (PSNR-Y): {gains}")
+    if report.peer_seconds_per_mp:
+        lines.append("seconds per output MP, same run: model " + f"{report.model_seconds_per_mp:.3f}; " + "; ".join(
+            f"{p} {v:.3f}" for p, v in report.peer_seconds_per_mp.items()))
+    if report.lr_jpeg:
+        lines.append(f"LR images saved as JPEG quality {report.lr_jpeg} before upscaling (every method)")
     return "\n".join(lines)
 
 
@@ -46,8 +54,17 @@ def main(cfg: Config, args) -> int:
     except DataError as e:
         logger.error("{}", e)
         return EXIT_USAGE
+    peers = {}
+    for name in args.peer or []:
+        from model.peers import PeerUnavailable, load_peer
+
+        try:
+            peers[name] = load_peer(name, up.scale, threads=cfg.inference.threads)
+        except PeerUnavailable as e:
+            logger.error("{}", e)
+            return EXIT_USAGE
     up.warm_up()  # the first forward pays for lazy initialisation; keep it out of the timings
-    report = evaluate_images(up.upscale_rgb, images, up.scale)
+    report = evaluate_images(up.upscale_rgb, images, up.scale, peers=peers, lr_jpeg=args.lr_jpeg or 0)
     if args.json:
         out = report.to_dict()
         out.update(model=up.version, fingerprint=fingerprint(files, folder, up.scale), data=str(folder),

@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="PATH", help="checkpoint file, or `fidelity` / `gan` for a bundled model "
                    "(default: the configured, published or bundled fidelity one)")
     p.add_argument("--max-images", type=int, default=0, metavar="N", help="only the first N images (sorted by path)")
+    p.add_argument("--peer", action="append", choices=["span"], help="also measure another upscaler in the same run: "
+                   "span = SPAN x4 (NTIRE 2024 efficient-SR winner) through ncnn; needs pip install -e '.[peers]'")
+    p.add_argument("--lr-jpeg", type=int, metavar="Q", help="save each low-resolution image as a JPEG of quality Q "
+                   "before upscaling (compressed inputs), for every method")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _self_ensemble(p)
     _common(p)
