@@ -340,8 +340,10 @@ class Service:
         self.ignored = set(ignored)  # logged once while it stays; again if it comes back
         for rel, reason in unreadable.items():
             self._problem(rel, reason)
-        for key in [k for k, v in self.blocked.items() if v.get("folder") and k not in unreadable]:
-            del self.blocked[key]  # readable again
+        for key, b in list(self.blocked.items()):
+            gone = key != "inbox" and not b.get("folder") and not os.path.lexists(self.inbox / key)
+            if gone or (b.get("folder") and key not in unreadable):
+                del self.blocked[key]  # removed by its owner, or readable again
         for key in unreadable:
             self.blocked[key]["folder"] = True
         return new
