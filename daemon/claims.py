@@ -39,6 +39,7 @@ LEASE = "lease.json"
 FILES = "files"
 ADOPTED = "adopted"
 KEPT_LEDGER = "kept.jsonl"
+WRITTEN_LEDGER = "written.jsonl"  # per owner: claimed files whose output is already durable
 STALE_LEASES = 6  # a lease this many intervals old belongs to a dead (or hopelessly stuck) owner
 
 # ---------------------------------------------------------------------------------------------
@@ -130,6 +131,9 @@ class Claims:
         self._last_beat = 0.0
         self._kept: set[tuple[str, int, int]] = set()
         self._kept_size = -1
+        # Outputs a dead owner had already written for files it gave back (rel -> output path):
+        # processing such a file again replaces that output instead of adding name-1.ext.
+        self.rewrite: dict[str, str] = {}
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -151,7 +155,7 @@ class Claims:
 
     def close(self) -> None:
         """Remove the owner folder if nothing is left in it (claims left behind are recovered later)."""
-        leftovers = [p for p in self.folder.rglob("*") if not p.is_dir() and p != self.lease]
+        leftovers = [p for p in self.folder.rglob("*") if not p.is_dir() and p.parent != self.folder]
         if leftovers:
             logger.warning("{} claimed file(s) left in {}; they will be recovered on the next start", len(leftovers), self.folder)
             return
@@ -173,6 +177,17 @@ class Claims:
             self._last_beat = now
 
     # -- claiming ------------------------------------------------------------------------------
+
+    def record_written(self, rel: str, output: Path) -> None:
+        """The output of claimed `rel` is durable: if we die before the original is moved, the
+        daemon that recovers it knows that `output` is this input's own (see `rewrite`)."""
+        line = json.dumps({"file": rel, "output": str(output)}) + "\n"
+        fd = os.open(self.folder / WRITTEN_LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def claimed_path(self, rel: str) -> Path:
         return self.files / rel
@@ -320,6 +335,12 @@ class Claims:
         back: list[str] = []
         files = owner / FILES
         left = False
+        written = {}
+        with contextlib.suppress(OSError):
+            for line in (owner / WRITTEN_LEDGER).read_text(errors="replace").splitlines():
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    e = json.loads(line)
+                    written[e["file"]] = e["output"]
         if files.is_dir():
             for p in sorted(files.rglob("*")):
                 if p.is_dir() or p.is_symlink():
@@ -330,6 +351,8 @@ class Claims:
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     rename_noreplace(p, dst)
                     back.append(rel)
+                    if rel in written:
+                        self.rewrite[rel] = written[rel]
                 except FileExistsError:
                     left = True
                     logger.warning("cannot give {} back: a new file of that name is in the inbox; trying later", rel)
@@ -337,6 +360,6 @@ class Claims:
         if sub.is_dir():
             for dead in list(sub.iterdir()):
                 back += self._give_back(dead)
-        if not left and not any(p.is_file() and p.name != LEASE for p in owner.rglob("*")):
+        if not left and not any(p.is_file() and p.parent != owner for p in owner.rglob("*")):
             shutil.rmtree(owner, ignore_errors=True)
         return back

@@ -136,7 +136,10 @@ class Worker:
                 try:
                     # Encoded straight into the temp file (a huge PNG never sits in memory as
                     # bytes); the lock covers only the check and the rename that publishes it.
-                    with atomic_open(wanted, "wb", conflict=CONFLICT[self.cfg.output.on_conflict]) as f:
+                    conflict = CONFLICT[self.cfg.output.on_conflict]
+                    if self.claims.rewrite.get(job.rel) == str(wanted):
+                        conflict = "replace"  # our own output, written before a crash: replace, not name-1
+                    with atomic_open(wanted, "wb", conflict=conflict) as f:
                         # consume: a retry after an error starts over from the input anyway.
                         encode_to(f, job.encoded, fmt, consume=True, **self.cfg.output.encode_options())
                         job.encoded = None
@@ -145,6 +148,8 @@ class Worker:
                         if job.released:
                             raise _Released()  # the temp file is removed, nothing is published
                     job.output = f.published
+                    self.claims.record_written(job.rel, job.output)
+                    self.claims.rewrite.pop(job.rel, None)
                     job.state = JobState.WRITTEN
                 except FileExistsError:  # output.on_conflict: skip
                     raise ImageError(f"its output {wanted.name} already exists in the outbox and output.on_conflict "

@@ -59,7 +59,8 @@ def status_of(root: Path, name: str = "status.json") -> dict:
 def running(root: Path, proc: subprocess.Popen) -> None:
     def up():
         assert proc.poll() is None, f"daemon exited early with {proc.returncode}: {log(root)}"
-        return status_of(root).get("state") == "running"
+        st = status_of(root)
+        return st.get("state") == "running" and st.get("pid") == proc.pid  # not a killed predecessor's file
 
     wait_for(up, 90, what="the daemon to be running")
 
@@ -347,20 +348,21 @@ def test_work_folder_is_clean_after_kill_9_restart_and_stop_and_after_a_failed_s
     cfg, config = make_config(root, ckpt)
     proc = serve(config, log=root / "daemon.log")
     running(root, proc)
-    for i in range(6):
-        drop(root, f"k{i}.png", seed=i, w=160, h=120)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
+    n = 16
+    for i in range(n):
+        drop(root, f"k{i:02d}.png", seed=i, w=240, h=180)
+    wait_for(lambda: files_under(root / "done"), 30, what="the first file done")
+    proc.send_signal(signal.SIGKILL)  # mid-queue
     proc.wait(10)
     assert work_leftovers(root)  # the dead daemon's claims folder
     proc = serve(config, log=root / "daemon.log")
     try:
         running(root, proc)
-        wait_for(lambda: len(files_under(root / "done")) == 6, 60, what="all six done after the restart")
+        wait_for(lambda: len(files_under(root / "done")) == n, 90, what="every file done after the restart")
     finally:
         assert stop(proc) == 0, log(root)
     assert work_leftovers(root) == []
-    assert files_under(root / "outbox") == [f"k{i}.png" for i in range(6)]
+    assert files_under(root / "outbox") == [f"k{i:02d}.png" for i in range(n)]  # each once: no -1 duplicates
     # A start-up that fails (a model file that does not exist) leaves nothing behind either.
     bad = config.read_text().replace(str(ckpt), str(root / "missing.safetensors"))
     config.write_text(bad)

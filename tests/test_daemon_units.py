@@ -31,7 +31,7 @@ from daemon.notify import Notifier
 from daemon.status import ServiceState, StatusBoard
 from daemon.watcher import Hint, InboxFilter, InboxHandler, Settler, make_observer, scan
 from daemon.worker import Worker
-from tests.daemon_helpers import decoded_size, make_config, tiny_checkpoint, wait_for, write_image
+from tests.daemon_helpers import decoded_size, files_under, make_config, tiny_checkpoint, wait_for, write_image
 from upscaled.runtime import build_upscaler
 
 IGNORED = [".hidden.png", "a.png.part", "b.tmp", "c.crdownload", "d.png~", ".DS_Store", "Thumbs.db", ".dir/e.png"]
@@ -285,6 +285,31 @@ def run_job_until(worker: Worker, job: Job, state: JobState) -> Job:
     while job.state is not state:
         worker.advance(job)
     return job
+
+
+def test_crash_after_the_output_is_written_replaces_it_on_recovery_instead_of_adding_name_1(tmp_path, ckpt, upscaler):
+    # A daemon dies between publishing an output and moving the original (WRITTEN): whoever
+    # recovers the original processes it again, and must replace that output, not add pic-1.png.
+    cfg, _ = make_config(tmp_path, ckpt)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead_claims = Claims(cfg.path("inbox"), cfg.path("work"), 0.5)
+    dead_claims.pid = gone.pid
+    dead_claims.open()
+    lease = json.loads(dead_claims.lease.read_text())
+    dead_claims.lease.write_text(json.dumps({**lease, "pid": gone.pid}))
+    dead = Worker(cfg, upscaler, dead_claims)
+    write_image(tmp_path / "inbox" / "pic.png", 32, 24)
+    job = run_job_until(dead, Job("pic.png", dead_claims.claim("pic.png")), JobState.WRITTEN)  # ... and it dies
+    worker, claims = make_worker(tmp_path, ckpt, upscaler)
+    assert claims.recover() == ["pic.png"] and claims.rewrite == {"pic.png": str(job.output)}
+    again = run_job(worker, Job("pic.png", claims.claim("pic.png")))
+    assert again.state is JobState.DONE and again.output == job.output
+    assert files_under(tmp_path / "outbox") == ["pic.png"] and claims.rewrite == {}
+    # Any other input that maps to pic.png still gets a name of its own.
+    write_image(tmp_path / "inbox" / "pic.png", 32, 24, seed=5)
+    other = run_job(worker, Job("pic.png", claims.claim("pic.png")))
+    assert other.output.name == "pic-1.png"
 
 
 def test_corrupt_input_goes_to_failed_with_a_reason(tmp_path, ckpt, upscaler):
