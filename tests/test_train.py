@@ -104,7 +104,8 @@ def test_eval_prints_the_table(trained, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert rc == 0
     assert "model PSNR" in out and "bicubic PSNR" in out and "lanczos PSNR" in out
-    assert "photo0.png" in out and out.strip().splitlines()[-1].startswith("mean")
+    lines = out.strip().splitlines()
+    assert "photo0.png" in out and lines[-2].startswith("mean") and lines[-1].startswith("gain over bicubic (PSNR-Y): model ")
     rc = cli_main(["eval", "--data", str(trained["photos"]), "--model", str(trained["run"] / "best.safetensors"), "--json"])
     report = json.loads(capsys.readouterr().out)
     assert rc == 0 and len(report["images"]) == 3 and report["mean_psnr_y"]["model"] > report["mean_psnr_y"]["bicubic"]
