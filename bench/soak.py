@@ -496,7 +496,7 @@ class Soak:
             self.problems.append("the daemon did not exit within 60 s of SIGTERM; killed")
             self.proc.kill()
             rc = self.proc.wait()
-        owners = [p.name for p in self.work.iterdir() if p.is_dir()] if self.work.is_dir() else []
+        owners = [p.name for p in self.work.iterdir() if p.is_dir() and p.name != "written"] if self.work.is_dir() else []  # written/: shared markers
         state = status_of(self.root).get("state")
         print(f"SIGTERM: exit code {rc} after {time.monotonic() - t:.1f} s; status {state}; "
               f"owner folders left in the work folder: {len(owners)}")

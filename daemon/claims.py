@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import secrets
@@ -39,7 +40,7 @@ LEASE = "lease.json"
 FILES = "files"
 ADOPTED = "adopted"
 KEPT_LEDGER = "kept.jsonl"
-WRITTEN_LEDGER = "written.jsonl"  # per owner: claimed files whose output is already durable
+WRITTEN = "written"  # work/written/: outputs already durable for inputs not yet moved to done/
 STALE_LEASES = 6  # a lease this many intervals old belongs to a dead (or hopelessly stuck) owner
 
 # ---------------------------------------------------------------------------------------------
@@ -131,9 +132,6 @@ class Claims:
         self._last_beat = 0.0
         self._kept: set[tuple[str, int, int]] = set()
         self._kept_size = -1
-        # Outputs a dead owner had already written for files it gave back (rel -> output path):
-        # processing such a file again replaces that output instead of adding name-1.ext.
-        self.rewrite: dict[str, str] = {}
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -178,16 +176,44 @@ class Claims:
 
     # -- claiming ------------------------------------------------------------------------------
 
-    def record_written(self, rel: str, output: Path) -> None:
-        """The output of claimed `rel` is durable: if we die before the original is moved, the
-        daemon that recovers it knows that `output` is this input's own (see `rewrite`)."""
-        line = json.dumps({"file": rel, "output": str(output)}) + "\n"
-        fd = os.open(self.folder / WRITTEN_LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    # -- outputs written before a crash -----------------------------------------------------------
+    # A daemon that dies after publishing an output but before moving the original leaves the
+    # original to be processed again (by whoever recovers it, after any number of further
+    # crashes). A marker in work/written/, shared by all daemons and keyed by the input's path,
+    # is written before the output's temp file is renamed into place and names that file's inode:
+    # an output with that inode is this very input's own (same size and mtime), so it is
+    # replaced rather than joined by name-1.ext. Removed once the original is moved (DONE).
+
+    def _marker(self, rel: str) -> Path:
+        return self.work / WRITTEN / (hashlib.sha1(rel.encode()).hexdigest() + ".json")
+
+    def mark_written(self, rel: str, wanted: Path, output: os.stat_result, source: os.stat_result) -> None:
+        m = self._marker(rel)
+        m.parent.mkdir(exist_ok=True)
+        atomic_write_text(m, json.dumps({"file": rel, "wanted": str(wanted), "ino": output.st_ino, "dev": output.st_dev,
+                                         "size": source.st_size, "mtime_ns": source.st_mtime_ns}))
+
+    def written_output(self, rel: str, source: os.stat_result) -> Path | None:
+        """The output this very input (same size and mtime) had already published, if any."""
         try:
-            os.write(fd, line.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            e = json.loads(self._marker(rel).read_text())
+        except (OSError, ValueError):
+            return None
+        if (e.get("file"), e.get("size"), e.get("mtime_ns")) != (rel, source.st_size, source.st_mtime_ns):
+            return None
+        for n in range(1000):  # wanted, wanted-1, ...: suffix may have given it any free name
+            cand = numbered(Path(e["wanted"]), n)
+            try:
+                st = os.lstat(cand)
+            except FileNotFoundError:
+                return None
+            if (st.st_ino, st.st_dev) == (e.get("ino"), e.get("dev")):
+                return cand
+        return None
+
+    def clear_written(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._marker(rel).unlink()
 
     def claimed_path(self, rel: str) -> Path:
         return self.files / rel
@@ -306,7 +332,8 @@ class Claims:
     def recover(self) -> list[str]:
         """Give back the claims of dead owners; returns the relative paths put back in the inbox."""
         try:
-            owners = [p for p in self.work.iterdir() if p.is_dir() and p.name != self.name and not p.is_symlink()]
+            owners = [p for p in self.work.iterdir()
+                      if p.is_dir() and p.name not in (self.name, WRITTEN) and not p.is_symlink()]
         except FileNotFoundError:
             return []
         back: list[str] = []
@@ -335,12 +362,7 @@ class Claims:
         back: list[str] = []
         files = owner / FILES
         left = False
-        written = {}
-        with contextlib.suppress(OSError):
-            for line in (owner / WRITTEN_LEDGER).read_text(errors="replace").splitlines():
-                with contextlib.suppress(ValueError, KeyError, TypeError):
-                    e = json.loads(line)
-                    written[e["file"]] = e["output"]
+
         if files.is_dir():
             for p in sorted(files.rglob("*")):
                 if p.is_dir() or p.is_symlink():
@@ -351,8 +373,6 @@ class Claims:
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     rename_noreplace(p, dst)
                     back.append(rel)
-                    if rel in written:
-                        self.rewrite[rel] = written[rel]
                 except FileExistsError:
                     left = True
                     logger.warning("cannot give {} back: a new file of that name is in the inbox; trying later", rel)

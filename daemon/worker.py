@@ -136,20 +136,21 @@ class Worker:
                 try:
                     # Encoded straight into the temp file (a huge PNG never sits in memory as
                     # bytes); the lock covers only the check and the rename that publishes it.
-                    conflict = CONFLICT[self.cfg.output.on_conflict]
-                    if self.claims.rewrite.get(job.rel) == str(wanted):
-                        conflict = "replace"  # our own output, written before a crash: replace, not name-1
-                    with atomic_open(wanted, "wb", conflict=conflict) as f:
+                    conflict, target = CONFLICT[self.cfg.output.on_conflict], wanted
+                    st = job.claimed.stat()
+                    own = self.claims.written_output(job.rel, st)
+                    if own is not None:  # this input's own output, from before a crash: replace it, no name-1
+                        conflict, target = "replace", own
+                    with atomic_open(target, "wb", conflict=conflict) as f:
                         # consume: a retry after an error starts over from the input anyway.
                         encode_to(f, job.encoded, fmt, consume=True, **self.cfg.output.encode_options())
                         job.encoded = None
+                        self.claims.mark_written(job.rel, wanted, os.fstat(f.fileno()), st)  # before the rename
                         job.lock.acquire()
                         locked = True
                         if job.released:
                             raise _Released()  # the temp file is removed, nothing is published
                     job.output = f.published
-                    self.claims.record_written(job.rel, job.output)
-                    self.claims.rewrite.pop(job.rel, None)
                     job.state = JobState.WRITTEN
                 except FileExistsError:  # output.on_conflict: skip
                     raise ImageError(f"its output {wanted.name} already exists in the outbox and output.on_conflict "
@@ -163,6 +164,7 @@ class Worker:
             elif state is JobState.WRITTEN:
                 with job.lock:
                     self._dispose_original(job)
+                    self.claims.clear_written(job.rel)
                     job.state = JobState.DONE
             elif state is JobState.REJECTED:
                 with job.lock:

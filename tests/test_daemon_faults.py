@@ -86,7 +86,9 @@ def drop(root: Path, rel: str, seed: int = 0, w: int = 32, h: int = 24) -> None:
 
 def work_leftovers(root: Path) -> list[str]:
     work = root / "inbox" / ".upscaled-work"
-    return sorted(p.relative_to(work).as_posix() for p in work.rglob("*")) if work.exists() else []
+    # Owner folders and any file (claims, leases, markers); the shared, empty written/ may stay.
+    return sorted(p.relative_to(work).as_posix() for p in work.rglob("*")
+                  if p.is_file() or (p.parent == work and p.name != "written")) if work.exists() else []
 
 
 # -- 1. name clashes ---------------------------------------------------------------------------
