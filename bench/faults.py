@@ -298,22 +298,7 @@ class Rig:
                     out.duplicates.append(f"{folder}/{name}")
                 else:
                     out.problems.append(f"unexpected file {folder}/{name}")
-        wrong = []
-        for rel, it in want.items():
-            p = self.outbox / rel
-            if not p.exists():
-                continue
-            try:
-                with Image.open(p) as im:
-                    im.load()
-                    got = im.size
-            except Exception as e:  # noqa: BLE001
-                wrong.append(f"{rel}: {type(e).__name__}: {e}")
-                continue
-            if got == (it.size[0] * SCALE, it.size[1] * SCALE):
-                out.complete += 1
-            else:
-                wrong.append(f"{rel}: {got[0]}x{got[1]}, expected {it.size[0] * SCALE}x{it.size[1] * SCALE}")
+        out.complete, wrong = soak.check_outputs(self.outbox, want.values())
         if wrong:
             out.problems.append(f"{len(wrong)} bad output(s): {wrong[:5]}")
         missing = [rel for rel in want if not (self.outbox / rel).exists() and rel not in failed]
@@ -369,6 +354,21 @@ class Watcher:
         for e in r:
             self.retried.add(e.get("file", "?"))
             self.problems.add(str(e.get("problem", ""))[:120])
+
+
+def drain_and_tally(rig, out, watcher, needle: str) -> int:
+    """After a fault ends: wait for every file, stop the daemon, count, and check that the fault
+    was really hit (a retry naming `needle` in the log). Returns the outbox's bytes."""
+    t = time.monotonic()
+    drained = rig.wait_all(out, on_tick=watcher)
+    out.drain_s = time.monotonic() - t if drained else None
+    total = sum(p.stat().st_size for p in rig.outbox.rglob("*") if p.is_file())
+    rig.stop(out)
+    rig.tally(out)
+    out.retries = retry_lines(rig, needle)
+    if not out.retries:
+        out.problems.append(f"no '{needle}' retry in the daemon log: the fault was not hit")
+    return total
 
 
 def retry_lines(rig: Rig, needle: str) -> int:
@@ -456,15 +456,7 @@ def disk_scenario(base: Path, model: str, args: argparse.Namespace) -> Outcome:
         ok, why = sh("mount", "-o", "remount,size=64m", str(rig.outbox))
         if not ok:
             raise RuntimeError(f"cannot grow the tmpfs: {why}")
-        t = time.monotonic()
-        drained = rig.wait_all(out, on_tick=w)
-        out.drain_s = time.monotonic() - t if drained else None
-        total = sum(p.stat().st_size for p in rig.outbox.rglob("*") if p.is_file())
-        rig.stop(out)
-        rig.tally(out)
-        out.retries = retry_lines(rig, "No space left on device")
-        if not out.retries:
-            out.problems.append("no 'No space left on device' retry in the daemon log: the fault was not hit")
+        total = drain_and_tally(rig, out, w, "No space left on device")
         if not w.max_retrying:
             out.problems.append("the status file never listed a file under 'retrying'")
         out.notes.append(f"while full ({args.fault_seconds:.0f} s after the first ENOSPC): {done_full} of {len(rig.inputs)} done, "
@@ -542,14 +534,7 @@ def ro_scenario(base: Path, model: str, args: argparse.Namespace) -> Outcome:
             time.sleep(0.1)
         done_ro = len(rig.inputs) - len(rig.pending())
         fault_off()
-        t = time.monotonic()
-        drained = rig.wait_all(out, on_tick=w)
-        out.drain_s = time.monotonic() - t if drained else None
-        rig.stop(out)
-        rig.tally(out)
-        out.retries = retry_lines(rig, needle)
-        if not out.retries:
-            out.problems.append(f"no '{needle}' retry in the daemon log: the fault was not hit")
+        drain_and_tally(rig, out, w, needle)
         if done_ro:
             out.problems.append(f"{done_ro} file(s) completed while the outbox was read-only")
         out.notes.append(f"status 'retrying' held up to {w.max_retrying} file(s) at once, {len(w.retried)} different; "

@@ -172,6 +172,28 @@ def drop(item: Item, data: bytes, inbox: Path, staging: Path) -> None:
     os.rename(tmp, dst)
 
 
+def check_outputs(outbox: Path, items) -> tuple[int, list[str]]:
+    """(outputs that decode at SCALE x their input's size, problems) for inputs with .rel and
+    .size; inputs without an output are not counted either way."""
+    good, wrong = 0, []
+    for it in items:
+        p = outbox / it.rel
+        if not p.exists():
+            continue
+        try:
+            with Image.open(p) as im:
+                im.load()
+                got = im.size
+        except Exception as e:  # noqa: BLE001 - any decoder error is a bad output
+            wrong.append(f"{it.rel}: {type(e).__name__}: {e}")
+            continue
+        if got == (it.size[0] * SCALE, it.size[1] * SCALE):
+            good += 1
+        else:
+            wrong.append(f"{it.rel}: {got[0]}x{got[1]}, expected {it.size[0] * SCALE}x{it.size[1] * SCALE}")
+    return good, wrong
+
+
 # ---------------------------------------------------------------------------------------------
 # The daemon
 
@@ -468,20 +490,7 @@ class Soak:
         if claims:
             self.problems.append(f"{len(claims)} claimed file(s) left in the work folder: {claims[:10]}")
         # Every output decodes, at 4x its input's size.
-        wrong = []
-        for it in images:
-            p = self.outbox / it.rel
-            if not p.exists():
-                continue
-            try:
-                with Image.open(p) as im:
-                    im.load()
-                    got = im.size
-            except Exception as e:  # noqa: BLE001
-                wrong.append(f"{it.rel}: {type(e).__name__}: {e}")
-                continue
-            if got != (it.size[0] * SCALE, it.size[1] * SCALE):
-                wrong.append(f"{it.rel}: {got[0]}x{got[1]}, expected {it.size[0] * SCALE}x{it.size[1] * SCALE}")
+        _, wrong = check_outputs(self.outbox, images)
         if wrong:
             self.problems.append(f"{len(wrong)} bad output(s): {wrong[:10]}")
         else:

@@ -105,7 +105,7 @@ class InboxFilter:
         p = Path(os.fsdecode(path))
         if not p.is_relative_to(self.inbox) or p == self.inbox:
             return None
-        if any(p.is_relative_to(o) for o in self.own):
+        if self.is_own(p):
             return None
         rel = p.relative_to(self.inbox)
         if any(ignored_name(part) for part in rel.parts):

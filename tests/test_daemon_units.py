@@ -303,8 +303,11 @@ def test_crash_after_the_output_is_written_replaces_it_on_recovery_instead_of_ad
     job = run_job_until(dead, Job("pic.png", dead_claims.claim("pic.png")), JobState.WRITTEN)  # ... and it dies
     worker, claims = make_worker(tmp_path, ckpt, upscaler)
     assert claims.recover() == ["pic.png"]
-    # ... and so does the daemon that recovered it, before processing it (markers outlive owners).
-    assert Claims(cfg.path("inbox"), cfg.path("work")).recover() == []
+    # The shared marker folder outlives every owner: even long untouched, no daemon takes it for
+    # a dead owner's folder (and so the marker survives further crashes before reprocessing).
+    old = time.time() - 3600
+    os.utime(cfg.path("work") / "written", (old, old))
+    assert claims.recover() == [] and len(list((cfg.path("work") / "written").iterdir())) == 1
     again = run_job(worker, Job("pic.png", claims.claim("pic.png")))
     assert again.state is JobState.DONE and again.output == job.output
     assert files_under(tmp_path / "outbox") == ["pic.png"]
