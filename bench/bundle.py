@@ -26,6 +26,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint")
     ap.add_argument("--val", required=True, help="validation folder (HR)")
+    ap.add_argument("--val-extra", help="a second validation folder, measured and stored beside --val")
     ap.add_argument("--recipe", default="", help="how it was trained, stored in the metadata")
     ap.add_argument("--kind", choices=sorted(BUNDLED), required=True, help="which bundled model it becomes")
     ap.add_argument("--out", help="write here instead of the package's bundled file")
@@ -39,7 +40,14 @@ def main() -> int:
     report = score(g16, val)
     validation = {**val.describe(), "data": Path(args.val).name, "metrics": report.metrics(),
                   "lanczos_psnr_y": report.mean_psnr_y["lanczos"]}
-    extra = {"kind": args.kind, "recipe": args.recipe, "source": info.version, "storage": "float16",
+    if args.val_extra:
+        extra_val = ValidationSet.load(Path(args.val_extra), info.scale)
+        mx = score(g16, extra_val).metrics()
+        validation["extra"] = {**extra_val.describe(), "data": Path(args.val_extra).name, "metrics": mx}
+        print(f"{args.val_extra}: PSNR-Y {mx['psnr_y']:.3f} dB (bicubic {mx['bicubic_psnr_y']:.3f}, "
+              f"+{mx['psnr_y'] - mx['bicubic_psnr_y']:.3f} dB)")
+    extra = {**{k: v for k, v in info.extra.items() if k in ("cpu", "isa", "cpu_minutes", "precision")},
+             "kind": args.kind, "recipe": args.recipe, "source": info.version, "storage": "float16",
              "seconds_per_mp_fp32": round(report.model_seconds_per_mp, 3)}
     out = save_checkpoint(args.out, g16, step=info.step, validation=validation, extra=extra, dtype=torch.float16)
     tmp.unlink()

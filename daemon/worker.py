@@ -97,6 +97,7 @@ class Worker:
     def __init__(self, cfg: Config, upscaler, claims: Claims):
         self.cfg = cfg  # replaced by the service on reload (output.* and daemon.originals apply live)
         self.upscaler = upscaler
+        self.jpeg_upscaler = None  # model.for_jpeg: JPEG inputs go to this model instead (not hot-swapped)
         self.claims = claims
         self.on_progress: Callable[[int, int], None] | None = None  # tile progress of the running upscale
         self.folders = Folders(cfg.path("inbox"), cfg.path("outbox"), cfg.path("done"), cfg.path("failed"))
@@ -122,7 +123,7 @@ class Worker:
                 job.timings["decode"] = time.perf_counter() - t0
                 job.state = JobState.DECODED
             elif state is JobState.DECODED:
-                up = self.upscaler  # one model for the whole image
+                up = self.model_for(job)  # one model for the whole image
                 job.model_version = getattr(up, "version", "unknown")
                 fmt = out_path(self.folders.outbox, job.rel, self._requested())[1]
                 job.encoded = up.upscale_decoded(job.decoded, self.on_progress, for_pillow=fmt in PILLOW_READS_RGBX)
@@ -199,6 +200,11 @@ class Worker:
                 job.state = JobState.REJECTED
         return job
 
+    def model_for(self, job: Job):
+        """The served model, or model.for_jpeg's for a JPEG input (compressed: blocking, ringing)."""
+        jpeg = job.decoded is not None and job.decoded.format == "JPEG"
+        return self.jpeg_upscaler if jpeg and self.jpeg_upscaler is not None else self.upscaler
+
     def _requested(self) -> str | None:
         f = self.cfg.output.format
         return None if f == "keep" else f
@@ -224,7 +230,10 @@ class Worker:
         live = [j for j in jobs if j.state is JobState.DECODED and not j.released and j.decoded is not None]
         if len(live) < 2 or len(live) != len(jobs):
             return [self.advance(j) for j in jobs]
-        up = self.upscaler  # one model for the whole group
+        models = {id(self.model_for(j)) for j in live}
+        if len(models) > 1:  # JPEGs and others in one group: each through its own model
+            return [self.advance(j) for j in jobs]
+        up = self.model_for(live[0])  # one model for the whole group
         t0 = time.perf_counter()
         try:
             encoded = up.upscale_decoded_many([j.decoded for j in live])

@@ -287,3 +287,28 @@ def test_notify_protocol_under_a_fake_systemd(tmp_path, ckpt):
     assert any(m.startswith("STATUS=") and "done" in m for m in got)
     assert "STOPPING=1" in got
     assert got.index(ready) < got.index("STOPPING=1")
+
+
+def test_jpeg_inputs_go_to_the_model_for_jpeg(tmp_path, ckpt):
+    import torch
+
+    from model.checkpoint import read_info, save_checkpoint
+    from model.generator import Generator
+
+    torch.manual_seed(7)
+    other = tmp_path / "for-jpeg.safetensors"
+    save_checkpoint(other, Generator(GeneratorConfig(scale=4, channels=8, blocks=1)).eval())
+    main_v, jpeg_v = read_info(ckpt).version, read_info(other).version
+    assert main_v != jpeg_v
+    cfg, config = make_config(tmp_path, ckpt, model={"path": str(ckpt), "for_jpeg": "for-jpeg.safetensors"})  # relative to the config
+    proc = serve(config, log=tmp_path / "daemon.log")
+    try:
+        wait_running(tmp_path, proc)
+        for name in ("a.jpg", "b.png", "c.webp"):
+            write_image(tmp_path / "staging" / name, seed=1).rename(tmp_path / "inbox" / name)
+        wait_for(lambda: len(files_under(tmp_path / "done")) == 3, 30, what="three files")
+    finally:
+        assert stop(proc) == 0, log_tail(tmp_path)
+    done = {line.split()[3].rstrip(":"): line.split()[-1] for line in log_tail(tmp_path).splitlines() if " done " in line}
+    assert done == {"a.jpg": jpeg_v, "b.png": main_v, "c.webp": main_v}, done
+    assert f"JPEG inputs go to model {jpeg_v}" in log_tail(tmp_path)

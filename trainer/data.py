@@ -108,13 +108,15 @@ class Degradations:
     blur: float = 0.0  # probability of each
     noise: float = 0.0
     jpeg: float = 0.0
+    jpeg_quality: tuple[int, int] = (40, 95)  # inclusive range
 
     def apply(self, lr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Blur, then Gaussian noise, then JPEG, each with its probability (uint8 in and out)."""
         # Draw every random number whether or not the degradation applies, so that enabling one
         # does not shift the random stream of the others.
         u = rng.random(3)
-        radius, sigma, quality = rng.uniform(0.3, 1.5), rng.uniform(1.0, 8.0), int(rng.integers(40, 96))
+        lo, hi = self.jpeg_quality
+        radius, sigma, quality = rng.uniform(0.3, 1.5), rng.uniform(1.0, 8.0), int(rng.integers(lo, hi + 1))
         if u[0] < self.blur:
             lr = np.asarray(Image.fromarray(lr).filter(ImageFilter.GaussianBlur(radius)))
         if u[1] < self.noise:

@@ -202,7 +202,7 @@ def build_data(tc: TrainerConfig, scale: int, seed: int, rank: int):
         pairs = check_pairs(Path(tc.paired_lr), Path(tc.paired_hr), scale, common["crop"])
         logger.info("training on {} LR/HR pairs from {} and {}", len(pairs), tc.paired_lr, tc.paired_hr)
         return PairedData(pairs, **common)
-    degradations = Degradations(tc.degrade_blur, tc.degrade_noise, tc.degrade_jpeg)
+    degradations = Degradations(tc.degrade_blur, tc.degrade_noise, tc.degrade_jpeg, (tc.degrade_jpeg_min, tc.degrade_jpeg_max))
 
     def hr_data(folder: str, cache_mb: int) -> HRData:
         files = check_hr_folder(Path(folder), common["crop"])
@@ -348,12 +348,12 @@ def train(
         last_val_step = at
         t0 = time.time()
         ema_cpu = copy.deepcopy(ema).to("cpu") if device.type != "cpu" else ema
-        report = score(ema_cpu, val, str(device))
+        report = score(ema_cpu, val, str(device), lr_jpeg=tc.val_lr_jpeg)
         m = report.metrics()
-        validation = {**val.describe(), "metrics": m}
+        validation = {**val.describe(), "metrics": m, **({"lr_jpeg": tc.val_lr_jpeg} if tc.val_lr_jpeg else {})}
         m["selection"] = m["psnr_y"]
         if val_extra:
-            mx = score(ema_cpu, val_extra, str(device)).metrics()
+            mx = score(ema_cpu, val_extra, str(device), lr_jpeg=tc.val_lr_jpeg).metrics()
             validation["extra"] = {**val_extra.describe(), "metrics": mx}
             m["selection"] = 0.5 * (m["psnr_y"] - m["bicubic_psnr_y"] + mx["psnr_y"] - mx["bicubic_psnr_y"])
         sheet = sample_sheet(ema_cpu, val, str(device))

@@ -36,9 +36,10 @@ def engine_for(generator: Generator, device: str = "cpu") -> Upscaler:
     return Upscaler(generator, None, EngineOptions(device=device, precision="fp32", threads=0))
 
 
-def score(generator: Generator, val: ValidationSet, device: str = "cpu", baselines: bool = True) -> Report:
+def score(generator: Generator, val: ValidationSet, device: str = "cpu", baselines: bool = True, lr_jpeg: int = 0) -> Report:
+    """`lr_jpeg` > 0: every method sees the LR saved as a JPEG of that quality (compressed inputs)."""
     up = engine_for(generator, device)
-    return evaluate_images(up.upscale_rgb, val.images, val.scale, baselines=baselines)
+    return evaluate_images(up.upscale_rgb, val.images, val.scale, baselines=baselines, lr_jpeg=lr_jpeg)
 
 
 def _label(panel: np.ndarray, text: str) -> np.ndarray:

@@ -60,6 +60,7 @@ class PathsConfig:
 class ModelConfig:
     path: str | None = None  # serve this checkpoint instead of the published/bundled one
     scale: int = 4  # every served model must have this scale
+    for_jpeg: str | None = None  # JPEG inputs go to this model (bundled name or file) instead; None = the same
 
     def __post_init__(self) -> None:
         _need(self.scale in (2, 4, 8), "scale", "one of 2, 4, 8", self.scale)
@@ -174,6 +175,7 @@ class TrainerConfig:
     val: str | None = None
     val_extra: str | None = None  # a second validation folder, reported beside val; with it the
     # best checkpoint is the one with the highest mean gain over bicubic across both
+    val_lr_jpeg: int = 0  # > 0: validate on LR images saved as JPEG of this quality (a model for compressed inputs)
     out: str | None = None  # run folder; default: paths.runs/<timestamp>
     init: str | None = None  # start from this checkpoint (fine-tune)
     generator_channels: int = 64
@@ -202,6 +204,8 @@ class TrainerConfig:
     degrade_blur: float = 0.0  # probability of each degradation on LR
     degrade_noise: float = 0.0
     degrade_jpeg: float = 0.0
+    degrade_jpeg_min: int = 40  # JPEG quality drawn uniformly from [min, max]
+    degrade_jpeg_max: int = 95
     cache_mb: int = 4096  # decoded images kept in memory
     workers: int = 1  # data loader processes
     seed: int | None = None
@@ -222,7 +226,10 @@ class TrainerConfig:
         _need(0 < self.downscale_min <= self.downscale_max <= 1, "downscale_min",
               "0 < downscale_min <= downscale_max <= 1", (self.downscale_min, self.downscale_max))
         _need(0 <= self.ema < 1, "ema", "a number in [0, 1)", self.ema)
+        _need(0 <= self.val_lr_jpeg <= 100, "val_lr_jpeg", "0 (off) or a JPEG quality 1..100", self.val_lr_jpeg)
         _need(0 <= self.data_extra_share <= 1, "data_extra_share", "a share in [0, 1]", self.data_extra_share)
+        _need(1 <= self.degrade_jpeg_min <= self.degrade_jpeg_max <= 100, "degrade_jpeg_min",
+              "1 <= degrade_jpeg_min <= degrade_jpeg_max <= 100", (self.degrade_jpeg_min, self.degrade_jpeg_max))
         for k in ("degrade_blur", "degrade_noise", "degrade_jpeg"):
             _need(0 <= getattr(self, k) <= 1, k, "a probability in [0, 1]", getattr(self, k))
         _need(self.perceptual_weight == 0 or self.vgg_weights is not None, "vgg_weights",

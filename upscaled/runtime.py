@@ -45,6 +45,13 @@ def checkpoint_for(cfg: Config, override: str | None = None) -> tuple[Path, str]
     return select_checkpoint(explicit, cfg.path("models"))
 
 
+def config_model(cfg: Config, value: str) -> str:
+    """A model named in the config: a bundled name as it is, a path resolved against the config's folder."""
+    from model.checkpoint import bundled_checkpoint
+
+    return value if bundled_checkpoint(value) is not None else str(cfg.resolve(value))
+
+
 def build_upscaler(cfg: Config, override: str | None = None):
     """Load the checkpoint the config selects and make it resident on the configured device.
 

@@ -91,7 +91,7 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
 
     import torch
 
-    from upscaled.runtime import build_upscaler
+    from upscaled.runtime import build_upscaler, config_model
 
     jobs, problems = collect(inputs)
     for p in problems:
@@ -101,6 +101,8 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
         return 1
     requested = fmt or (None if cfg.output.format == "keep" else cfg.output.format)
     up = build_upscaler(cfg, model)
+    # model.for_jpeg applies unless --model names one model for everything
+    up_jpeg = build_upscaler(cfg, config_model(cfg, cfg.model.for_jpeg)) if cfg.model.for_jpeg and not model else None
     done = skipped = 0
     failed = len(problems)
     mp_in = mp_out = 0.0
@@ -114,7 +116,8 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
                     skipped += 1
                     continue
                 dec = decode(job.src)
-                enc = up.upscale_decoded(dec, tile_bar(bar, job.rel.name), for_pillow=out_fmt in PILLOW_READS_RGBX)
+                u = up_jpeg if up_jpeg is not None and dec.format == "JPEG" else up
+                enc = u.upscale_decoded(dec, tile_bar(bar, job.rel.name), for_pillow=out_fmt in PILLOW_READS_RGBX)
                 del dec  # free the input before encoding
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 h, w = enc.pixels.shape[:2]
@@ -136,6 +139,6 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
     rate = f", {dt / mp_out:.2f} s per output megapixel" if mp_out else ""
     logger.info(
         "upscaled {} image(s) x{} with model {} in {:.1f} s ({:.2f} MP in, {:.1f} MP out{}); {} failed, {} skipped",
-        done, up.scale, up.version, dt, mp_in, mp_out, rate, failed, skipped,
+        done, up.scale, up.version + (f" (JPEGs: {up_jpeg.version})" if up_jpeg else ""), dt, mp_in, mp_out, rate, failed, skipped,
     )
     return 1 if failed else 0
