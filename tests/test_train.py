@@ -201,6 +201,8 @@ def test_sigterm_saves_a_loadable_state_and_the_run_resumes(tmp_path):
             proc.kill()
     assert proc.returncode == EXIT_INTERRUPTED, out
     assert "stopped by SIGTERM" in out
+    # stderr is a pipe, not a terminal: log lines with the step, no progress bar redrawn in the log
+    assert "step 3/100000: l1 " in out and "step/s]" not in out and "\r" not in out
     state = torch.load(run / "state.pt", weights_only=True)
     step = state["step"]
     assert step > 3

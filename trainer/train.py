@@ -18,6 +18,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -388,7 +389,8 @@ def train(
         persistent_workers=False, prefetch_factor=2 if tc.workers else None,
     )
     batches = iter(loader)
-    bar = tqdm(total=tc.steps, initial=step, disable=not master, dynamic_ncols=True, unit="step")
+    # A progress bar on a terminal; in a log (systemd, a file) one line per log_every steps instead.
+    bar = tqdm(total=tc.steps, initial=step, disable=not master or not sys.stderr.isatty(), dynamic_ncols=True, unit="step")
     sums: dict[str, float] = {}
     count, t_log = 0, time.time()
     ones = zeros = None
@@ -461,6 +463,10 @@ def train(
                 bar.set_postfix({k: f"{v:.4g}" for k, v in avg.items() if k in ("l1", "adv", "loss_d")}, refresh=False)
                 log.write({"event": "train", "step": step, "phase": "gan" if gan else "pretrain", "lr_g": tc.lr_g * f,
                            "lr_d": tc.lr_d * f, **avg, "steps_per_s": count / max(now - t_log, 1e-9), "time": now})
+                if bar.disable:
+                    logger.info("step {}/{}: {}, {:.2f} steps/s", step, tc.steps,
+                                ", ".join(f"{k} {v:.4g}" for k, v in avg.items() if k in ("l1", "adv", "loss_d")),
+                                count / max(now - t_log, 1e-9))
                 sums, count, t_log = {}, 0, now
 
             # 6. save and stop

@@ -145,7 +145,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "upscale":
         from upscaled.upscale import run
 
-        return run(cfg, args.inputs, Path(args.output), args.model, args.format, args.overwrite)
+        return run(cfg, args.inputs, Path(args.output), args.model, args.format, args.overwrite, quiet=args.quiet)
     if args.command == "serve":
         from daemon.service import main as serve
 

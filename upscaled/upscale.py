@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +87,8 @@ def tile_bar(files_bar, name: str):
     return progress
 
 
-def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: str | None, overwrite: bool) -> int:
+def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: str | None, overwrite: bool,
+        quiet: bool = False) -> int:
     from tqdm import tqdm
 
     import torch
@@ -107,7 +109,9 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
     failed = len(problems)
     mp_in = mp_out = 0.0
     t0 = time.perf_counter()
-    with tqdm(total=len(jobs), unit="img", desc="upscaling", dynamic_ncols=True) as bar:
+    # Progress bars on a terminal only (not in logs), and not with -q.
+    with tqdm(total=len(jobs), unit="img", desc="upscaling", dynamic_ncols=True,
+              disable=quiet or not sys.stderr.isatty()) as bar:
         for job, dst, out_fmt in plan(jobs, outdir, requested):
             bar.set_postfix_str(job.rel.as_posix()[-40:], refresh=False)
             try:
