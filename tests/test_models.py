@@ -125,3 +125,22 @@ def test_models_cli_gate_promotes_only_a_better_model(tmp_path: Path) -> None:
     r = run_cli("models", "promote", str(worse), "--gate", str(val), "--config", str(cfg))
     assert r.returncode == 1 and "not promoted" in r.stderr
     assert store.current_checkpoint(tmp_path / "models").name == f"{ib.version}.safetensors"
+
+
+def test_listing_signs_the_gain_over_bicubic_either_way(tmp_path: Path) -> None:
+    from upscaled.models_cmd import _metrics_text
+
+    worse = save_checkpoint(tmp_path / "w.safetensors", tiny_generator(seed=4),
+                            validation={"metrics": {"psnr_y": 12.0, "bicubic_psnr_y": 32.64}})
+    better = save_checkpoint(tmp_path / "b.safetensors", tiny_generator(seed=5),
+                             validation={"metrics": {"psnr_y": 34.0, "bicubic_psnr_y": 32.0}})
+    assert "(\u221220.64 dB over bicubic)" in _metrics_text(worse) and "+-" not in _metrics_text(worse)
+    assert "(+2.00 dB over bicubic)" in _metrics_text(better)
+
+
+def test_config_is_accepted_before_the_command_too(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, {"paths": {"status": "elsewhere/status.json"}})
+    before = run_cli("--config", str(cfg), "status")
+    after = run_cli("status", "--config", str(cfg))
+    assert before.returncode == after.returncode == 3
+    assert str(tmp_path / "elsewhere" / "status.json") in before.stdout and before.stdout == after.stdout

@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="4x neural super-resolution: one-shot on files, or as a hot-folder service.",
     )
     parser.add_argument("--version", action="version", version=f"upscaled {__version__}")
+    # --config is accepted before the command too (`upscaled --config X status`); after it wins.
+    parser.add_argument("--config", dest="config_before", metavar="PATH", help="config file (also accepted after the command)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser(
@@ -127,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     from upscaled import config as config_mod
 
-    config_path = Path(args.config) if args.config else config_mod.default_path()
+    given = args.config or args.config_before
+    config_path = Path(given) if given else config_mod.default_path()
     if args.command == "status":
         from daemon.status import main as status
 

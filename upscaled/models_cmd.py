@@ -29,7 +29,7 @@ def _metrics_text(info: CheckpointInfo) -> str:
     m = info.metrics
     if "psnr_y" not in m:
         return "no validation metrics"
-    gain = f" (+{m['psnr_y'] - m['bicubic_psnr_y']:.2f} dB over bicubic)" if "bicubic_psnr_y" in m else ""
+    gain = f" ({m['psnr_y'] - m['bicubic_psnr_y']:+.2f} dB over bicubic)".replace("-", "\u2212") if "bicubic_psnr_y" in m else ""
     ssim = f", SSIM {m['ssim_y']:.4f}" if "ssim_y" in m else ""
     return f"PSNR-Y {m['psnr_y']:.2f} dB{gain}{ssim}"
 
