@@ -228,3 +228,23 @@ def test_command_line_paths_are_relative_to_the_shell_and_config_paths_to_the_co
     assert tc.val == str(tmp_path / "etc" / "val") and tc.init == str(tmp_path / "models" / "a.safetensors")
     args.init = "gan"
     assert settings(cfg, args).init.endswith("gan.safetensors")
+
+
+def test_eval_names_skips_and_reports_an_unreadable_image(trained, capsys, tmp_path):
+    import shutil as sh
+
+    val = tmp_path / "val"
+    sh.copytree(trained["photos"], val)
+    (val / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    rc = cli_main(["eval", "--data", str(val), "--model", str(trained["run"] / "best.safetensors"), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 1 and len(report["images"]) == len(list(trained["photos"].iterdir()))
+    assert len(report["skipped"]) == 1 and "broken.png" in report["skipped"][0]
+
+
+def test_train_refuses_to_overwrite_a_run_without_resume_or_restart(trained, tmp_path):
+    run = trained["run"]
+    before = (run / "best.safetensors").read_bytes()
+    args = ["train", "--data", str(trained["photos"]), "--out", str(run), "--steps", "2"]
+    assert cli_main(args) == 2
+    assert (run / "best.safetensors").read_bytes() == before

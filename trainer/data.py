@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
-from model.images import EXTENSIONS, READ_FORMATS, decode
+from model.images import EXTENSIONS, READ_FORMATS, ImageError, decode
 from model.quality import to_uint8
 
 BICUBIC = Image.Resampling.BICUBIC
@@ -281,16 +281,32 @@ def check_pairs(lr_dir: Path, hr_dir: Path, scale: int, crop: int) -> list[tuple
     return pairs
 
 
-def load_validation(folder: Path, scale: int, max_images: int = 0) -> tuple[list[tuple[str, np.ndarray]], list[Path]]:
-    """(name, uint8 HR array cropped to a multiple of scale) for the first `max_images` images."""
+def load_validation(folder: Path, scale: int, max_images: int = 0,
+                    skipped: list[str] | None = None) -> tuple[list[tuple[str, np.ndarray]], list[Path]]:
+    """(name, uint8 HR array cropped to a multiple of scale) for the first `max_images` images.
+
+    An unreadable image raises DataError naming every one, unless `skipped` is given: then each
+    is left out and described there ("name: reason"), and only the readable ones are returned.
+    """
     files = list_images(folder)
     if max_images:
         files = files[:max_images]
     if not files:
         raise DataError(f"no validation images in {folder}", [f"{folder} holds no image files"])
-    images = []
+    images, good, problems = [], [], []
     for f in files:
-        rgb = to_uint8(decode(f).rgb)
+        try:
+            rgb = to_uint8(decode(f).rgb)
+        except (ImageError, OSError) as e:
+            problems.append(f"{f}: {e.strerror if isinstance(e, OSError) and e.strerror else e}")
+            continue
         h, w = rgb.shape[:2]
         images.append((f.relative_to(folder).as_posix(), rgb[: h - h % scale, : w - w % scale]))
-    return images, files
+        good.append(f)
+    if problems and skipped is None:
+        raise DataError(f"unreadable validation images in {folder}", problems)
+    if skipped is not None:
+        skipped += problems
+    if not images:
+        raise DataError(f"no readable validation images in {folder}", problems)
+    return images, good

@@ -50,7 +50,8 @@ def main(cfg: Config, args) -> int:
     up = build_upscaler(cfg, args.model)
     folder = Path(args.data)
     try:
-        images, files = load_validation(folder, up.scale, args.max_images)
+        skipped: list[str] = []
+        images, files = load_validation(folder, up.scale, args.max_images, skipped)
     except DataError as e:
         logger.error("{}", e)
         return EXIT_USAGE
@@ -63,15 +64,17 @@ def main(cfg: Config, args) -> int:
         except PeerUnavailable as e:
             logger.error("{}", e)
             return EXIT_USAGE
+    for problem in skipped:
+        logger.error("skipped {}", problem)
     up.warm_up()  # the first forward pays for lazy initialisation; keep it out of the timings
     report = evaluate_images(up.upscale_rgb, images, up.scale, peers=peers, lr_jpeg=args.lr_jpeg or 0)
     if args.json:
         out = report.to_dict()
-        out.update(model=up.version, fingerprint=fingerprint(files, folder, up.scale), data=str(folder),
+        out.update(skipped=skipped, model=up.version, fingerprint=fingerprint(files, folder, up.scale), data=str(folder),
                    device=str(up.device), precision=str(up.dtype).replace("torch.", ""), self_ensemble=up.ensemble)
         json.dump(out, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         views = f", self-ensemble of {up.ensemble}" if up.ensemble > 1 else ""
         print(format_table(report, f"{up.version} on {up.device} ({str(up.dtype).replace('torch.', '')}{views})"))
-    return 0
+    return 1 if skipped else 0  # like upscale: some files could not be used

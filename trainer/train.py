@@ -579,6 +579,14 @@ def main(cfg: Config, args) -> int:
         tc = TrainerConfig(**{**saved["config"], "steps": steps})
         scale = int(saved["scale"])
         logger.info("resuming with the run's saved trainer settings (steps {})", steps)
+    elif any((run_dir / f).exists() for f in (STATE, "best.safetensors", "last.safetensors")) \
+            and not getattr(args, "restart", False):
+        logger.error("{} already holds a training run: --resume to continue it, or --restart to start over "
+                     "(its checkpoints are then replaced)", run_dir)
+        return EXIT_USAGE
+    if not tc.val:
+        logger.warning("no validation folder (--val / trainer.val): nothing is measured while training, no "
+                       "best.safetensors is written (only last.safetensors at the end), and --publish is unavailable")
     if not (tc.data or tc.paired_lr):
         logger.error("no training data: give --data DIR or --paired-lr DIR --paired-hr DIR (or set them in the trainer section)")
         return EXIT_USAGE

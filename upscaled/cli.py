@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", metavar="CHECKPOINT", help="start from this checkpoint (fine-tune); 'current' = the model the daemon serves now, "
                    "'fidelity' / 'gan' = a bundled model")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last state")
+    p.add_argument("--restart", action="store_true", help="start over in an --out that already holds a run (its checkpoints are replaced)")
     p.add_argument("--publish", action="store_true", help="promote the best model to the models folder if it beats the current one")
     _common(p)
 
