@@ -385,3 +385,15 @@ def test_serve_refuses_root_unless_allowed(root):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "refusing to run as root" in r.stderr and "daemon.allow_root" in r.stderr
     assert not (root / "status.json").exists() and work_leftovers(root) == []
+
+
+def test_cli_run_twice_into_a_folder_inside_its_input_does_not_upscale_its_outputs(tmp_path):
+    write_image(tmp_path / "pics" / "a.png", seed=1)
+    ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors")
+    for _ in range(2):
+        r = subprocess.run([sys.executable, "-m", "upscaled", "upscale", str(tmp_path / "pics"), "-o",
+                            str(tmp_path / "pics" / "up"), "--model", str(ckpt)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    assert files_under(tmp_path / "pics") == ["a.png", "up/a.png"]  # no up/up/a.png (16x)
+    assert "1 skipped" in r.stderr  # the second run: a.png's output exists

@@ -20,10 +20,12 @@ class Job:
     rel: Path  # relative output path, before any change of extension
 
 
-def collect(inputs: list[str]) -> tuple[list[Job], list[str]]:
-    """Expand files and folders (recursively) into jobs; returns (jobs, problems)."""
+def collect(inputs: list[str], outdir: Path | None = None) -> tuple[list[Job], list[str]]:
+    """Expand files and folders (recursively) into jobs; returns (jobs, problems). Files under
+    `outdir` are never inputs: `upscale DIR -o DIR/up`, run twice, must not upscale its own outputs."""
     jobs: list[Job] = []
     problems: list[str] = []
+    out = outdir.resolve() if outdir is not None else None
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
@@ -31,6 +33,8 @@ def collect(inputs: list[str]) -> tuple[list[Job], list[str]]:
                 rel = f.relative_to(p)
                 if any(part.startswith(".") for part in rel.parts):
                     continue  # hidden files and our own temp files
+                if out is not None and f.resolve().is_relative_to(out):
+                    continue
                 if f.is_file() and is_supported(f):
                     jobs.append(Job(f, rel))
         elif p.is_file():
@@ -95,7 +99,7 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
 
     from upscaled.runtime import build_upscaler, config_model
 
-    jobs, problems = collect(inputs)
+    jobs, problems = collect(inputs, outdir)
     for p in problems:
         logger.error("failed: {}", p)
     if not jobs:
