@@ -120,10 +120,12 @@ class Signals:
 
 class Service:
     def __init__(self, cfg: Config, once: bool = False, config_path: str | os.PathLike | None = None,
+                 overrides: list[str] = (),
                  notifier: Notifier | None = None):
         self.cfg = cfg
         self.once = once
         self.config_path = config_path
+        self.overrides = list(overrides)  # --set: laid over the file again at every reload
         self.signals = Signals()
         self.notify = notifier or Notifier()
         self.wake = threading.Event()
@@ -481,14 +483,14 @@ class Service:
     # -- reload --------------------------------------------------------------------------------
 
     def reload(self) -> None:
-        from upscaled.config import load
+        from upscaled.config import load_file
 
         self.slot.force()  # check the models folder now; a refused candidate gets one more try
         if not self.config_path:
             logger.warning("SIGHUP: started without a config file; nothing to reload")
             return
         try:
-            new = load(self.config_path)
+            new = load_file(Path(self.config_path), self.overrides)
         except ConfigError as e:
             logger.error("SIGHUP: config rejected, keeping the running one: {}", e)
             return
@@ -579,7 +581,8 @@ def _iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def main(cfg: Config, once: bool = False, config_path: str | os.PathLike | None = None) -> int:
+def main(cfg: Config, once: bool = False, config_path: str | os.PathLike | None = None,
+         overrides: list[str] = ()) -> int:
     """`upscaled serve [--once]`; returns the exit code."""
     if config_path is None:
         logger.info("no config file (--config, ${}, ./config.yaml): built-in defaults, folders under {}: inbox {}, "
@@ -592,7 +595,7 @@ def main(cfg: Config, once: bool = False, config_path: str | os.PathLike | None 
                      "hand them the machine. Run as an ordinary user (systemd/upscaled.service does), or set "
                      "daemon.allow_root: true")
         return EXIT_USAGE
-    svc = Service(cfg, once=once, config_path=config_path)
+    svc = Service(cfg, once=once, config_path=config_path, overrides=overrides)
     try:
         svc.lock.acquire()  # before anything is written: a second daemon must not touch the first's files
     except AlreadyRunning as e:

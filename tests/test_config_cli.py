@@ -148,3 +148,13 @@ def test_training_recipes_in_docs_are_valid_configs(recipe: Path) -> None:
     assert tc.data and tc.val and tc.pretrain_steps >= 0
     # every run starts from an earlier one, but the first of each architecture (run 6: lowres tail)
     assert (tc.init is None) == (recipe.stem in ("fidelity-1", "fidelity-6"))
+
+
+def test_set_overrides_any_key_validated_like_the_file(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, {"paths": {"status": "a/status.json"}})
+    r = run_cli("status", "--config", str(cfg), "--set", "paths.status=b/status.json")
+    assert r.returncode == 3 and str(tmp_path / "b" / "status.json") in r.stdout, r.stdout
+    for bad, named in [("trainer.batch=0", "trainer.batch"), ("trainer.bach=8", "trainer.bach"),
+                       ("inference.tile=banana", "inference.tile"), ("batch=8", "SECTION.KEY=VALUE")]:
+        r = run_cli("upscale", str(tmp_path / "x.png"), "-o", str(tmp_path / "out"), "--config", str(cfg), "--set", bad)
+        assert r.returncode == 2 and named in r.stderr, (bad, r.stderr)

@@ -21,6 +21,8 @@ EXIT_USAGE = 2
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="PATH", help="config file (default: $UPSCALED_CONFIG, else ./config.yaml, else built-in defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config key, validated like the file (repeatable), e.g. --set trainer.batch=8")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
 
@@ -137,13 +139,13 @@ def _run(args: argparse.Namespace) -> int:
 
         # The daemon's status, not the config's validity: a file being edited must not hide it.
         try:
-            cfg = config_mod.load_file(config_path)
+            cfg = config_mod.load_file(config_path, args.set)
         except config_mod.ConfigError as e:
             path = config_mod.status_path_despite(config_path)
             logger.warning("the config is invalid ({}); reading the daemon's status from {}", e, path)
             return status(None, as_json=args.json, path=path)
         return status(cfg, as_json=args.json)
-    cfg = config_mod.load_file(config_path)
+    cfg = config_mod.load_file(config_path, args.set)
     if getattr(args, "self_ensemble", None):
         cfg = dataclasses.replace(cfg, inference=dataclasses.replace(cfg.inference, self_ensemble=args.self_ensemble))
     if args.command == "upscale":
@@ -154,7 +156,7 @@ def _run(args: argparse.Namespace) -> int:
         from daemon.service import main as serve
 
         # The file is re-read on SIGHUP; None means built-in defaults, nothing to re-read.
-        return serve(cfg, once=args.once, config_path=config_path.resolve() if config_path else None)
+        return serve(cfg, once=args.once, config_path=config_path.resolve() if config_path else None, overrides=args.set)
     if args.command == "train":
         from trainer.train import main as train
 

@@ -367,9 +367,29 @@ def load(path: str | os.PathLike | None = None) -> Config:
     return load_file(path)
 
 
-def load_file(path: Path | None) -> Config:
+def apply_overrides(data: dict | None, overrides: list[str]) -> dict:
+    """`section.key=value` settings (--set) laid over the file's, values parsed as YAML, so they
+    are validated exactly like the file's own."""
+    data = dict(data or {})
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ConfigError(key.strip() or item, "--set SECTION.KEY=VALUE, e.g. --set trainer.batch=8", item)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(key, f"a YAML value ({e})", raw) from None
+        section = data.get(parts[0])
+        if not isinstance(section, dict):
+            section = {}
+        data[parts[0]] = {**section, parts[1]: value}
+    return data
+
+
+def load_file(path: Path | None, overrides: list[str] = ()) -> Config:
     if path is None:
-        return from_dict({}, base_dir=Path.cwd())
+        return from_dict(apply_overrides({}, list(overrides)), base_dir=Path.cwd(), source="--set" if overrides else "")
     try:
         text = path.read_text()
     except OSError as e:
@@ -378,4 +398,8 @@ def load_file(path: Path | None) -> Config:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError("(syntax)", f"valid YAML ({e})", source=str(path)) from None
-    return from_dict(data, base_dir=path.resolve().parent, source=str(path))
+    if overrides:
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError("(top level)", "a mapping of sections", type(data).__name__, str(path))
+        data = apply_overrides(data, list(overrides))
+    return from_dict(data, base_dir=path.resolve().parent, source=str(path) + (" with --set" if overrides else ""))
