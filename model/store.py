@@ -60,6 +60,29 @@ def set_current(models_dir: str | os.PathLike, name: str) -> None:
     atomic_write_text(models_dir / CURRENT, name + "\n")
 
 
+def step_back(models_dir: str | os.PathLike) -> str | None:
+    """Drop the current version from the history and point `current` at the one before it that
+    is still kept; None (nothing changed) when there is none: the bundled default comes next."""
+    models_dir = Path(models_dir)
+    past = history(models_dir)
+    cur = current_checkpoint(models_dir)
+    if cur is not None and past and past[-1] == cur.name:
+        past = past[:-1]
+    kept = [n for n in past if (models_dir / n).is_file()]
+    if not kept:
+        return None
+    atomic_write_text(models_dir / HISTORY, "\n".join(kept) + "\n")
+    atomic_write_text(models_dir / CURRENT, kept[-1] + "\n")
+    return kept[-1]
+
+
+def clear_current(models_dir: str | os.PathLike) -> None:
+    """Serve the bundled default: no `current` pointer, an empty history."""
+    models_dir = Path(models_dir)
+    for name in (CURRENT, HISTORY):
+        (models_dir / name).unlink(missing_ok=True)
+
+
 def published(models_dir: str | os.PathLike) -> list[tuple[Path, CheckpointInfo]]:
     """Readable published checkpoints, oldest first (unreadable files are skipped)."""
     out = []

@@ -90,14 +90,16 @@ def test_models_cli_promote_list_show_rollback(tmp_path: Path) -> None:
         g.head[0].weight.fill_(float("nan"))
     save_checkpoint(nan, g)
 
-    assert run_cli("models", "promote", str(a), "--config", str(cfg)).returncode == 0
-    assert run_cli("models", "promote", str(b), "--config", str(cfg)).returncode == 0
-    r = run_cli("models", "promote", str(nan), "--config", str(cfg))
+    # random weights: far below bicubic, so only with --force (refusal: the next test)
+    assert run_cli("models", "promote", str(a), "--force", "--config", str(cfg)).returncode == 0
+    assert run_cli("models", "promote", str(b), "--force", "--config", str(cfg)).returncode == 0
+    r = run_cli("models", "promote", str(nan), "--force", "--config", str(cfg))
     assert r.returncode == 2 and "NaN" in r.stderr
 
     listing = json.loads(run_cli("models", "list", "--json", "--config", str(cfg)).stdout)
-    assert [v["version"] for v in listing["versions"]] == [ia.version, ib.version]
-    assert [v["current"] for v in listing["versions"]] == [False, True]
+    published = [v for v in listing["versions"] if not v["bundled"]]
+    assert [v["version"] for v in published] == [ia.version, ib.version]
+    assert [v["current"] for v in listing["versions"]] == [False] * (len(listing["versions"]) - 1) + [True]
     text = run_cli("models", "list", "--config", str(cfg)).stdout
     assert f"* {ib.version}" in text and "PSNR-Y 30.00 dB, SSIM 0.9000" in text
 
@@ -110,6 +112,42 @@ def test_models_cli_promote_list_show_rollback(tmp_path: Path) -> None:
     assert store.current_checkpoint(tmp_path / "models").name == f"{ib.version}.safetensors"
 
 
+def test_rollback_walks_back_through_history_to_the_bundled_default(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, {"paths": {"models": "models"}})
+    versions = [save_checkpoint(tmp_path / f"{i}.safetensors", tiny_generator(seed=10 + i)).version for i in range(3)]
+    for i in range(3):
+        assert run_cli("models", "promote", str(tmp_path / f"{i}.safetensors"), "--force", "--config", str(cfg)).returncode == 0
+    served = []
+    for _ in range(3):  # 2 -> 1 -> 0 -> bundled: no ping-pong between the last two
+        assert run_cli("models", "rollback", "--config", str(cfg)).returncode == 0
+        cur = store.current_checkpoint(tmp_path / "models")
+        served.append(cur.stem if cur else "bundled")
+    assert served == [versions[1], versions[0], "bundled"]
+    listing = json.loads(run_cli("models", "list", "--json", "--config", str(cfg)).stdout)
+    assert [v["bundled"] for v in listing["versions"] if v["current"]] == ["fidelity"]  # the bundled default is marked
+    r = run_cli("models", "rollback", "--config", str(cfg))
+    assert r.returncode == 2 and "bundled default already serves" in r.stderr
+    # the bundled names work in rollback, promote and show
+    assert run_cli("models", "rollback", "gan", "--config", str(cfg)).returncode == 0
+    from model.checkpoint import BUNDLED, read_info
+    assert store.current_checkpoint(tmp_path / "models").stem == read_info(BUNDLED["gan"]).version
+    assert run_cli("models", "promote", "fidelity", "--config", str(cfg)).returncode == 0
+    assert json.loads(run_cli("models", "show", "gan", "--config", str(cfg)).stdout)["bundled"] == "gan"
+    assert run_cli("models", "rollback", "bundled", "--config", str(cfg)).returncode == 0
+    assert store.current_checkpoint(tmp_path / "models") is None
+
+
+def test_promote_refuses_a_model_below_bicubic_unless_forced(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, {"paths": {"models": "models"}})
+    bad = tmp_path / "ten-steps.safetensors"
+    save_checkpoint(bad, tiny_generator(seed=3), step=10)
+    r = run_cli("models", "promote", str(bad), "--config", str(cfg))
+    assert r.returncode == 1 and "below bicubic" in r.stderr and "--force" in r.stderr, r.stderr
+    assert store.current_checkpoint(tmp_path / "models") is None  # the bundled model keeps serving
+    r = run_cli("models", "promote", str(bad), "--force", "--config", str(cfg))
+    assert r.returncode == 0 and "promoted despite" in r.stderr
+
+
 def test_models_cli_gate_promotes_only_a_better_model(tmp_path: Path) -> None:
     cfg = write_config(tmp_path, {"paths": {"models": "models"}, "inference": {"device": "cpu"}})
     val = tmp_path / "val"
@@ -118,8 +156,8 @@ def test_models_cli_gate_promotes_only_a_better_model(tmp_path: Path) -> None:
     worse, better = tmp_path / "worse.safetensors", tmp_path / "better.safetensors"
     save_checkpoint(worse, scrambled_model())
     ib = save_checkpoint(better, gray_model())
-    assert run_cli("models", "promote", str(worse), "--config", str(cfg)).returncode == 0
-    r = run_cli("models", "promote", str(better), "--gate", str(val), "--config", str(cfg))
+    assert run_cli("models", "promote", str(worse), "--force", "--config", str(cfg)).returncode == 0
+    r = run_cli("models", "promote", str(better), "--force", "--gate", str(val), "--config", str(cfg))
     assert r.returncode == 0 and "gate passed" in r.stderr
     assert store.current_checkpoint(tmp_path / "models").name == f"{ib.version}.safetensors"
     r = run_cli("models", "promote", str(worse), "--gate", str(val), "--config", str(cfg))

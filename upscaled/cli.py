@@ -112,19 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
         "up every change of the current model by itself.",
     )
     msub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
-    q = msub.add_parser("list", help="published versions, newest last; * marks the current one")
+    q = msub.add_parser("list", help="the bundled models, then the published versions, newest last; * marks what is served")
     q.add_argument("--json", action="store_true", help="machine-readable output")
     _common(q)
-    q = msub.add_parser("show", help="one version's metadata as JSON ('bundled' for the default model)")
+    q = msub.add_parser("show", help="one version's metadata as JSON (a version, or bundled / fidelity / gan)")
     q.add_argument("version", help="version id or file name")
     _common(q)
     q = msub.add_parser("promote", help="verify a checkpoint and make it the current model",
                         description="Verify PATH with the same checks the daemon makes, then publish it as the current model.")
     q.add_argument("path", help="checkpoint (.safetensors)")
     q.add_argument("--gate", metavar="VAL_DIR", help="also require it to beat the current model on these HR images")
+    q.add_argument("--force", action="store_true", help="promote even a model below bicubic or the served model on the probe")
     _common(q)
-    q = msub.add_parser("rollback", help="make the previous (or a named) version current again")
-    q.add_argument("version", nargs="?", help="version id or file name (default: the one before the current)")
+    q = msub.add_parser("rollback", help="serve what was served before (one step at a time, down to the bundled "
+                        "default), or a named version, or bundled / fidelity / gan")
+    q.add_argument("version", nargs="?", help="version id, file name, or bundled / fidelity / gan (default: one step back)")
     _common(q)
     return parser
 

@@ -159,6 +159,7 @@ class ModelsConfig:
     keep: int = 5  # published versions kept in the models folder (the current one always is)
     verify_probe: bool = True  # run a probe image through a candidate before serving it
     probe_tolerance_db: float = 3.0  # refuse a model claiming to beat bicubic that trails it by more on the probe
+    promote_margin_db: float = 0.5  # `models promote` refuses a model this far below the served one on the probe
 
     def __post_init__(self) -> None:
         _need(self.keep >= 1, "keep", "an integer >= 1", self.keep)

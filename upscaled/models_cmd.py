@@ -8,15 +8,19 @@ from pathlib import Path
 from loguru import logger
 
 from model import store
-from model.checkpoint import BUNDLED_DEFAULT, CheckpointError, CheckpointInfo, read_info
+from model.checkpoint import BUNDLED, BUNDLED_DEFAULT, CheckpointError, CheckpointInfo, read_info
 from upscaled.config import Config
 
+BUNDLED_NAMES = ("bundled", *BUNDLED)  # `bundled` = the default a fresh install serves
 
-def _row(path: Path, info: CheckpointInfo, current: Path | None) -> dict:
+
+def _row(path: Path, info: CheckpointInfo, current: Path | None, bundled: str | None = None) -> dict:
     return {
         "version": info.version,
+        "bundled": bundled,  # its bundled name, for the models that ship with upscaled
         "file": str(path),
-        "current": current is not None and path.name == current.name,
+        # With no `current` pointer the daemon serves the bundled default.
+        "current": (path == BUNDLED_DEFAULT) if current is None else (bundled is None and path.name == current.name),
         "created": info.created,
         "step": info.step,
         "scale": info.scale,
@@ -31,50 +35,89 @@ def _metrics_text(info: CheckpointInfo) -> str:
         return "no validation metrics"
     gain = f" ({m['psnr_y'] - m['bicubic_psnr_y']:+.2f} dB over bicubic)".replace("-", "\u2212") if "bicubic_psnr_y" in m else ""
     ssim = f", SSIM {m['ssim_y']:.4f}" if "ssim_y" in m else ""
-    return f"PSNR-Y {m['psnr_y']:.2f} dB{gain}{ssim}"
+    # Figures are only comparable on one validation set: say which (its name and fingerprint).
+    v = info.validation
+    where = f" on {Path(str(v.get('data', '?'))).name} [{str(v.get('fingerprint', ''))[7:15]}]" if v.get("data") else ""
+    jpeg = f", LR as JPEG q{v['lr_jpeg']}" if v.get("lr_jpeg") else ""
+    return f"PSNR-Y {m['psnr_y']:.2f} dB{gain}{ssim}{where}{jpeg}"
 
 
 def find_version(models_dir: Path, version: str) -> Path:
+    """A published version by id or file name, or a bundled model by name."""
+    if version in BUNDLED_NAMES:
+        return BUNDLED_DEFAULT if version == "bundled" else BUNDLED[version]
     for path, info in store.published(models_dir):
         if info.version == version or path.name == version or path.stem == version:
             return path
-    raise CheckpointError(f"no published version {version!r} in {models_dir} (see `upscaled models list`)")
+    raise CheckpointError(f"no published version {version!r} in {models_dir}, and no bundled model of that name "
+                          f"({', '.join(BUNDLED_NAMES)}); see `upscaled models list`")
 
 
 def cmd_list(cfg: Config, as_json: bool) -> int:
     models_dir = cfg.path("models")
     current = store.current_checkpoint(models_dir)
-    rows = [_row(p, i, current) for p, i in store.published(models_dir)]
+    # The bundled models first (the oldest choices), then the published versions, newest last.
+    entries = [(p, read_info(p), name) for name, p in BUNDLED.items()]
+    entries += [(p, i, None) for p, i in store.published(models_dir)]
+    rows = [_row(p, i, current, b) for p, i, b in entries]
     if as_json:
-        print(json.dumps({"models": str(models_dir), "current": current.name if current else None,
+        print(json.dumps({"models": str(models_dir), "current": current.name if current else "bundled",
                           "bundled": str(BUNDLED_DEFAULT), "versions": rows}, indent=2))
         return 0
-    if not rows:
-        print(f"no published models in {models_dir}; serving the bundled default {read_info(BUNDLED_DEFAULT).version}")
-        return 0
-    for r, (_, info) in zip(rows, store.published(models_dir)):
+    for r, (_, info, _b) in zip(rows, entries):
         mark = "*" if r["current"] else " "
-        print(f"{mark} {r['version']}  created {r['created']}  step {r['step']:>7}  x{r['scale']}  {_metrics_text(info)}")
+        name = f"{r['version']} ({r['bundled']}, bundled)" if r["bundled"] else r["version"]
+        print(f"{mark} {name}  step {r['step']:>7}  x{r['scale']}  {_metrics_text(info)}")
     if current is None:
-        print(f"(no current pointer: serving the bundled default {read_info(BUNDLED_DEFAULT).version})")
+        print(f"(* nothing published is current: the daemon serves the bundled default, {BUNDLED_DEFAULT.stem})")
     return 0
 
 
 def cmd_show(cfg: Config, version: str) -> int:
     models_dir = cfg.path("models")
-    path = BUNDLED_DEFAULT if version == "bundled" else find_version(models_dir, version)
-    row = _row(path, read_info(path), store.current_checkpoint(models_dir))
+    path = find_version(models_dir, version)
+    bundled = next((n for n, p in BUNDLED.items() if p == path), None)
+    row = _row(path, read_info(path), store.current_checkpoint(models_dir), bundled)
     print(json.dumps(row, indent=2))
     return 0
 
 
-def cmd_promote(cfg: Config, path: Path, gate: Path | None) -> int:
-    from model.verify import verify_checkpoint
+def served_path(cfg: Config) -> Path:
+    return store.current_checkpoint(cfg.path("models")) or BUNDLED_DEFAULT
 
-    _, info, probe = verify_checkpoint(path, cfg.model.scale, probe=cfg.models.verify_probe,
-                                       tolerance_db=cfg.models.probe_tolerance_db)
-    if probe:
-        logger.info("{} passes verification (probe {:+.2f} dB vs bicubic)", info.version, probe.gain_db)
+
+def cmd_promote(cfg: Config, path: Path, gate: Path | None, force: bool = False) -> int:
+    from model.verify import run_probe, verify_checkpoint
+
+    if str(path) in BUNDLED_NAMES:
+        path = find_version(cfg.path("models"), str(path))
+    _, info, probe = verify_checkpoint(path, cfg.model.scale, probe=True, tolerance_db=cfg.models.probe_tolerance_db)
+    logger.info("{} passes verification (probe {:+.2f} dB vs bicubic)", info.version, probe.gain_db)
+    # A model worse than bicubic, or clearly worse than the one served, is almost always a
+    # mistake (a 10-step test run, the wrong file): refuse it unless --force, with both numbers.
+    m = info.metrics
+    problems = []
+    if probe.gain_db < 0:
+        problems.append(f"on the probe image it scores {probe.psnr_y:.2f} dB, {-probe.gain_db:.2f} dB below bicubic "
+                        f"({probe.bicubic_psnr_y:.2f} dB)")
+    if "psnr_y" in m and "bicubic_psnr_y" in m and m["psnr_y"] < m["bicubic_psnr_y"]:
+        problems.append(f"its own validation says {m['psnr_y']:.2f} dB against bicubic's {m['bicubic_psnr_y']:.2f} dB")
+    served = served_path(cfg)
+    if served.is_file() and served.resolve() != Path(path).resolve():
+        from model.checkpoint import load_generator
+
+        sp = run_probe(load_generator(served)[0])
+        if probe.psnr_y < sp.psnr_y - cfg.models.promote_margin_db:
+            problems.append(f"on the probe image it scores {probe.psnr_y:.2f} dB, {sp.psnr_y - probe.psnr_y:.2f} dB below "
+                            f"the served model {read_info(served).version} ({sp.psnr_y:.2f} dB; models.promote_margin_db "
+                            f"{cfg.models.promote_margin_db})")
+    if problems and not force:
+        for p in problems:
+            logger.error("not promoted: {}", p)
+        logger.error("promote it anyway with --force")
+        return 1
+    for p in problems:
+        logger.warning("promoted despite: {} (--force)", p)
     if gate is not None:
         # The trainer's publishing gate, so a promotion by hand is judged exactly like a trained one.
         from trainer.publish import publish_if_better
@@ -94,18 +137,22 @@ def cmd_promote(cfg: Config, path: Path, gate: Path | None) -> int:
 
 
 def cmd_rollback(cfg: Config, version: str | None) -> int:
+    """One step back through what was served, down to the bundled default; or to a named version."""
     models_dir = cfg.path("models")
     current = store.current_checkpoint(models_dir)
+    was = current.name if current else "the bundled default"
+    if version in BUNDLED_NAMES and version != "bundled":
+        return cmd_promote(cfg, BUNDLED[version], None, force=True)  # a shipped model: publish it, no questions
+    if version == "bundled" or (not version and store.step_back(models_dir) is None):
+        if current is None and not version:
+            raise CheckpointError(f"nothing to roll back to: {models_dir} has no current model, so the bundled "
+                                  f"default already serves (name a version, or `upscaled models promote FILE`)")
+        store.clear_current(models_dir)
+        logger.info("current model is now the bundled default (was {})", was)
+        return 0
     if version:
-        target = find_version(models_dir, version)
-    else:
-        present = {p.name for p, _ in store.published(models_dir)}
-        earlier = [n for n in store.history(models_dir) if n in present and (current is None or n != current.name)]
-        if not earlier:
-            raise CheckpointError(f"nothing to roll back to in {models_dir}: no earlier published version is kept")
-        target = models_dir / earlier[-1]
-    store.set_current(models_dir, target.name)
-    logger.info("current model is now {} (was {})", target.name, current.name if current else "the bundled default")
+        store.set_current(models_dir, find_version(models_dir, version).name)
+    logger.info("current model is now {} (was {})", store.current_checkpoint(models_dir).name, was)
     return 0
 
 
@@ -115,7 +162,7 @@ def main(cfg: Config, args) -> int:
     if args.models_command == "show":
         return cmd_show(cfg, args.version)
     if args.models_command == "promote":
-        return cmd_promote(cfg, Path(args.path), Path(args.gate) if args.gate else None)
+        return cmd_promote(cfg, Path(args.path), Path(args.gate) if args.gate else None, force=args.force)
     if args.models_command == "rollback":
         return cmd_rollback(cfg, args.version)
     raise AssertionError(args.models_command)
