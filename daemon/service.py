@@ -366,7 +366,7 @@ class Service:
         requested = None if self.cfg.output.format == "keep" else self.cfg.output.format
         for rel in back:
             try:
-                out, _ = out_path(self.cfg.path("outbox"), rel, requested)
+                out, _ = out_path(self.cfg.path("outbox"), rel, requested, self.cfg.output.name, self.cfg.model.scale)
             except ValueError:
                 continue
             for tmp in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):

@@ -39,7 +39,7 @@ from loguru import logger
 from daemon.claims import Claims, place
 from daemon.job import STAGE_OF, TERMINAL, Failure, Job, JobState, Stage
 from model.atomic import atomic_open, atomic_write_text, sidecar
-from model.images import EXTENSIONS, FORMATS, PILLOW_READS_RGBX, ImageError, decode, encode_to, output_format
+from model.images import PILLOW_READS_RGBX, ImageError, decode, encode_to, output_name
 from upscaled.config import Config
 
 # Which thread performs a state's next transition: DECODED goes to the inference thread, these
@@ -48,14 +48,12 @@ IO_STATES = (JobState.CLAIMED, JobState.UPSCALED, JobState.WRITTEN, JobState.REJ
 _FINISHING = {JobState.WRITTEN: 0, JobState.REJECTED: 0, JobState.UPSCALED: 1}
 
 
-def out_path(outbox: Path, rel: str, requested: str | None) -> tuple[Path, str]:
-    """Output path and format: same relative path; the extension changes only with the format."""
-    src = Path(rel)
-    src_format = EXTENSIONS.get(src.suffix.lower())
-    if src_format is None:
-        raise ImageError(f"not a supported image type ({src.suffix or 'no extension'})")
-    fmt = output_format(src_format, requested)
-    return outbox / (src if fmt == src_format else src.with_suffix(FORMATS[fmt])), fmt
+def out_path(outbox: Path, rel: str, requested: str | None, template: str = "{stem}", scale: int = 4,
+             model: str = "") -> tuple[Path, str]:
+    """Output path and format: same relative path and name (output.name), the extension changes
+    only with the format."""
+    name, fmt = output_name(Path(rel), requested, template, scale, model)
+    return outbox / name, fmt
 
 
 INPUT_FAULT_ATTEMPTS = 3  # an OSError that is the input's own is tried this often before failed/
@@ -116,7 +114,7 @@ class Worker:
             if state is JobState.RETRY:
                 job.state = job.resume  # the back-off is over
             elif state is JobState.CLAIMED:
-                job.output, fmt = out_path(self.folders.outbox, job.rel, self._requested())
+                job.output, fmt = self._out(job)
                 job.input_bytes = job.claimed.stat().st_size
                 job.decoded = decode(job.claimed)
                 job.size = job.decoded.size
@@ -125,13 +123,16 @@ class Worker:
             elif state is JobState.DECODED:
                 up = self.model_for(job)  # one model for the whole image
                 job.model_version = getattr(up, "version", "unknown")
-                fmt = out_path(self.folders.outbox, job.rel, self._requested())[1]
+                fmt = self._out(job)[1]
                 job.encoded = up.upscale_decoded(job.decoded, self.on_progress, for_pillow=fmt in PILLOW_READS_RGBX)
                 job.decoded = None
                 job.timings["upscale"] = time.perf_counter() - t0
                 job.state = JobState.UPSCALED
             elif state is JobState.UPSCALED:
-                wanted, fmt = out_path(self.folders.outbox, job.rel, self._requested())
+                wanted, fmt = self._out(job)
+                if fmt == "JPEG" and job.encoded.pixels.shape[2] in (2, 4):
+                    logger.info("{}: JPEG has no alpha; transparent pixels flattened onto {} (output.jpeg_background)",
+                                job.rel, self.cfg.output.jpeg_background)
                 wanted.parent.mkdir(parents=True, exist_ok=True)
                 locked = False
                 try:
@@ -204,6 +205,10 @@ class Worker:
         """The served model, or model.for_jpeg's for a JPEG input (compressed: blocking, ringing)."""
         jpeg = job.decoded is not None and job.decoded.format == "JPEG"
         return self.jpeg_upscaler if jpeg and self.jpeg_upscaler is not None else self.upscaler
+
+    def _out(self, job: Job) -> tuple[Path, str]:
+        o = self.cfg.output
+        return out_path(self.folders.outbox, job.rel, self._requested(), o.name, self.cfg.model.scale, job.model_version)
 
     def _requested(self) -> str | None:
         f = self.cfg.output.format

@@ -250,6 +250,25 @@ def output_format(src_format: str, requested: str | None) -> str:
     return WRITE_AS.get(src_format, src_format if src_format in FORMATS else "PNG")
 
 
+NAME_FIELDS = ("stem", "scale", "model")
+
+
+def output_name(rel: Path, requested: str | None, template: str = "{stem}", scale: int = 4,
+                model: str = "") -> tuple[Path, str]:
+    """Output path (relative, like `rel`) and format. The name is `template` filled in ({stem},
+    {scale}, {model}: the model version's digest) plus the extension: the input's own while the
+    format is kept, else the new format's. Raises ImageError for an unsupported input type."""
+    src_format = EXTENSIONS.get(rel.suffix.lower())
+    if src_format is None:
+        raise ImageError(f"not a supported image type ({rel.suffix or 'no extension'})")
+    fmt = output_format(src_format, requested)
+    ext = rel.suffix if fmt == src_format else FORMATS[fmt]
+    if template == "{stem}":
+        return rel.with_suffix(ext), fmt
+    name = template.format(stem=rel.stem, scale=scale, model=model.rsplit("-", 1)[-1])
+    return rel.with_name(name + ext), fmt
+
+
 def _encode_png16(enc: Encoded, level: int) -> bytes:
     h, w, c = enc.pixels.shape
     writer = png.Writer(w, h, bitdepth=16, greyscale=c in (1, 2), alpha=c in (2, 4), compression=level)
@@ -270,7 +289,8 @@ def encode(enc: Encoded, fmt: str, **options) -> bytes:
 
 def encode_to(f: IO[bytes], enc: Encoded, fmt: str, *, jpeg_quality: int = 95, webp_quality: int = 95,
               webp_lossless: bool = False, png_compress_level: int = 4, png_strategy: str = "fast",
-              consume: bool = False, png_threads: int = 1) -> None:
+              consume: bool = False, png_threads: int = 1,
+              jpeg_background: tuple[int, int, int] = (255, 255, 255)) -> None:
     """Encode into an open binary file, without holding the encoded bytes in memory.
 
     png_threads: threads for the fast PNG writer (the same file with any number).
@@ -314,8 +334,10 @@ def encode_to(f: IO[bytes], enc: Encoded, fmt: str, *, jpeg_quality: int = 95, w
     if consume:
         enc.pixels = px = None  # Pillow has its copy (or shares the buffer, which keeps it alive)
     if fmt == "JPEG" and im.mode in ("LA", "RGBA"):
-        # JPEG has no alpha: composite on white, the least surprising background for photos.
-        bg = Image.new("RGB" if im.mode == "RGBA" else "L", im.size, 255 if im.mode == "LA" else (255, 255, 255))
+        # JPEG has no alpha: composite onto the background (output.jpeg_background; white by default).
+        r, g, b = jpeg_background
+        bg = Image.new("RGB" if im.mode == "RGBA" else "L", im.size,
+                       round(0.299 * r + 0.587 * g + 0.114 * b) if im.mode == "LA" else (r, g, b))
         bg.paste(im, mask=im.getchannel("A"))
         im = bg
     if fmt == "BMP" and im.mode == "LA":

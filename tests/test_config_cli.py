@@ -155,6 +155,8 @@ def test_set_overrides_any_key_validated_like_the_file(tmp_path: Path) -> None:
     r = run_cli("status", "--config", str(cfg), "--set", "paths.status=b/status.json")
     assert r.returncode == 3 and str(tmp_path / "b" / "status.json") in r.stdout, r.stdout
     for bad, named in [("trainer.batch=0", "trainer.batch"), ("trainer.bach=8", "trainer.bach"),
-                       ("inference.tile=banana", "inference.tile"), ("batch=8", "SECTION.KEY=VALUE")]:
+                       ("inference.tile=banana", "inference.tile"), ("batch=8", "SECTION.KEY=VALUE"),
+                       ("output.name={name}", "output.name"), ("output.name=x", "output.name"),
+                       ("output.jpeg_background=white", "output.jpeg_background")]:
         r = run_cli("upscale", str(tmp_path / "x.png"), "-o", str(tmp_path / "out"), "--config", str(cfg), "--set", bad)
         assert r.returncode == 2 and named in r.stderr, (bad, r.stderr)

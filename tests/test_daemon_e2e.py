@@ -312,3 +312,29 @@ def test_jpeg_inputs_go_to_the_model_for_jpeg(tmp_path, ckpt):
     done = {line.split()[3].rstrip(":"): line.split()[-1] for line in log_tail(tmp_path).splitlines() if " done " in line}
     assert done == {"a.jpg": jpeg_v, "b.png": main_v, "c.webp": main_v}, done
     assert f"JPEG inputs go to model {jpeg_v}" in log_tail(tmp_path)
+
+
+def test_output_name_template_and_jpeg_flattening_onto_the_background(tmp_path, ckpt):
+    import numpy as np
+    from PIL import Image
+
+    from model.checkpoint import read_info
+
+    cfg, config = make_config(tmp_path, ckpt, output={"format": "jpg", "name": "{stem}_x{scale}_{model}",
+                                                      "jpeg_background": "#ff0000"})
+    rgba = np.zeros((24, 32, 4), np.uint8)
+    rgba[..., 1] = 255
+    rgba[:, 16:, 3] = 255  # left half transparent, right half opaque green
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "staging.png")
+    proc = serve(config, log=tmp_path / "daemon.log")
+    try:
+        wait_running(tmp_path, proc)
+        os.rename(tmp_path / "staging.png", tmp_path / "inbox" / "logo.png")
+        wait_for(lambda: (tmp_path / "done" / "logo.png").exists(), 30, what="the file")
+    finally:
+        assert stop(proc) == 0, log_tail(tmp_path)
+    digest = read_info(ckpt).version.rsplit("-", 1)[-1]
+    assert files_under(tmp_path / "outbox") == [f"logo_x4_{digest}.jpg"]
+    out = np.asarray(Image.open(tmp_path / "outbox" / f"logo_x4_{digest}.jpg").convert("RGB")).astype(int)
+    assert (np.abs(out[40:56, 8:40] - [255, 0, 0]) < 40).all()  # transparent -> the configured red
+    assert "flattened onto #ff0000" in log_tail(tmp_path)

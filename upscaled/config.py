@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -103,17 +104,28 @@ class OutputConfig:
     # dropped twice): suffix = photo-1.png, as done/ does; overwrite = replace it; skip = the
     # input goes to failed/ saying so. Never does one input's output silently replace another's.
     on_conflict: Literal["suffix", "overwrite", "skip"] = "suffix"
+    name: str = "{stem}"  # output file name before its extension: {stem}, {scale}, {model}
+    jpeg_background: str = "#ffffff"  # what transparent pixels become in a JPEG output (it has no alpha)
 
     def __post_init__(self) -> None:
         _need(0 <= self.png_compress_level <= 9, "png_compress_level", "an integer 0..9", self.png_compress_level)
         _need(1 <= self.jpeg_quality <= 100, "jpeg_quality", "an integer 1..100", self.jpeg_quality)
         _need(1 <= self.webp_quality <= 100, "webp_quality", "an integer 1..100", self.webp_quality)
+        _need(re.fullmatch(r"#[0-9a-fA-F]{6}", self.jpeg_background) is not None, "jpeg_background",
+              "a colour as #rrggbb", self.jpeg_background)
+        try:
+            filled = self.name.format(stem="x", scale=4, model="m")
+        except (KeyError, IndexError, ValueError):
+            filled = None
+        _need(filled is not None and "{stem}" in self.name and "/" not in filled, "name",
+              "a template with {stem} and optionally {scale}, {model} (no other fields, no /)", self.name)
 
     def encode_options(self) -> dict:
         """The keyword arguments of model.images.encode_to."""
         return {"jpeg_quality": self.jpeg_quality, "webp_quality": self.webp_quality,
                 "webp_lossless": self.webp_lossless, "png_compress_level": self.png_compress_level,
-                "png_strategy": self.png_strategy}
+                "png_strategy": self.png_strategy,
+                "jpeg_background": tuple(int(self.jpeg_background[i : i + 2], 16) for i in (1, 3, 5))}
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 from loguru import logger
 
 from model.atomic import atomic_open, numbered
-from model.images import EXTENSIONS, FORMATS, PILLOW_READS_RGBX, ImageError, decode, encode_to, is_supported, output_format
+from model.images import PILLOW_READS_RGBX, ImageError, decode, encode_to, is_supported, output_name
 from upscaled.config import Config
 
 
@@ -47,21 +47,16 @@ def collect(inputs: list[str], outdir: Path | None = None) -> tuple[list[Job], l
     return jobs, problems
 
 
-def destination(outdir: Path, rel: Path, requested: str | None) -> tuple[Path, str]:
-    """Output path and format: the input's own (by extension) unless another is requested."""
-    src_format = EXTENSIONS[rel.suffix.lower()]
-    fmt = output_format(src_format, requested)
-    return outdir / (rel if fmt == src_format else rel.with_suffix(FORMATS[fmt])), fmt
-
-
-def plan(jobs: list[Job], outdir: Path, requested: str | None) -> list[tuple[Job, Path, str]]:
+def plan(jobs: list[Job], outdir: Path, requested: str | None, template: str = "{stem}", scale: int = 4,
+         model: str = "") -> list[tuple[Job, Path, str]]:
     """Each job's output path and format, no two the same: an input whose output name another
     input of this run already has (photo.gif and photo.png both make photo.png) gets photo-1.png,
     as the daemon does. Outputs that existed before the run are --overwrite's business."""
     taken: set[Path] = set()
     out = []
     for job in jobs:
-        dst, fmt = destination(outdir, job.rel, requested)
+        name, fmt = output_name(job.rel, requested, template, scale, model)
+        dst = outdir / name
         n = 0
         while numbered(dst, n) in taken:
             n += 1
@@ -116,7 +111,7 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
     # Progress bars on a terminal only (not in logs), and not with -q.
     with tqdm(total=len(jobs), unit="img", desc="upscaling", dynamic_ncols=True,
               disable=quiet or not sys.stderr.isatty()) as bar:
-        for job, dst, out_fmt in plan(jobs, outdir, requested):
+        for job, dst, out_fmt in plan(jobs, outdir, requested, cfg.output.name, up.scale, up.version):
             bar.set_postfix_str(job.rel.as_posix()[-40:], refresh=False)
             try:
                 if dst.exists() and not overwrite:
@@ -124,6 +119,9 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
                     skipped += 1
                     continue
                 dec = decode(job.src)
+                if out_fmt == "JPEG" and dec.alpha is not None:
+                    logger.warning("{}: JPEG has no alpha; transparent pixels flattened onto {} (output.jpeg_background)",
+                                   job.src, cfg.output.jpeg_background)
                 u = up_jpeg if up_jpeg is not None and dec.format == "JPEG" else up
                 enc = u.upscale_decoded(dec, tile_bar(bar, job.rel.name), for_pillow=out_fmt in PILLOW_READS_RGBX)
                 del dec  # free the input before encoding
