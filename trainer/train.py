@@ -133,7 +133,11 @@ class MetricsLog:
 
 def load_vgg(path: Path, device: torch.device) -> torch.nn.Module:
     """torchvision's VGG19 features up to relu5_4 from a local weights file (nothing downloaded)."""
-    from torchvision.models import vgg19
+    try:
+        from torchvision.models import vgg19
+    except ImportError:
+        raise ConfigError("trainer.perceptual_weight", "torchvision for the VGG loss: pip install -e '.[perceptual]'",
+                          "torchvision is not installed") from None
 
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
