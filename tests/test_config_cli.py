@@ -160,3 +160,8 @@ def test_set_overrides_any_key_validated_like_the_file(tmp_path: Path) -> None:
                        ("output.jpeg_background=white", "output.jpeg_background")]:
         r = run_cli("upscale", str(tmp_path / "x.png"), "-o", str(tmp_path / "out"), "--config", str(cfg), "--set", bad)
         assert r.returncode == 2 and named in r.stderr, (bad, r.stderr)
+
+
+def test_a_missing_input_is_a_usage_error(tmp_path: Path) -> None:
+    r = run_cli("upscale", str(tmp_path / "nope.png"), "-o", str(tmp_path / "out"))
+    assert r.returncode == 2 and "no such file or folder" in r.stderr and not (tmp_path / "out").exists()

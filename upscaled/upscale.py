@@ -94,6 +94,10 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
 
     from upscaled.runtime import build_upscaler, config_model
 
+    missing = [raw for raw in inputs if not Path(raw).exists()]
+    if missing:  # a mistyped path is a usage error (exit 2), before anything is loaded or written
+        logger.error("no such file or folder: {}", ", ".join(missing))
+        return 2
     jobs, problems = collect(inputs, outdir)
     for p in problems:
         logger.error("failed: {}", p)
