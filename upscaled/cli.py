@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train", help="train (or fine-tune) the generator",
         description="Train the SRGAN generator: L1 pre-training, then the GAN. Flags override the "
-        "config's trainer section.",
+        "config's trainer section. A new run's network is the bundled fidelity model's layout (24 blocks x 32 "
+        "channels, low-resolution tail, bilinear skip) unless trainer.generator_* say otherwise; --init starts "
+        "from a checkpoint's weights and layout instead.",
     )
     p.add_argument("--data", metavar="DIR", help="folder of high-resolution images (LR made on the fly)")
     p.add_argument("--paired-lr", metavar="DIR", help="folder of low-resolution images, matched by name with --paired-hr")
