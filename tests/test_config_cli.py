@@ -165,3 +165,51 @@ def test_set_overrides_any_key_validated_like_the_file(tmp_path: Path) -> None:
 def test_a_missing_input_is_a_usage_error(tmp_path: Path) -> None:
     r = run_cli("upscale", str(tmp_path / "nope.png"), "-o", str(tmp_path / "out"))
     assert r.returncode == 2 and "no such file or folder" in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_progress_bar_on_a_terminal_unless_quiet(tmp_path: Path) -> None:
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    save_image(tmp_path / "a.png", natural_image(8, 8))
+
+    def stderr_of(*extra: str) -> str:
+        leader, follower = pty.openpty()  # stderr is a terminal, as for a person at a shell
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # of 100 columns
+        p = subprocess.Popen([sys.executable, "-m", "upscaled", "upscale", str(tmp_path / "a.png"), "-o",
+                              str(tmp_path / f"out{len(extra)}"), *extra], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=follower)
+        os.close(follower)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the child closed its end
+                break
+            if not chunk:
+                break
+            out += chunk
+        assert p.wait(120) == 0
+        os.close(leader)
+        return out.decode(errors="replace")
+
+    assert "upscaling: 100%" in stderr_of()
+    assert "upscaling" not in stderr_of("-q")
+
+
+def test_train_without_validation_says_so_at_the_start(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    for i in range(2):
+        save_image(photos / f"p{i}.png", natural_image(64, 64, seed=i))
+    r = run_cli("train", "--data", str(photos), "--out", str(tmp_path / "run"), "--steps", "1",
+                "--set", "trainer.batch=1", "--set", "trainer.crop=32", "--set", "trainer.generator_blocks=1",
+                "--set", "trainer.generator_channels=8", "--set", "trainer.pretrain_steps=1", "--set", "trainer.workers=0",
+                "--set", f"paths.runs={tmp_path / 'runs'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    first = next(line for line in r.stderr.splitlines() if "WARNING" in line or "INFO" in line)
+    assert "no validation folder" in first and "no best.safetensors" in first
