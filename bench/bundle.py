@@ -27,6 +27,8 @@ def main() -> int:
     ap.add_argument("checkpoint")
     ap.add_argument("--val", required=True, help="validation folder (HR)")
     ap.add_argument("--val-extra", help="a second validation folder, measured and stored beside --val")
+    ap.add_argument("--lr-jpeg", type=int, default=0, metavar="Q",
+                    help="measure on LR images saved as JPEG quality Q (a model for compressed inputs)")
     ap.add_argument("--recipe", default="", help="how it was trained, stored in the metadata")
     ap.add_argument("--kind", choices=sorted(BUNDLED), required=True, help="which bundled model it becomes")
     ap.add_argument("--out", help="write here instead of the package's bundled file")
@@ -37,12 +39,12 @@ def main() -> int:
     save_checkpoint(tmp, g, step=info.step, dtype=torch.float16)
     g16, _ = load_generator(tmp)
     val = ValidationSet.load(Path(args.val), info.scale)
-    report = score(g16, val)
+    report = score(g16, val, lr_jpeg=args.lr_jpeg)
     validation = {**val.describe(), "data": Path(args.val).name, "metrics": report.metrics(),
-                  "lanczos_psnr_y": report.mean_psnr_y["lanczos"]}
+                  "lanczos_psnr_y": report.mean_psnr_y["lanczos"], **({"lr_jpeg": args.lr_jpeg} if args.lr_jpeg else {})}
     if args.val_extra:
         extra_val = ValidationSet.load(Path(args.val_extra), info.scale)
-        mx = score(g16, extra_val).metrics()
+        mx = score(g16, extra_val, lr_jpeg=args.lr_jpeg).metrics()
         validation["extra"] = {**extra_val.describe(), "data": Path(args.val_extra).name, "metrics": mx}
         print(f"{args.val_extra}: PSNR-Y {mx['psnr_y']:.3f} dB (bicubic {mx['bicubic_psnr_y']:.3f}, "
               f"+{mx['psnr_y'] - mx['bicubic_psnr_y']:.3f} dB)")

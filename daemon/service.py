@@ -176,7 +176,8 @@ class Service:
             from upscaled.runtime import build_upscaler, config_model
 
             self.worker.jpeg_upscaler = build_upscaler(cfg, config_model(cfg, cfg.model.for_jpeg))
-            logger.info("JPEG inputs go to model {} (model.for_jpeg: {})", self.worker.jpeg_upscaler.version, cfg.model.for_jpeg)
+            logger.info("JPEG inputs below quality {} go to model {} (model.for_jpeg: {})", cfg.model.for_jpeg_below,
+                        self.worker.jpeg_upscaler.version, cfg.model.for_jpeg)
         self.io_workers = io_thread_count(cfg.daemon.io_workers, self.upscaler.device.type)
         self.pipeline = Pipeline(self.worker, self.io_workers, self._on_finished, cfg.daemon.io_nice)
         self.pipeline.start()

@@ -68,6 +68,13 @@ def input_fault(e: OSError, job: Job, state: JobState) -> bool:
     return reading_input and e.errno in (errno.EACCES, errno.EPERM)
 
 
+def compressed(dec, cfg: Config) -> bool:
+    """A JPEG below model.for_jpeg_below (estimated quality; unknown counts as compressed)."""
+    if dec is None or dec.format != "JPEG":
+        return False
+    return dec.jpeg_quality is None or dec.jpeg_quality < cfg.model.for_jpeg_below
+
+
 def human_reason(e: BaseException) -> str:
     if isinstance(e, ImageError):
         return str(e)
@@ -202,9 +209,9 @@ class Worker:
         return job
 
     def model_for(self, job: Job):
-        """The served model, or model.for_jpeg's for a JPEG input (compressed: blocking, ringing)."""
-        jpeg = job.decoded is not None and job.decoded.format == "JPEG"
-        return self.jpeg_upscaler if jpeg and self.jpeg_upscaler is not None else self.upscaler
+        """The served model, or model.for_jpeg's for a JPEG compressed harder than
+        model.for_jpeg_below (blocking and ringing the served model would sharpen)."""
+        return self.jpeg_upscaler if compressed(job.decoded, self.cfg) and self.jpeg_upscaler is not None else self.upscaler
 
     def _out(self, job: Job) -> tuple[Path, str]:
         o = self.cfg.output

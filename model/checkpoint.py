@@ -225,10 +225,11 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 # The checkpoints shipped inside the package, by the names users give them in `model.path` and
 # `--model`: the fidelity model (PSNR-oriented, the default) and its GAN fine-tune (sharper).
-BUNDLED = {"fidelity": BUNDLED_DIR / "fidelity.safetensors", "gan": BUNDLED_DIR / "gan.safetensors"}
+BUNDLED = {"fidelity": BUNDLED_DIR / "fidelity.safetensors", "gan": BUNDLED_DIR / "gan.safetensors",
+           "real": BUNDLED_DIR / "real.safetensors"}  # real: for compressed inputs (JPEGs from phones, the web)
 BUNDLED_DEFAULT = BUNDLED["fidelity"]
 
 
 def bundled_checkpoint(value: str | os.PathLike) -> Path | None:
-    """The bundled checkpoint `value` names ("fidelity", "gan"), or None when it is a path."""
+    """The bundled checkpoint `value` names ("fidelity", "gan", "real"), or None when it is a path."""
     return BUNDLED.get(str(value))

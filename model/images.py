@@ -51,6 +51,7 @@ class Decoded:
     format: str  # Pillow format name of the input
     icc: bytes | None = None
     exif: bytes | None = None
+    jpeg_quality: int | None = None  # a JPEG's quality, estimated from its quantization table
 
     @property
     def size(self) -> tuple[int, int]:
@@ -100,6 +101,22 @@ def _decode_png16(data: bytes) -> tuple[np.ndarray, int]:
     return arr, planes
 
 
+# The IJG (libjpeg) luminance table at quality 50; encoders scale it for other qualities.
+_IJG_LUMA_SUM = sum([16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+                     14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+                     49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99])
+
+
+def jpeg_quality(im: Image.Image) -> int | None:
+    """The IJG quality (1-100) whose luminance table is closest to this JPEG's; None if unknown."""
+    tables = getattr(im, "quantization", None)
+    if not tables or 0 not in tables:
+        return None
+    scale = 100.0 * sum(tables[0]) / _IJG_LUMA_SUM  # percent of the quality-50 table
+    q = (200 - scale) / 2 if scale <= 100 else 5000 / scale
+    return int(min(100, max(1, round(q))))
+
+
 def decode(source: str | os.PathLike | bytes) -> Decoded:
     """Read an image file into float RGB (+ alpha) plus its colour metadata."""
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
@@ -118,6 +135,7 @@ def decode(source: str | os.PathLike | bytes) -> Decoded:
     if getattr(im, "n_frames", 1) > 1 and fmt in ("GIF", "WEBP", "PNG", "TIFF"):
         raise ImageError(f"{fmt} with {im.n_frames} frames: animated/multi-page images are not supported")
     icc = im.info.get("icc_profile") or None
+    quality = jpeg_quality(im) if fmt == "JPEG" else None
 
     ihdr = _png_ihdr(data[:32]) if fmt == "PNG" else None
     if ihdr and ihdr[0] == 16:
@@ -161,13 +179,13 @@ def decode(source: str | os.PathLike | bytes) -> Decoded:
         a = np.array(im)  # uint8, like 8-bit colour
         lum = a if mode == "L" else a[..., 0]
         alpha = np.ascontiguousarray(a[..., 1]) if mode == "LA" else None
-        return Decoded(np.ascontiguousarray(np.repeat(lum[..., None], 3, axis=2)), alpha, 8, True, fmt, icc, exif)
+        return Decoded(np.ascontiguousarray(np.repeat(lum[..., None], 3, axis=2)), alpha, 8, True, fmt, icc, exif, quality)
     if mode not in ("RGB", "RGBA", "RGBX"):
         im = im.convert("RGBA" if "A" in mode else "RGB")
         mode = im.mode
     a = np.array(im)  # uint8, writable (asarray shares Pillow's read-only bytes); tiles become float in the engine
     alpha = np.ascontiguousarray(a[..., 3]) if mode == "RGBA" else None  # a copy: `a` can go
-    return Decoded(np.ascontiguousarray(a[..., :3]), alpha, 8, False, fmt, icc, exif)
+    return Decoded(np.ascontiguousarray(a[..., :3]), alpha, 8, False, fmt, icc, exif, quality)
 
 
 def _apply_orientation(dec: Decoded, im: Image.Image) -> Decoded:

@@ -31,7 +31,7 @@ def tiny_checkpoint(path: Path, cfg: GeneratorConfig = TINY) -> Path:
 def settings(root: Path, checkpoint: Path, **sections: dict) -> dict:
     """Config dict for a data folder at `root` (fast timings; override per section)."""
     data = {
-        "model": {"path": str(checkpoint)},
+        "model": {"path": str(checkpoint), "for_jpeg": None},  # one model for every file (test_daemon_e2e tests the rule)
         "inference": {"device": "cpu", "threads": 1},
         "paths": {
             "inbox": str(root / "inbox"), "outbox": str(root / "outbox"), "done": str(root / "done"),

@@ -82,6 +82,18 @@ def test_shipped_models_on_unseen_photo_crops(engines, photo_crops) -> None:
         assert detail(gan) > detail(fid) > detail(bicubic)
 
 
+def test_real_model_is_closer_than_fidelity_on_jpeg_compressed_inputs(engines, photo_crops) -> None:
+    from model.quality import jpeg
+
+    gains = []
+    for hr in photo_crops:
+        lr = jpeg(downscale(hr, 4), 75)  # the LR as a phone or a web page would have saved it
+        x = lr.astype(np.float32) / 255.0
+        gains.append(psnr_ssim_y(engines["real"].upscale_rgb(x), hr, 4)[0] - psnr_ssim_y(engines["fidelity"].upscale_rgb(x), hr, 4)[0])
+    assert np.mean(gains) > 0.1, gains
+    assert load_generator(BUNDLED["real"])[1].validation["lr_jpeg"] == 80
+
+
 def test_model_path_names_a_bundled_model(tmp_path: Path) -> None:
     cfg = load_config(write_config(tmp_path, {"model": {"path": "gan"}}))
     assert checkpoint_for(cfg) == (BUNDLED["gan"], "bundled gan")

@@ -304,14 +304,18 @@ def test_jpeg_inputs_go_to_the_model_for_jpeg(tmp_path, ckpt):
     proc = serve(config, log=tmp_path / "daemon.log")
     try:
         wait_running(tmp_path, proc)
-        for name in ("a.jpg", "b.png", "c.webp"):
+        for name in ("a.jpg", "b.png", "c.webp"):  # the JPEG at Pillow's default quality, 75
             write_image(tmp_path / "staging" / name, seed=1).rename(tmp_path / "inbox" / name)
-        wait_for(lambda: len(files_under(tmp_path / "done")) == 3, 30, what="three files")
+        from PIL import Image
+
+        Image.open(write_image(tmp_path / "staging" / "d.png", seed=2)).convert("RGB").save(tmp_path / "staging" / "d.jpg", quality=95)
+        os.rename(tmp_path / "staging" / "d.jpg", tmp_path / "inbox" / "d.jpg")  # barely compressed
+        wait_for(lambda: len(files_under(tmp_path / "done")) == 4, 30, what="four files")
     finally:
         assert stop(proc) == 0, log_tail(tmp_path)
     done = {line.split()[3].rstrip(":"): line.split()[-1] for line in log_tail(tmp_path).splitlines() if " done " in line}
-    assert done == {"a.jpg": jpeg_v, "b.png": main_v, "c.webp": main_v}, done
-    assert f"JPEG inputs go to model {jpeg_v}" in log_tail(tmp_path)
+    assert done == {"a.jpg": jpeg_v, "b.png": main_v, "c.webp": main_v, "d.jpg": main_v}, done
+    assert f"JPEG inputs below quality 90 go to model {jpeg_v}" in log_tail(tmp_path)
 
 
 def test_output_name_template_and_jpeg_flattening_onto_the_background(tmp_path, ckpt):

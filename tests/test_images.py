@@ -252,3 +252,18 @@ def test_8bit_input_stays_uint8_and_upscales_as_its_floats(tmp_path: Path, up: U
         assert dec.unit_rgb().dtype == np.float32 and dec.unit_rgb().max() <= 1.0
         assert np.array_equal(up.upscale_rgb(dec.rgb), up.upscale_rgb(dec.unit_rgb()))
     assert decode(tmp_path / "a.png").alpha.dtype == np.uint8  # upscaled as 8 bits, never as floats
+
+
+def test_jpeg_quality_is_estimated_from_the_quantization_table() -> None:
+    import io
+
+    from model.images import decode
+
+    im = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    for q in (30, 60, 75, 90, 98):
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=q)
+        assert abs(decode(buf.getvalue()).jpeg_quality - q) <= 1
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    assert decode(buf.getvalue()).jpeg_quality is None

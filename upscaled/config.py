@@ -61,10 +61,12 @@ class PathsConfig:
 class ModelConfig:
     path: str | None = None  # serve this checkpoint instead of the published/bundled one
     scale: int = 4  # every served model must have this scale
-    for_jpeg: str | None = None  # JPEG inputs go to this model (bundled name or file) instead; None = the same
+    for_jpeg: str | None = "real"  # JPEGs below for_jpeg_below go to this model (bundled name or file); None = off
+    for_jpeg_below: int = 90  # estimated JPEG quality (1-100) under which for_jpeg applies; 101 = every JPEG
 
     def __post_init__(self) -> None:
         _need(self.scale in (2, 4, 8), "scale", "one of 2, 4, 8", self.scale)
+        _need(1 <= self.for_jpeg_below <= 101, "for_jpeg_below", "a JPEG quality 1..101", self.for_jpeg_below)
 
 
 @dataclass(frozen=True)

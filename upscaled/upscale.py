@@ -92,6 +92,7 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
 
     import torch
 
+    from daemon.worker import compressed
     from upscaled.runtime import build_upscaler, config_model
 
     missing = [raw for raw in inputs if not Path(raw).exists()]
@@ -126,7 +127,7 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
                 if out_fmt == "JPEG" and dec.alpha is not None:
                     logger.warning("{}: JPEG has no alpha; transparent pixels flattened onto {} (output.jpeg_background)",
                                    job.src, cfg.output.jpeg_background)
-                u = up_jpeg if up_jpeg is not None and dec.format == "JPEG" else up
+                u = up_jpeg if up_jpeg is not None and compressed(dec, cfg) else up
                 enc = u.upscale_decoded(dec, tile_bar(bar, job.rel.name), for_pillow=out_fmt in PILLOW_READS_RGBX)
                 del dec  # free the input before encoding
                 dst.parent.mkdir(parents=True, exist_ok=True)
