@@ -31,6 +31,7 @@ from daemon.notify import Notifier
 from daemon.status import ServiceState, StatusBoard
 from daemon.watcher import Hint, InboxFilter, InboxHandler, Settler, make_observer, scan
 from daemon.worker import Worker
+from model.generator import GeneratorConfig
 from tests.daemon_helpers import decoded_size, files_under, make_config, tiny_checkpoint, wait_for, write_image
 from upscaled.runtime import build_upscaler
 
@@ -602,9 +603,10 @@ def test_start_up_load_leaves_no_openmp_workers_behind(tmp_path):
     # The wiring of the fix above, in a fresh process (the first parallel op of a process is
     # what gives its thread a pool): ModelSlot.start must leave the calling thread no worker,
     # and the same load run on that thread directly, the control, must leave one.
-    from model.checkpoint import BUNDLED_DEFAULT
-
-    _, config = make_config(tmp_path, BUNDLED_DEFAULT)
+    # An 8x32 model with full-resolution stages: its warm-up is large enough for oneDNN to go
+    # parallel (the run-6 layout's all-low-resolution warm-up may stay on one thread).
+    ckpt = tiny_checkpoint(tmp_path / "stages.safetensors", GeneratorConfig(channels=32, blocks=8, batchnorm=False))
+    _, config = make_config(tmp_path, ckpt)
     script = (
         "import os, sys, time, torch\n"
         "torch.set_num_threads(2)\n"

@@ -140,7 +140,8 @@ def test_a_gan_step_moves_both_networks(tmp_path):
     tc = _small(photos, steps=1, pretrain_steps=0, generator_batchnorm=True)
     assert train(tc, tmp_path / "run") == 0
     torch.manual_seed(tc.seed)  # the trainer's initial weights, rebuilt
-    g0 = Generator(GeneratorConfig(scale=4, channels=16, blocks=2, batchnorm=True)).state_dict()
+    g0 = Generator(GeneratorConfig(scale=4, channels=16, blocks=2, batchnorm=True, upsampler=tc.generator_upsampler,
+                                   skip=tc.generator_skip)).state_dict()
     d0 = Discriminator(8).state_dict()
     state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
     assert state["step"] == 1
