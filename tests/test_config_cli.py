@@ -213,3 +213,17 @@ def test_train_without_validation_says_so_at_the_start(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     first = next(line for line in r.stderr.splitlines() if "WARNING" in line or "INFO" in line)
     assert "no validation folder" in first and "no best.safetensors" in first
+
+
+def test_upscale_sends_compressed_jpegs_to_the_real_model_by_default(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from model.checkpoint import BUNDLED, read_info
+
+    Image.fromarray(natural_image(24, 32)).save(tmp_path / "a.jpg", quality=70)
+    save_image(tmp_path / "b.png", natural_image(24, 32))
+    r = run_cli("upscale", str(tmp_path / "a.jpg"), str(tmp_path / "b.png"), "-o", str(tmp_path / "out"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"(JPEGs: {read_info(BUNDLED['real']).version})" in r.stderr
+    r = run_cli("upscale", str(tmp_path / "b.png"), "-o", str(tmp_path / "out2"), cwd=tmp_path)
+    assert r.returncode == 0 and "JPEGs:" not in r.stderr  # no JPEG: the second model is not even loaded

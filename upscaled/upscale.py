@@ -10,7 +10,7 @@ from pathlib import Path
 from loguru import logger
 
 from model.atomic import atomic_open, numbered
-from model.images import PILLOW_READS_RGBX, ImageError, decode, encode_to, is_supported, output_name
+from model.images import EXTENSIONS, PILLOW_READS_RGBX, ImageError, decode, encode_to, is_supported, output_name
 from upscaled.config import Config
 
 
@@ -108,7 +108,8 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
     requested = fmt or (None if cfg.output.format == "keep" else cfg.output.format)
     up = build_upscaler(cfg, model)
     # model.for_jpeg applies unless --model names one model for everything
-    up_jpeg = build_upscaler(cfg, config_model(cfg, cfg.model.for_jpeg)) if cfg.model.for_jpeg and not model else None
+    any_jpeg = any(EXTENSIONS.get(j.src.suffix.lower()) == "JPEG" for j in jobs)  # else it is not loaded at all
+    up_jpeg = build_upscaler(cfg, config_model(cfg, cfg.model.for_jpeg)) if cfg.model.for_jpeg and not model and any_jpeg else None
     done = skipped = 0
     failed = len(problems)
     mp_in = mp_out = 0.0
