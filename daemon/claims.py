@@ -190,8 +190,22 @@ class Claims:
     def mark_written(self, rel: str, wanted: Path, output: os.stat_result, source: os.stat_result) -> None:
         m = self._marker(rel)
         m.parent.mkdir(exist_ok=True)
-        atomic_write_text(m, json.dumps({"file": rel, "wanted": str(wanted), "ino": output.st_ino, "dev": output.st_dev,
-                                         "size": source.st_size, "mtime_ns": source.st_mtime_ns}))
+        # The temp file lives in our own owner folder, not in the shared written/: a daemon killed
+        # while writing it leaves it where recovery removes it along with the rest of the folder.
+        tmp = self.folder / f".written-{secrets.token_hex(6)}.tmp"
+        data = json.dumps({"file": rel, "wanted": str(wanted), "ino": output.st_ino, "dev": output.st_dev,
+                           "size": source.st_size, "mtime_ns": source.st_mtime_ns}).encode()
+        try:
+            with open(tmp, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, m)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        fsync_dir(m.parent)
 
     def written_output(self, rel: str, source: os.stat_result) -> Path | None:
         """The output this very input (same size and mtime) had already published, if any."""
@@ -337,6 +351,11 @@ class Claims:
         except FileNotFoundError:
             return []
         back: list[str] = []
+        # Markers are staged in owner folders since 0.3; a temp file in written/ itself is a
+        # leftover of an older daemon killed mid-write, never one being written now.
+        for tmp in (self.work / WRITTEN).glob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         fs_now = self._fs_now() if owners else 0.0
         for owner in owners:
             if not self.is_dead(owner, fs_now):

@@ -319,6 +319,29 @@ def test_crash_after_the_output_is_written_replaces_it_on_recovery_instead_of_ad
     assert other.output.name == "pic-1.png"
 
 
+def test_a_marker_half_written_when_the_daemon_died_is_removed_on_recovery(tmp_path, ckpt, upscaler):
+    # kill -9 while the WRITTEN marker is being written leaves its temp file behind (CI caught
+    # one in work/written/). Markers are staged in the owner's folder, which recovery removes;
+    # a temp file an older daemon left in written/ itself is removed too.
+    cfg, _ = make_config(tmp_path, ckpt)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = Claims(cfg.path("inbox"), cfg.path("work"), 0.5)
+    dead.open()
+    dead.lease.write_text(json.dumps({**json.loads(dead.lease.read_text()), "pid": gone.pid}))
+    write_image(tmp_path / "inbox" / "pic.png", 32, 24)
+    dead.claim("pic.png")
+    (dead.folder / ".written-0123456789ab.tmp").write_text('{"file": "pic.pn')
+    (cfg.path("work") / "written").mkdir()
+    legacy = cfg.path("work") / "written" / ".0a1b.json.0123456789ab.tmp"
+    legacy.write_text('{"fi')
+    _, claims = make_worker(tmp_path, ckpt, upscaler)
+    assert claims.recover() == ["pic.png"]
+    left = [p.relative_to(cfg.path("work")).as_posix() for p in cfg.path("work").rglob("*")
+            if p.is_file() and not p.is_relative_to(claims.folder)]
+    assert left == [] and not dead.folder.exists()
+
+
 def test_corrupt_input_goes_to_failed_with_a_reason(tmp_path, ckpt, upscaler):
     worker, claims = make_worker(tmp_path, ckpt, upscaler)
     (tmp_path / "inbox" / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
