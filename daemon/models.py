@@ -311,8 +311,9 @@ class ModelSlot:
     def _log_loaded(self, m: Loaded, what: str) -> None:
         up = m.upscaler
         views = getattr(up, "ensemble", 1)
-        logger.info("{} model {} ({} checkpoint {}), x{}, on {} in {}{}{}", what, m.version, m.origin, m.path.name,
-                    getattr(up, "scale", "?"), getattr(up, "device", "?"), str(getattr(up, "dtype", "?")).replace("torch.", ""),
+        info = getattr(up, "info", None)
+        logger.info("{} model {} ({} checkpoint {}), x{}, {}, on {} in {}{}{}", what, m.version, m.origin, m.path.name,
+                    getattr(up, "scale", "?"), info.describe() if info else "?", getattr(up, "device", "?"), str(getattr(up, "dtype", "?")).replace("torch.", ""),
                     f", self-ensemble of {views} views" if views > 1 else "",
                     f"; probe {m.probe['psnr_y']:.2f} dB (bicubic {m.probe['bicubic_psnr_y']:.2f} dB)" if m.probe else "")
 

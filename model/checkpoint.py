@@ -32,17 +32,31 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    arch: str
-    generator: GeneratorConfig
+    arch: str  # "srresnet" (our generator, described by `generator`) or "spandrel" (imported, `foreign`)
+    generator: GeneratorConfig | None
     version: str
     created: str
     step: int
     validation: dict[str, Any] = field(default_factory=dict)  # {"data", "fingerprint", "metrics": {...}}
     extra: dict[str, Any] = field(default_factory=dict)
+    foreign: dict[str, Any] | None = None  # model.foreign.ForeignSpec as a dict, for imported models
 
     @property
     def scale(self) -> int:
-        return self.generator.scale
+        return int(self.foreign["scale"]) if self.foreign else self.generator.scale
+
+    @property
+    def imported(self) -> bool:
+        return self.foreign is not None
+
+    def describe(self) -> str:
+        """The network in a few words, for logs and listings."""
+        if self.foreign:
+            from model.foreign import ForeignSpec
+
+            return "imported " + ForeignSpec.from_dict(self.foreign).describe()
+        g = self.generator
+        return f"{g.blocks} blocks x {g.channels} channels{', ' + g.upsampler if g.upsampler != 'stages' else ''}"
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -52,7 +66,8 @@ class CheckpointInfo:
         return {
             "format_version": FORMAT_VERSION,
             "arch": self.arch,
-            "generator": self.generator.to_dict(),
+            **({"generator": self.generator.to_dict()} if self.generator else {}),
+            **({"foreign": self.foreign} if self.foreign else {}),
             "scale": self.scale,
             "version": self.version,
             "created": self.created,
@@ -95,9 +110,21 @@ def save_checkpoint(
         validation=dict(validation or {}),
         extra=dict(extra or {}),
     )
+    write_checkpoint(path, state, info)
+    return info
+
+
+def write_checkpoint(path: str | os.PathLike, state: dict[str, torch.Tensor], info: CheckpointInfo) -> None:
+    """Tensors and metadata to `path`, atomically (temp name, fsync, rename)."""
     data = st_save(state, metadata={META_KEY: json.dumps(info.to_dict(), sort_keys=True)})
     atomic_write_bytes(path, data)
-    return info
+
+
+def new_version(state: dict[str, torch.Tensor], name: str | None = None) -> tuple[str, str]:
+    """(version, created): the creation time and the weights' digest, or a name and the digest."""
+    now = datetime.now(timezone.utc)
+    digest = weights_digest(state)[:8]
+    return (f"{name}-{digest}" if name else f"{now:%Y%m%dT%H%M%SZ}-{digest}"), now.isoformat(timespec="milliseconds")
 
 
 def _not_safetensors(path: Path, raw: bytes, why: str) -> CheckpointError:
@@ -136,8 +163,14 @@ def _info_from_header(path: Path, header: dict[str, Any]) -> CheckpointInfo:
         )
     try:
         m = json.loads(meta[META_KEY])
-        if m.get("arch") != ARCH:
-            raise CheckpointError(f"{path}: architecture {m.get('arch')!r} is not supported (expected {ARCH!r})")
+        from model.foreign import FOREIGN_ARCH
+
+        if m.get("arch") not in (ARCH, FOREIGN_ARCH):
+            raise CheckpointError(f"{path}: architecture {m.get('arch')!r} is not supported (expected {ARCH!r}, "
+                                  f"or {FOREIGN_ARCH!r} for an imported model)")
+        foreign = m["foreign"] if m["arch"] == FOREIGN_ARCH else None
+        if foreign is not None and not isinstance(foreign, dict):
+            raise CheckpointError(f"{path}: imported model's metadata 'foreign' is not an object")
         if int(m.get("format_version", 0)) > FORMAT_VERSION:
             raise CheckpointError(
                 f"{path}: checkpoint format {m['format_version']} is newer than this upscaled "
@@ -145,12 +178,13 @@ def _info_from_header(path: Path, header: dict[str, Any]) -> CheckpointInfo:
             )
         return CheckpointInfo(
             arch=m["arch"],
-            generator=GeneratorConfig.from_dict(m["generator"]),
+            generator=None if foreign is not None else GeneratorConfig.from_dict(m["generator"]),
             version=str(m["version"]),
             created=str(m["created"]),
             step=int(m.get("step", 0)),
             validation=dict(m.get("validation") or {}),
             extra=dict(m.get("extra") or {}),
+            foreign=foreign,
         )
     except CheckpointError:
         raise
@@ -186,6 +220,11 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], C
         state = st_load(raw)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: damaged safetensors data ({e})") from None
+    if info.foreign is not None:  # the shapes are checked when spandrel rebuilds it (load_model)
+        from model.foreign import finite_weights
+
+        finite_weights(state, str(path))
+        return {k: (v.to(torch.float32) if v.is_floating_point() else v) for k, v in state.items()}, info
     expected = {
         k: v
         for k, v in Generator(info.generator).state_dict().items()
@@ -214,9 +253,26 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], C
     return state, info
 
 
-def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Generator, CheckpointInfo]:
-    """Rebuild the generator from the metadata alone and load its weights, in eval mode."""
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """Any servable checkpoint, ours or imported: (network in eval mode, info). The network has
+    a `descriptor` (scale, size rules, tiling) and maps N x 3 x H x W in [0, 1] to x scale."""
     state, info = load_checkpoint(path)
+    if info.foreign is not None:
+        from model.foreign import ForeignSpec, build
+
+        return build(state, ForeignSpec.from_dict(info.foreign), str(path)).eval().to(device), info
+    g = Generator(info.generator)
+    g.load_state_dict(state, strict=False)
+    return g.eval().to(device), info
+
+
+def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Generator, CheckpointInfo]:
+    """Rebuild our generator from the metadata alone and load its weights, in eval mode (for
+    training and tools that need our architecture; serving uses load_model)."""
+    state, info = load_checkpoint(path)
+    if info.foreign is not None:
+        raise CheckpointError(f"{path}: an imported {info.foreign.get('architecture')} model; this needs an "
+                              "upscaled SRResNet checkpoint (imported models can be served and evaluated, not trained)")
     g = Generator(info.generator)
     g.load_state_dict(state, strict=False)  # only num_batches_tracked may be absent (checked above)
     return g.eval().to(device), info

@@ -16,10 +16,12 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 from loguru import logger
 
 from model.checkpoint import CheckpointInfo
 from model.fold import FoldedGenerator
+from model.foreign import DEFAULT_CONTEXT, DEFAULT_FEATHER
 from model.generator import Generator
 from model.images import Decoded, Encoded, assemble, unit_float
 
@@ -121,6 +123,14 @@ def _view(x: torch.Tensor, k: int, undo: bool = False) -> torch.Tensor:
     return x
 
 
+def _ramp(n: int, band: int) -> np.ndarray:
+    """Blend weights along one side of a tile: rising from 0 to 1 over its first `band` pixels."""
+    w = np.ones(n, dtype=np.float32)
+    if band:
+        w[:band] = (np.arange(band, dtype=np.float32) + 0.5) / band
+    return w
+
+
 @dataclass(frozen=True)
 class Tile:
     in_y: int  # input box top-left and size (all tiles of one image share the size)
@@ -152,10 +162,23 @@ def plan_tiles(h: int, w: int, tile: int, overlap: int) -> tuple[tuple[int, int]
     return (th, tw), tiles
 
 
-class Upscaler:
-    """A resident generator ready to upscale images; one per device."""
+class ImageTooLarge(ValueError):
+    """An image a model that cannot be tiled (tiling: internal) cannot take in one piece."""
 
-    def __init__(self, generator: Generator, info: CheckpointInfo | None = None, opts: EngineOptions = EngineOptions()):
+
+class Upscaler:
+    """A resident model ready to upscale images; one per device.
+
+    Our own generator runs folded (model/fold.py) and tiled with exact context: every tile sees
+    its receptive radius of real pixels around it and keeps only its centre, so tiling changes
+    nothing. An imported model (model/foreign.py) is run as spandrel describes it: in a
+    precision it supports, padded to its size rules, and tiled by its advice — `supported`:
+    tiles with context and a feathered blend where neighbours meet (its receptive field is not
+    known, so seams are blended rather than avoided), `discouraged`: the largest tile that fits
+    in memory, `internal`: the whole image in one piece or a clear refusal.
+    """
+
+    def __init__(self, generator: nn.Module, info: CheckpointInfo | None = None, opts: EngineOptions = EngineOptions()):
         self.opts = opts
         self.info = info
         self.device = resolve_device(opts.device)
@@ -166,28 +189,54 @@ class Upscaler:
             reuse_freed_memory()
         self.descriptor = generator.descriptor
         self.scale = self.descriptor.scale
-        self.overlap = self.descriptor.receptive_radius if opts.overlap < 0 else opts.overlap
+        self.tiling = self.descriptor.tiling
+        known = self.descriptor.receptive_radius >= 0
+        self.overlap = opts.overlap if opts.overlap >= 0 else (self.descriptor.receptive_radius if known else DEFAULT_CONTEXT)
+        # Exact context needs no blending; an unknown receptive field gets a feathered seam.
+        self.feather = 0 if known else min(DEFAULT_FEATHER, self.overlap)
         if opts.self_ensemble not in ENSEMBLES:
             raise ValueError(f"self_ensemble must be one of {ENSEMBLES}, got {opts.self_ensemble!r}")
         self.ensemble = opts.self_ensemble
-        self.model = FoldedGenerator(generator, self.dtype).to(self.device, memory_format=torch.channels_last)
-        # Bytes of activation memory per output pixel of one tile: the widest tensors are the
-        # 4*ch conv output before PixelShuffle and the ch-channel full-resolution maps, a few alive
-        # at once; 4 bytes each, a bound that holds for the fp32 ends and the bf16/fp16 body.
-        self._bytes_per_out_px = 3 * generator.cfg.channels * 4 * 2
+        if isinstance(generator, Generator):
+            self.model = FoldedGenerator(generator, self.dtype).to(self.device, memory_format=torch.channels_last)
+            # Bytes of activation memory per output pixel of one tile: the widest tensors are the
+            # 4*ch conv output before PixelShuffle and the ch-channel full-resolution maps, a few
+            # alive at once; 4 bytes each, a bound for the fp32 ends and the bf16/fp16 body.
+            self._bytes_per_out_px = 3 * generator.cfg.channels * 4 * 2
+        else:
+            # An imported model runs in the configured precision only where spandrel says it can.
+            supported = {torch.float32: True, torch.bfloat16: self.descriptor.supports_bfloat16,
+                         torch.float16: self.descriptor.supports_half}
+            if not supported[self.dtype]:
+                logger.info("{} does not support {}; running it in fp32", self.descriptor.arch,
+                            str(self.dtype).replace("torch.", ""))
+                self.dtype = torch.float32
+            self.model = generator.to_dtype(self.dtype).to(self.device, memory_format=torch.channels_last)
+            self._bytes_per_out_px = generator.spec.bytes_per_out_px
         self.forward_passes = 0  # for tests and benchmarks: how the work was batched
 
     @property
     def version(self) -> str:
         return self.info.version if self.info else "untracked"
 
-    def tile_and_batch(self) -> tuple[int, int]:
-        """Tile side and batch size: from config, else from the memory the device has free."""
+    def memory_budget(self) -> int:
+        """Bytes one forward pass may use: inference.memory_budget_mb, else a share of what is free."""
         budget = self.opts.memory_budget_mb << 20
         if not budget:
             share = 0.5 if self.device.type == "cuda" else 0.25
             budget = min(int(available_memory_bytes(self.device) * share), (8 << 30) if self.device.type == "cuda" else (2 << 30))
+        return budget
+
+    def tile_and_batch(self) -> tuple[int, int]:
+        """Tile side and batch size: from config, else from the memory the device has free."""
+        budget = self.memory_budget()
         tile = self.opts.tile
+        if self.tiling == "internal":
+            return 1 << 30, 1  # never tiled: the whole image, one at a time (see _check_whole)
+        if self.tiling == "discouraged" and not tile:
+            # The largest tile the budget allows (at batch 1): most images then run in one piece.
+            tile = max(64, int(math.sqrt(budget / (self.scale**2 * self._bytes_per_out_px))) - 2 * self.overlap)
+            return tile // 8 * 8, 1
         if not tile:
             # Largest multiple of 32 whose padded tile fits the budget at batch 1; 512 is enough to
             # keep any device busy, 64 is the least that keeps overlap overhead reasonable.
@@ -240,6 +289,14 @@ class Upscaler:
         pixels first: for a 24000x16000 JPEG, 1.5 GB held once instead of 1.15 GB + 1.5 GB.
         """
         tile, batch = self.tile_and_batch()
+        if self.tiling == "internal":
+            h, w = rgb.shape[:2]
+            need = h * w * self.scale**2 * self._bytes_per_out_px
+            if need > self.memory_budget():
+                raise ImageTooLarge(
+                    f"a {w}x{h} image is too large for the {self.descriptor.arch} model, which must see the whole image "
+                    f"at once (it cannot be tiled): it needs about {need / 2**30:.1f} GiB, the memory budget is "
+                    f"{self.memory_budget() / 2**30:.1f} GiB (inference.memory_budget_mb)")
         while True:
             try:
                 return self._upscale_tiled(rgb, bits, tile, batch, progress, rgbx and bits == 8)
@@ -265,15 +322,27 @@ class Upscaler:
         hi = 255.0 if bits == 8 else 65535.0
         qdtype = torch.uint8 if bits == 8 else torch.int32  # torch has no general uint16 arithmetic
 
+        f = self.feather
+
         def finish(group: list[Tile], yq: torch.Tensor, ready) -> None:
             if ready is not None:
                 ready.synchronize()
             ynp = yq.numpy()
             for t, yt in zip(group, ynp):
-                oy, ox = (t.out_y0 - t.in_y) * s, (t.out_x0 - t.in_x) * s
-                out[t.out_y0 * s : t.out_y1 * s, t.out_x0 * s : t.out_x1 * s] = yt[
-                    oy : oy + (t.out_y1 - t.out_y0) * s, ox : ox + (t.out_x1 - t.out_x0) * s
-                ]
+                # Each tile owns out_y0..out_y1 x out_x0..out_x1; with a feather it also reaches f
+                # pixels past every edge it shares with a neighbour, and over the 2f pixels around
+                # the seam with the neighbours written before it (above, left) it is blended in.
+                y0, y1 = max(t.out_y0 - f, 0) if t.out_y0 else 0, min(t.out_y1 + f, h)
+                x0, x1 = max(t.out_x0 - f, 0) if t.out_x0 else 0, min(t.out_x1 + f, w)
+                part = yt[(y0 - t.in_y) * s : (y1 - t.in_y) * s, (x0 - t.in_x) * s : (x1 - t.in_x) * s]
+                dst = out[y0 * s : y1 * s, x0 * s : x1 * s]
+                if not f or (t.out_y0 == 0 and t.out_x0 == 0):
+                    dst[...] = part
+                    continue
+                wy = _ramp((y1 - y0) * s, 2 * f * s if t.out_y0 else 0)
+                wx = _ramp((x1 - x0) * s, 2 * f * s if t.out_x0 else 0)
+                wgt = (wy[:, None] * wx[None, :])[..., None]
+                dst[...] = (part * wgt + dst * (1 - wgt) + 0.5).astype(dst.dtype)
 
         pending = None
         for i in range(0, len(tiles), batch):

@@ -69,7 +69,11 @@ class Descriptor:
     output_channels: int
     supports_half: bool
     supports_bfloat16: bool
-    receptive_radius: int  # input pixels of context that influence one output pixel, per side
+    receptive_radius: int  # input pixels of context that influence one output pixel, per side; -1: unknown
+    tiling: str = "supported"  # spandrel's advice: supported | discouraged | internal (whole image)
+    size_multiple: int = 1  # input sides are padded to a multiple of this
+    size_minimum: int = 0  # ... and to at least this
+    size_square: bool = False
 
     @classmethod
     def of(cls, cfg: GeneratorConfig) -> "Descriptor":

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.checkpoint import CheckpointError, CheckpointInfo, load_generator
+from model.checkpoint import CheckpointError, CheckpointInfo, load_model
 from model.generator import Generator
 from model.quality import downscale, psnr_ssim_y, resize_up
 from PIL import Image
@@ -43,8 +43,9 @@ class ProbeResult:
 
 
 def run_probe(generator: Generator) -> ProbeResult:
-    """Upscale the probe's bicubic LR; raise CheckpointError on a non-finite or wrongly sized result."""
-    s = generator.cfg.scale
+    """Upscale the probe's bicubic LR; raise CheckpointError on a non-finite or wrongly sized result.
+    `generator`: ours or an imported network (model.checkpoint.load_model)."""
+    s = generator.descriptor.scale
     hr = probe_image()
     lr = downscale(hr, s)
     x = torch.from_numpy(lr.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
@@ -66,12 +67,13 @@ def verify_checkpoint(
     """Load `path` and check it can serve a x`scale` service; raises CheckpointError saying why not.
 
     Checks: safetensors with complete metadata, a known architecture, shapes matching it and
-    finite weights (all by load_generator); the configured scale; a probe inference that is finite
+    finite weights (all by load_model; for an imported model, spandrel recognising the
+    architecture its metadata names); the configured scale; a probe inference that is finite
     and of the right size; and, when the metadata claims the model beats bicubic on its
     validation set, a probe result not more than `tolerance_db` below bicubic (a model with
     scrambled but finite weights fails this by tens of dB).
     """
-    g, info = load_generator(path)
+    g, info = load_model(path)
     if info.scale != scale:
         raise CheckpointError(f"{path}: a x{info.scale} model, but the service is configured for x{scale} (model.scale)")
     result = run_probe(g) if probe else None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from model.checkpoint import CheckpointError, load_generator, read_info
+from model.checkpoint import CheckpointError, load_model, read_info
 from model.store import publish, select_checkpoint
 from trainer.validation import ValidationSet, score
 
@@ -34,7 +34,7 @@ def candidate_psnr(candidate: Path, val: ValidationSet, device: str) -> float:
     info = read_info(candidate)
     if info.validation.get("fingerprint") == val.fingerprint and "psnr_y" in info.metrics:
         return float(info.metrics["psnr_y"])
-    g, _ = load_generator(candidate)
+    g, _ = load_model(candidate)  # promote --gate judges imported models too
     return score(g, val, device, baselines=False).mean_psnr_y["model"]
 
 
@@ -62,7 +62,7 @@ def publish_if_better(
         elif cur_info.scale != val.scale:
             logger.warning("the served model {} is x{}, not x{}: any valid candidate beats it", current, cur_info.scale, val.scale)
         else:
-            g, _ = load_generator(current)
+            g, _ = load_model(current)  # the served model may be an imported one
             result.current_psnr_y = score(g, val, device, baselines=False).mean_psnr_y["model"]
             if _cache is not None:
                 _cache[key] = result.current_psnr_y

@@ -24,7 +24,8 @@ def _row(path: Path, info: CheckpointInfo, current: Path | None, bundled: str | 
         "created": info.created,
         "step": info.step,
         "scale": info.scale,
-        "generator": info.generator.to_dict(),
+        **({"generator": info.generator.to_dict()} if info.generator else {}),
+        **({"imported": info.foreign} if info.foreign else {}),
         "validation": info.validation,
     }
 
@@ -67,7 +68,8 @@ def cmd_list(cfg: Config, as_json: bool) -> int:
     for r, (_, info, _b) in zip(rows, entries):
         mark = "*" if r["current"] else " "
         name = f"{r['version']} ({r['bundled']}, bundled)" if r["bundled"] else r["version"]
-        print(f"{mark} {name}  step {r['step']:>7}  x{r['scale']}  {_metrics_text(info)}")
+        kind = f"  {info.foreign['architecture']} (imported)" if info.foreign else ""
+        print(f"{mark} {name}  step {r['step']:>7}  x{r['scale']}{kind}  {_metrics_text(info)}")
     if current is None:
         print(f"(* nothing published is current: the daemon serves the bundled default, {BUNDLED_DEFAULT.stem})")
     return 0
@@ -89,8 +91,8 @@ def served_path(cfg: Config) -> Path:
 def cmd_promote(cfg: Config, path: Path, gate: Path | None, force: bool = False) -> int:
     from model.verify import run_probe, verify_checkpoint
 
-    if str(path) in BUNDLED_NAMES:
-        path = find_version(cfg.path("models"), str(path))
+    if str(path) in BUNDLED_NAMES or (not path.exists() and "/" not in str(path)):
+        path = find_version(cfg.path("models"), str(path))  # a bundled name, or a version already in the folder
     _, info, probe = verify_checkpoint(path, cfg.model.scale, probe=True, tolerance_db=cfg.models.probe_tolerance_db)
     logger.info("{} passes verification (probe {:+.2f} dB vs bicubic)", info.version, probe.gain_db)
     # A model worse than bicubic, or clearly worse than the one served, is almost always a
@@ -104,9 +106,9 @@ def cmd_promote(cfg: Config, path: Path, gate: Path | None, force: bool = False)
         problems.append(f"its own validation says {m['psnr_y']:.2f} dB against bicubic's {m['bicubic_psnr_y']:.2f} dB")
     served = served_path(cfg)
     if served.is_file() and served.resolve() != Path(path).resolve():
-        from model.checkpoint import load_generator
+        from model.checkpoint import load_model
 
-        sp = run_probe(load_generator(served)[0])
+        sp = run_probe(load_model(served)[0])
         if probe.psnr_y < sp.psnr_y - cfg.models.promote_margin_db:
             problems.append(f"on the probe image it scores {probe.psnr_y:.2f} dB, {sp.psnr_y - probe.psnr_y:.2f} dB below "
                             f"the served model {read_info(served).version} ({sp.psnr_y:.2f} dB; models.promote_margin_db "
@@ -156,7 +158,50 @@ def cmd_rollback(cfg: Config, version: str | None) -> int:
     return 0
 
 
+def cmd_import(cfg: Config, file: Path, name: str | None, val: Path | None, licence: str | None) -> int:
+    """Convert a checkpoint trained elsewhere into upscaled's format, in the models folder (not
+    served until promoted). The one place a foreign file is read: see model/foreign.py."""
+    from model.checkpoint import CheckpointInfo, new_version, write_checkpoint
+    from model.foreign import FOREIGN_ARCH, ForeignSpec, detect, read_foreign_weights, servable, sha256_file, slug
+
+    if not file.is_file():
+        raise CheckpointError(f"{file}: no such file")
+    if licence and Path(licence).is_file():
+        licence = Path(licence).read_text(errors="replace")
+    state = read_foreign_weights(file)
+    desc = detect(state, str(file))
+    servable(desc, str(file))
+    source = {"file": file.name, "sha256": sha256_file(file), **({"licence": licence} if licence else {})}
+    spec = ForeignSpec.of(desc, source)
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in desc.model.state_dict().items()}
+    version, created = new_version(weights, slug(name or f"{file.stem}"))
+    info = CheckpointInfo(arch=FOREIGN_ARCH, generator=None, version=version, created=created, step=0,
+                          foreign=spec.to_dict())
+    logger.info("{}: {}", file.name, spec.describe())
+    validation = {}
+    if val is not None:
+        from model.foreign import ForeignNet
+        from trainer.validation import ValidationSet, score
+
+        vs = ValidationSet.load(val, spec.scale)
+        logger.info("validating on {} images from {} (fingerprint {})", len(vs.images), val, vs.fingerprint)
+        report = score(ForeignNet(desc, spec), vs, cfg.inference.device if cfg.inference.device != "auto" else "cpu")
+        validation = {**vs.describe(), "metrics": report.metrics()}
+        m = validation["metrics"]
+        logger.info("PSNR-Y {:.3f} dB ({:+.3f} dB over bicubic), SSIM-Y {:.4f}", m["psnr_y"],
+                    m["psnr_y"] - m["bicubic_psnr_y"], m["ssim_y"])
+    info = CheckpointInfo(**{**info.__dict__, "validation": validation})
+    models_dir = cfg.path("models")
+    models_dir.mkdir(parents=True, exist_ok=True)
+    target = models_dir / f"{version}{store.SUFFIX}"
+    write_checkpoint(target, weights, info)
+    logger.success("imported as {} ({}); serve it with: upscaled models promote {}", version, target, version)
+    return 0
+
+
 def main(cfg: Config, args) -> int:
+    if args.models_command == "import":
+        return cmd_import(cfg, Path(args.file), args.name, Path(args.val) if args.val else None, args.license)
     if args.models_command == "list":
         return cmd_list(cfg, args.json)
     if args.models_command == "show":

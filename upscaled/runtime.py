@@ -58,19 +58,21 @@ def build_upscaler(cfg: Config, override: str | None = None):
     Raises CheckpointError for an unusable file and ConfigError when its scale is not the
     configured one.
     """
-    from model.checkpoint import load_generator
+    from model.checkpoint import load_model
     from model.engine import Upscaler
 
     path, origin = checkpoint_for(cfg, override)
-    generator, info = load_generator(path)
-    if info.scale != cfg.model.scale:
+    generator, info = load_model(path)
+    # The configured scale guards what the config serves; a model named on the command line
+    # (upscale/eval --model) is used at its own scale.
+    if override is None and info.scale != cfg.model.scale:
         raise ConfigError(
             "model.scale", f"{info.scale} to match the checkpoint {path} (a x{info.scale} model)", cfg.model.scale
         )
     up = Upscaler(generator, info, engine_options(cfg))
     logger.info(
-        "model {} ({} checkpoint {}), x{}, {} blocks x {} channels, on {} in {}{}",
-        info.version, origin, path.name, info.scale, info.generator.blocks, info.generator.channels,
+        "model {} ({} checkpoint {}), x{}, {}, on {} in {}{}",
+        info.version, origin, path.name, info.scale, info.describe(),
         up.device, str(up.dtype).replace("torch.", ""), f", self-ensemble of {up.ensemble} views" if up.ensemble > 1 else "",
     )
     return up

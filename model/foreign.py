@@ -1,0 +1,290 @@
+"""Models trained elsewhere (ESRGAN, SPAN, SwinIR, DAT, HAT, ...), through spandrel.
+
+`upscaled models import` is the one place a foreign file is read, as an explicit operator
+action. Pickled checkpoints (.pth, .pt, .ckpt) can run code when unpickled, so they are read
+here with `torch.load(weights_only=True)` only; TorchScript archives (which carry code) are
+refused outright. spandrel's own file loaders are not used for this reason: its `.pt` path may
+call `torch.jit.load`. spandrel recognises the architecture from the tensors alone
+(`ModelLoader().load_from_state_dict`), and the result is stored in upscaled's own format:
+safetensors plus metadata naming the architecture, what spandrel detected (scale, purpose,
+precisions, size rules, tiling advice, hyperparameters) and where the weights came from.
+
+Serving an imported checkpoint rebuilds the network the same way, from the safetensors
+tensors, and checks spandrel detects the architecture the metadata names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import warnings
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from model.errors import CheckpointError
+
+FOREIGN_ARCH = "spandrel"  # CheckpointInfo.arch of an imported model; the network is in `foreign`
+PICKLED = (".pth", ".pt", ".ckpt", ".bin")
+SAFETENSORS = (".safetensors",)
+SERVED_PURPOSES = ("SR", "Restoration")  # image in, image (x scale) out; Restoration = x1
+DEFAULT_CONTEXT = 16  # LR pixels of context around a tile when the receptive field is unknown
+DEFAULT_FEATHER = 8  # LR pixels over which neighbouring tiles are blended
+# Attention-based architectures hold far more activation memory per pixel than convnets.
+TRANSFORMERS = {"SwinIR", "Swin2SR", "HAT", "DAT", "ATD", "DRCT", "RGT", "GRL", "SRFormer", "IPT", "FDAT", "MoESR",
+                "MoSR", "Uformer", "FFTformer", "RestoreFormer", "CRAFT", "SeemoRe", "DITN", "OmniSR", "DCTLSA"}
+# Keys under which training frameworks nest the weights (BasicSR: params / params_ema, ...).
+WRAPPERS = ("params_ema", "params-ema", "params", "model_state_dict", "state_dict", "model", "net", "netG", "generator")
+
+
+def _spandrel():
+    try:
+        import spandrel
+        # Some architectures call torch.meshgrid the old way; the warning means nothing to users.
+        warnings.filterwarnings("ignore", message="torch.meshgrid", category=UserWarning)
+    except ImportError:
+        raise CheckpointError("imported models need spandrel: pip install 'upscaled[foreign]'") from None
+    return spandrel
+
+
+@dataclass(frozen=True)
+class ForeignSpec:
+    """What spandrel detected, stored in the checkpoint's metadata (spandrel's descriptor, as data)."""
+
+    architecture: str  # spandrel's architecture id, e.g. "ESRGAN", "SPAN", "DAT"
+    scale: int
+    purpose: str  # "SR" (scale > 1) or "Restoration" (x1)
+    input_channels: int
+    output_channels: int
+    supports_half: bool
+    supports_bfloat16: bool
+    size_minimum: int  # input side at least this (padded up to it otherwise)
+    size_multiple: int  # input sides a multiple of this (padded otherwise)
+    size_square: bool
+    tiling: str  # "supported" | "discouraged" | "internal"
+    tags: list[str] = field(default_factory=list)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)  # file, sha256, licence text, name
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ForeignSpec":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+    @classmethod
+    def of(cls, desc, source: dict[str, Any] | None = None) -> "ForeignSpec":
+        req = desc.size_requirements
+        hp = getattr(desc.model, "hyperparameters", {}) or {}
+        return cls(
+            architecture=desc.architecture.id, scale=int(desc.scale), purpose=str(desc.purpose),
+            input_channels=int(desc.input_channels), output_channels=int(desc.output_channels),
+            supports_half=bool(desc.supports_half), supports_bfloat16=bool(desc.supports_bfloat16),
+            size_minimum=int(req.minimum), size_multiple=int(req.multiple_of), size_square=bool(req.square),
+            tiling=desc.tiling.name.lower(), tags=[str(t) for t in desc.tags],
+            hyperparameters=json.loads(json.dumps(hp, default=str)), source=dict(source or {}),
+        )
+
+    @property
+    def bytes_per_out_px(self) -> int:
+        """A rough bound on activation memory per output pixel of a tile, for the tile size:
+        a 64-channel fp32 map and a few alive at once for convnets, four times that with attention."""
+        return 1536 * (4 if self.architecture in TRANSFORMERS else 1)
+
+    def describe(self) -> str:
+        size = []
+        if self.size_multiple > 1:
+            size.append(f"sides padded to a multiple of {self.size_multiple}")
+        if self.size_minimum:
+            size.append(f"at least {self.size_minimum} px")
+        if self.size_square:
+            size.append("square")
+        precisions = "fp32" + (", bf16" if self.supports_bfloat16 else "") + (", fp16" if self.supports_half else "")
+        return (f"{self.architecture} x{self.scale} ({', '.join(self.tags) or 'no tags'}; {precisions}; "
+                f"tiling {self.tiling}{'; ' + ', '.join(size) if size else ''})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a foreign file (import only)
+
+
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zip files with code (code/*.py, constants.pkl) besides the data."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    return any(n.split("/", 1)[-1].startswith("code/") or n.endswith("/constants.pkl") for n in names)
+
+
+def _unwrap(obj: Any) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint, out of the wrappers training frameworks put around them."""
+    for _ in range(3):
+        if not isinstance(obj, dict):
+            break
+        inner = next((obj[k] for k in WRAPPERS if isinstance(obj.get(k), dict)), None)
+        if inner is None and len(obj) == 1 and isinstance(next(iter(obj.values())), dict):
+            inner = next(iter(obj.values()))
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"the file holds a {type(obj).__name__}, not a dictionary of weights")
+    state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    for prefix in ("module.", "netG."):  # DataParallel, some GAN repositories
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    if not state:
+        raise CheckpointError(f"no weight tensors found (top-level keys: {sorted(map(str, obj))[:10]})")
+    return state
+
+
+def read_foreign_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The weight tensors of a foreign checkpoint, read without running anything it contains."""
+    ext = path.suffix.lower()
+    if ext in SAFETENSORS:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return _unwrap(load_file(str(path)))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if ext not in PICKLED:
+        raise CheckpointError(f"{path}: unsupported file type {ext or '(none)'}; import reads "
+                              f"{', '.join(PICKLED + SAFETENSORS)}")
+    if _is_torchscript(path):
+        raise CheckpointError(f"{path}: is a TorchScript archive, which carries code as well as weights; upscaled "
+                              "imports weights only (export the model's state_dict to .pth or .safetensors)")
+    import pickle
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only refuses any global that is not a tensor or plain data, before calling it.
+        why = str(e).split("\n")[0].strip()
+        raise CheckpointError(f"{path}: refused: its pickle asks for more than tensors and plain data, which could run "
+                              f"code; nothing in it was run ({why[:200]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:200]})") from None
+    return _unwrap(obj)
+
+
+def detect(state: dict[str, torch.Tensor], where: str = "the file"):
+    """spandrel's descriptor for these tensors; CheckpointError naming the keys when none matches."""
+    spandrel = _spandrel()
+    try:
+        return spandrel.ModelLoader().load_from_state_dict(state)
+    except spandrel.UnsupportedModelError:
+        keys = sorted(state)
+        raise CheckpointError(
+            f"{where}: unknown architecture: spandrel {spandrel.__version__} recognises none from its {len(keys)} "
+            f"tensors (keys {', '.join(keys[:8])}{', …' if len(keys) > 8 else ''})") from None
+    except Exception as e:  # a known architecture with inconsistent shapes
+        raise CheckpointError(f"{where}: looks like a known architecture but does not load: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+
+
+def servable(desc, where: str) -> None:
+    """Refuse what the hot folder cannot serve: not image-to-image SR, not RGB in and out."""
+    spandrel = _spandrel()
+    if not isinstance(desc, spandrel.ImageModelDescriptor) or desc.purpose not in SERVED_PURPOSES:
+        raise CheckpointError(f"{where}: a {desc.architecture.name} model for {desc.purpose}, not super-resolution; "
+                              "upscaled serves super-resolution (and x1 restoration) models only")
+    if (desc.input_channels, desc.output_channels) != (3, 3):
+        raise CheckpointError(f"{where}: takes {desc.input_channels} and gives {desc.output_channels} channels; "
+                              "upscaled serves RGB models (3 in, 3 out)")
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:60] or "model"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Running an imported model
+
+
+class ForeignNet(nn.Module):
+    """An imported network in the shape the engine runs: N x 3 x H x W in [0, 1] -> x scale.
+
+    Pads the input to the model's size rules (reflect, as spandrel's own call does) and crops
+    the output back; runs in the dtype it was moved to with `to_dtype`.
+    """
+
+    def __init__(self, desc, spec: ForeignSpec):
+        super().__init__()
+        self.net = desc.model.eval()
+        self._call = desc._call_fn  # some architectures are called through a function of spandrel's
+        self._req = desc.size_requirements
+        self.spec = spec
+        self.dtype = torch.float32
+        from model.generator import Descriptor
+
+        self.descriptor = Descriptor(
+            arch=spec.architecture, scale=spec.scale, input_channels=3, output_channels=3,
+            supports_half=spec.supports_half, supports_bfloat16=spec.supports_bfloat16,
+            receptive_radius=-1, tiling=spec.tiling, size_multiple=spec.size_multiple,
+            size_minimum=spec.size_minimum, size_square=spec.size_square,
+        )
+
+    def to_dtype(self, dtype: torch.dtype) -> "ForeignNet":
+        # Reduced precision by autocast, weights kept in fp32: architectures build masks and
+        # position tables in fp32 inside forward(), which a model cast to bf16 trips over.
+        self.dtype = dtype
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from spandrel.__helpers.size_req import pad_tensor  # the padding spandrel's own call applies
+
+        h, w = x.shape[-2:]
+        padded, x = pad_tensor(x.float(), self._req)
+        with torch.autocast(x.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            y = self._call(self.net, x)
+        if padded:
+            y = y[..., : h * self.spec.scale, : w * self.spec.scale]
+        return y
+
+
+def build(state: dict[str, torch.Tensor], spec: ForeignSpec, where: str) -> ForeignNet:
+    """Rebuild an imported model from its stored tensors (which spandrel recognises again)."""
+    desc = detect(state, where)
+    if desc.architecture.id != spec.architecture or int(desc.scale) != spec.scale:
+        raise CheckpointError(f"{where}: its tensors are a {desc.architecture.id} x{desc.scale} model, but its "
+                              f"metadata says {spec.architecture} x{spec.scale}")
+    servable(desc, where)
+    return ForeignNet(desc, spec)
+
+
+def finite_weights(state: dict[str, torch.Tensor], where: str) -> None:
+    for k, v in state.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(f"{where}: tensor {k} contains NaN or infinite values")
+
+
+def gflop_per_output_mp(net: ForeignNet) -> float:
+    """Measured with torch's FLOP counter on a 64 x 64 input (NaN where it cannot count)."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        x = torch.rand(1, 3, 64, 64)
+        with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+            net(x)
+        return fc.get_total_flops() / (64 * 64 * net.spec.scale**2) * 1e6 / 1e9
+    except Exception:
+        return math.nan
