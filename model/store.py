@@ -97,10 +97,11 @@ def published(models_dir: str | os.PathLike) -> list[tuple[Path, CheckpointInfo]
 
 
 def prune(models_dir: str | os.PathLike, keep: int) -> list[Path]:
-    """Delete all but the `keep` most recently published versions; the current one is always kept."""
+    """Delete all but the `keep` most recently published versions; the current one is always kept.
+    Imported models are never deleted: each was an operator's explicit choice (delete the file)."""
     cur = current_checkpoint(models_dir)
     rank = {name: i for i, name in enumerate(history(models_dir))}
-    versions = sorted(published(models_dir), key=lambda pi: rank.get(pi[0].name, -1))  # stable: by creation otherwise
+    versions = sorted([pi for pi in published(models_dir) if not pi[1].imported], key=lambda pi: rank.get(pi[0].name, -1))  # stable: by creation otherwise
     doomed = [p for p, _ in versions[: max(0, len(versions) - keep)] if cur is None or p.name != cur.name]
     for p in doomed:
         p.unlink(missing_ok=True)

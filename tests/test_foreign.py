@@ -291,7 +291,8 @@ def test_real_dat_light_beats_bicubic_on_a_crop(tmp_path):
     path = imported(tmp_path / "models")["DAT"]
     net, info = load_model(path)
     assert info.scale == 4
-    photo = sorted((ROOT.parent / "shared" / "data" / "photos" / "val").glob("*"))
+    photo = sorted(p for p in (ROOT.parent / "shared" / "data" / "photos" / "val").rglob("*")
+                   if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
     if photo:
         hr = np.asarray(Image.open(photo[0]).convert("RGB"))[:192, :192]
     else:  # CI has no shared data: a synthetic scene with edges and shading
@@ -303,3 +304,18 @@ def test_real_dat_light_beats_bicubic_on_a_crop(tmp_path):
     model_psnr, _ = psnr_ssim_y(out, hr, 4)
     bicubic_psnr, _ = psnr_ssim_y(resize_up(lr, 4, Image.Resampling.BICUBIC), hr, 4)
     assert model_psnr > bicubic_psnr + 0.3, (model_psnr, bicubic_psnr)
+
+
+def test_publishing_never_prunes_an_imported_model(tmp_path, foreign):
+    from model.checkpoint import save_checkpoint
+    from tests.conftest import tiny_generator
+    from upscaled.config import from_dict
+    from upscaled.models_cmd import cmd_import
+
+    cfg = from_dict({"paths": {"models": str(tmp_path / "models")}}, base_dir=tmp_path)
+    cmd_import(cfg, foreign["esrgan"], "kept", None, None)
+    for seed in range(3):
+        save_checkpoint(tmp_path / f"own{seed}.safetensors", tiny_generator(seed=seed))
+        store.publish(tmp_path / "models", tmp_path / f"own{seed}.safetensors", keep=1)
+    assert "ESRGAN" in imported(tmp_path / "models")
+    assert len([p for p, i in store.published(tmp_path / "models") if not i.imported]) == 1
