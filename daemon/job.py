@@ -79,6 +79,9 @@ class Job:
     size: tuple[int, int] = (0, 0)
     output: Path | None = None
     model_version: str = ""  # the model that upscaled it (set by the inference thread)
+    model_scale: int = 0  # that model's native scale
+    scale: float = 0.0  # the output's scale relative to the input (output.scale, long_side, or the model's)
+    out_size: tuple[int, int] = (0, 0)  # the output's (W, H)
     timings: dict[str, float] = field(default_factory=dict)
     claimed_at: float = field(default_factory=time.monotonic)
     # Held while the job touches the file system, so a shutdown release never races a write.

@@ -40,6 +40,7 @@ from daemon.status import ServiceState, StatusBoard
 from daemon.watcher import Hint, InboxFilter, InboxHandler, Settler, make_observer, scan
 from daemon.worker import Pipeline, Worker, io_thread_count, out_path
 from model.errors import CheckpointError
+from upscaled import outscale
 from upscaled.config import Config, ConfigError
 
 TICK = 0.25  # seconds the loop sleeps when nothing wakes it
@@ -367,7 +368,8 @@ class Service:
         requested = None if self.cfg.output.format == "keep" else self.cfg.output.format
         for rel in back:
             try:
-                out, _ = out_path(self.cfg.path("outbox"), rel, requested, self.cfg.output.name, self.cfg.model.scale)
+                out, _ = out_path(self.cfg.path("outbox"), rel, requested, self.cfg.output.name,
+                                  outscale.label(outscale.factor(self.cfg.output, (0, 0), self.cfg.model.scale)))
             except ValueError:
                 continue
             for tmp in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
@@ -426,14 +428,18 @@ class Service:
             self._account(job, now)
 
     def _account(self, job: Job, now: float) -> None:
-        scale = self.cfg.model.scale  # every model served has it (checked before serving)
         w, h = job.size
         if job.state is JobState.DONE:
-            self.board.record_done(w * h * scale * scale / 1e6, now, file=job.rel, model_version=job.model_version)
+            native = job.model_scale or self.cfg.model.scale
+            ow, oh = job.out_size if job.out_size[0] else (w * native, h * native)
+            self.board.record_done(ow * oh / 1e6, now, file=job.rel, model_version=job.model_version,
+                                   timings=job.timings, input_bytes=job.input_bytes, output=job.output, size=job.size,
+                                   scale=job.scale or native, model_scale=native)
             t = job.timings
             logger.info(
-                "done {}: {}x{} {} -> {} {}x{}; decode {:.0f} ms, upscale {:.0f} ms, encode+write {:.0f} ms; model {}",
-                job.rel, w, h, _size(job.input_bytes), job.output, w * scale, h * scale,
+                "done {}: {}x{} {} -> {} {}x{} (x{}, model x{}); decode {:.0f} ms, upscale {:.0f} ms, "
+                "encode+write {:.0f} ms; model {}",
+                job.rel, w, h, _size(job.input_bytes), job.output, ow, oh, outscale.label(job.scale or native), native,
                 1000 * t.get("decode", 0), 1000 * t.get("upscale", 0), 1000 * t.get("write", 0),
                 job.model_version or self.worker.model_version,
             )

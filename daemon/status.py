@@ -24,6 +24,32 @@ EXIT_NOT_RUNNING = 3  # as `systemctl status` says for an inactive unit
 THROUGHPUT_WINDOW = 300.0  # seconds of history behind the throughput figures
 IDLE_REFRESH = 15.0  # the file is rewritten at least this often, so readers can tell we are alive
 RECENT = 20  # last finished files listed in the status, each with the model version that made it
+# Per-stage duration histograms (seconds), cumulative since the daemon started: `upscaled web`
+# exposes them as Prometheus histograms. Job.timings key -> stage name ("write" is encode+write).
+STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+STAGES = {"decode": "decode", "upscale": "upscale", "write": "encode"}
+# Failure reasons in a few classes (a metric label must not be free text): a phrase of the
+# reason the worker wrote (model/images.py, daemon/worker.py) -> its class; else "other".
+REASON_CLASSES = (
+    ("not a supported image type", "unsupported_type"),
+    ("not an image", "not_an_image"),
+    ("the file is empty", "not_an_image"),
+    ("not a readable image", "unreadable"),
+    ("animated/multi-page", "animated"),
+    ("too large to process", "too_large"),
+    ("already exists in the outbox", "output_exists"),
+    ("file name is too long", "name_too_long"),
+    ("permission denied", "permission"),
+    ("out of memory", "out_of_memory"),
+    ("vanished from the work folder", "vanished"),
+    ("cannot encode", "encode"),
+    ("internal error", "internal"),
+)
+
+
+def reason_class(reason: str) -> str:
+    low = reason.lower()
+    return next((cls for phrase, cls in REASON_CLASSES if phrase in low), "other")
 
 
 class ServiceState(str, Enum):
@@ -60,14 +86,39 @@ class StatusBoard:
         self.blocked: list[dict[str, Any]] = []  # inbox files or folders the daemon cannot take
         self.fatal: dict[str, str] | None = None  # the error that ended the daemon
         self._done: collections.deque[tuple[float, float]] = collections.deque()  # (monotonic, output MP)
+        # Cumulative counters for /metrics (upscaled web): they only grow while the daemon runs.
+        self.stage_counts = {s: [0] * (len(STAGE_BUCKETS) + 1) for s in STAGES.values()}  # per bucket, +Inf last
+        self.stage_sums = {s: 0.0 for s in STAGES.values()}
+        self.failed_by_class: dict[str, int] = {}
+        self.output_mp = 0.0
+        self.swaps = 0  # a new model taken into service
+        self.refusals = 0  # candidates refused by verification
+        self._shown_model: tuple | None = None
+        self._refusal_seen: tuple | None = None
         self._written = 0.0
         self._dirty = True
 
     def record_done(self, output_mp: float, now: float | None = None, file: str | None = None,
-                    model_version: str | None = None) -> None:
+                    model_version: str | None = None, timings: dict[str, float] | None = None,
+                    input_bytes: int | None = None, output: str | os.PathLike | None = None,
+                    size: tuple[int, int] | None = None, scale: float | None = None,
+                    model_scale: int | None = None) -> None:
         self.processed += 1
+        self.output_mp += output_mp
         if file is not None:
-            self.recent.append({"file": file, "model_version": model_version or "", "time": _now_iso()})
+            entry: dict[str, Any] = {"file": file, "model_version": model_version or "", "time": _now_iso()}
+            if scale:  # the output's scale relative to the input (output.scale), and the model's own
+                entry.update(scale=int(scale) if float(scale).is_integer() else round(scale, 4), model_scale=model_scale)
+            if output is not None:  # what the web page lists: size in -> out, per-stage times
+                entry.update(output=str(output), input_bytes=input_bytes, size=list(size or ()),
+                             seconds={STAGES.get(k, k): round(v, 4) for k, v in (timings or {}).items()})
+            self.recent.append(entry)
+        for key, seconds in (timings or {}).items():
+            stage = STAGES.get(key)
+            if stage is not None:
+                i = next((i for i, le in enumerate(STAGE_BUCKETS) if seconds <= le), len(STAGE_BUCKETS))
+                self.stage_counts[stage][i] += 1
+                self.stage_sums[stage] += seconds
         if model_version:
             self.by_model[model_version] = self.by_model.get(model_version, 0) + 1
         self._done.append((time.monotonic() if now is None else now, output_mp))
@@ -75,10 +126,28 @@ class StatusBoard:
 
     def record_failed(self, file: str, reason: str) -> None:
         self.failed += 1
+        cls = reason_class(reason)
+        self.failed_by_class[cls] = self.failed_by_class.get(cls, 0) + 1
         self.last_failed = {"file": file, "reason": reason, "time": _now_iso()}
         self._dirty = True
 
+    def _count_model_events(self, model: dict[str, Any]) -> None:
+        """Swaps and refusals, counted from what the model slot shows: the model in use changes
+        only when a new one is taken into service, and every refusal carries a new time."""
+        shown = (model.get("version"), model.get("file"), model.get("loaded_at"))
+        if shown[0] and self._shown_model is not None and shown != self._shown_model:
+            self.swaps += 1
+        if shown[0]:
+            self._shown_model = shown
+        r = model.get("refused")
+        seen = (r.get("file"), r.get("reason"), r.get("time")) if r else None
+        if seen is not None and seen != self._refusal_seen:
+            self.refusals += 1
+        self._refusal_seen = seen or self._refusal_seen
+
     def set(self, **values: Any) -> None:
+        if isinstance(values.get("model"), dict):
+            self._count_model_events(values["model"])
         for k, v in values.items():
             if getattr(self, k) != v:
                 setattr(self, k, v)
@@ -118,7 +187,20 @@ class StatusBoard:
             "throughput": self.throughput(),
             "processed_by_model": self.by_model,
             "recent": list(self.recent),
+            "heartbeat": round(time.time(), 3),  # unix time of this write: readers compute its age
+            "counters": self.counters(),
         }
+
+    def counters(self) -> dict[str, Any]:
+        """Cumulative since start, for Prometheus (upscaled web): histogram buckets cumulative
+        as Prometheus counts them, the last one (+Inf) equal to the count."""
+        stages = {}
+        for stage, counts in self.stage_counts.items():
+            cumulative = [sum(counts[: i + 1]) for i in range(len(counts))]
+            stages[stage] = {"le": list(STAGE_BUCKETS), "cumulative": cumulative, "sum": round(self.stage_sums[stage], 6),
+                             "count": cumulative[-1]}
+        return {"failed_by_class": dict(self.failed_by_class), "output_megapixels": round(self.output_mp, 6),
+                "model_swaps": self.swaps, "model_refusals": self.refusals, "stage_seconds": stages}
 
     def summary(self) -> str:
         """One line for systemd's STATUS=."""

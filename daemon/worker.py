@@ -40,6 +40,7 @@ from daemon.claims import Claims, place
 from daemon.job import STAGE_OF, TERMINAL, Failure, Job, JobState, Stage
 from model.atomic import atomic_open, atomic_write_text, sidecar
 from model.images import PILLOW_READS_RGBX, ImageError, decode, encode_to, output_name
+from upscaled import outscale
 from upscaled.config import Config
 
 # Which thread performs a state's next transition: DECODED goes to the inference thread, these
@@ -48,7 +49,7 @@ IO_STATES = (JobState.CLAIMED, JobState.UPSCALED, JobState.WRITTEN, JobState.REJ
 _FINISHING = {JobState.WRITTEN: 0, JobState.REJECTED: 0, JobState.UPSCALED: 1}
 
 
-def out_path(outbox: Path, rel: str, requested: str | None, template: str = "{stem}", scale: int = 4,
+def out_path(outbox: Path, rel: str, requested: str | None, template: str = "{stem}", scale: int | str = 4,
              model: str = "") -> tuple[Path, str]:
     """Output path and format: same relative path and name (output.name), the extension changes
     only with the format."""
@@ -130,12 +131,18 @@ class Worker:
             elif state is JobState.DECODED:
                 up = self.model_for(job)  # one model for the whole image
                 job.model_version = getattr(up, "version", "unknown")
+                job.model_scale = getattr(up, "scale", self.cfg.model.scale)
                 fmt = self._out(job)[1]
                 job.encoded = up.upscale_decoded(job.decoded, self.on_progress, for_pillow=fmt in PILLOW_READS_RGBX)
                 job.decoded = None
                 job.timings["upscale"] = time.perf_counter() - t0
                 job.state = JobState.UPSCALED
             elif state is JobState.UPSCALED:
+                # output.scale / long_side (as configured now): resized unless that is the model's
+                # own size, and labelled with the model and scale (PNG text, JPEG comment, WebP XMP)
+                job.encoded, job.scale = outscale.finish(job.encoded, job.size, job.model_scale or self.cfg.model.scale,
+                                                         job.model_version, self.cfg.output)
+                job.out_size = (job.encoded.pixels.shape[1], job.encoded.pixels.shape[0])
                 wanted, fmt = self._out(job)
                 if fmt == "JPEG" and job.encoded.pixels.shape[2] in (2, 4):
                     logger.info("{}: JPEG has no alpha; transparent pixels flattened onto {} (output.jpeg_background)",
@@ -215,7 +222,9 @@ class Worker:
 
     def _out(self, job: Job) -> tuple[Path, str]:
         o = self.cfg.output
-        return out_path(self.folders.outbox, job.rel, self._requested(), o.name, self.cfg.model.scale, job.model_version)
+        # {scale}: the output's scale once known (UPSCALED), before that the configured or model's one
+        scale = job.scale or outscale.factor(o, job.size, job.model_scale or self.cfg.model.scale)
+        return out_path(self.folders.outbox, job.rel, self._requested(), o.name, outscale.label(scale), job.model_version)
 
     def _requested(self) -> str | None:
         f = self.cfg.output.format
@@ -254,6 +263,7 @@ class Worker:
         per = (time.perf_counter() - t0) / len(live)
         for j, enc in zip(live, encoded):
             j.model_version = getattr(up, "version", "unknown")
+            j.model_scale = getattr(up, "scale", self.cfg.model.scale)
             j.encoded, j.decoded = enc, None
             j.timings["upscale"] = per
             j.state = JobState.UPSCALED

@@ -301,6 +301,10 @@ class Upscaler:
             try:
                 return self._upscale_tiled(rgb, bits, tile, batch, progress, rgbx and bits == 8)
             except torch.cuda.OutOfMemoryError:
+                if self.tiling == "internal":  # smaller tiles are not an option for it
+                    torch.cuda.empty_cache()
+                    raise ImageTooLarge(f"a {rgb.shape[1]}x{rgb.shape[0]} image does not fit in the GPU's memory for the "
+                                        f"{self.descriptor.arch} model, which cannot be tiled") from None
                 if tile <= 32 and batch == 1:
                     raise
                 torch.cuda.empty_cache()

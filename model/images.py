@@ -2,7 +2,8 @@
 
 EXIF orientation is applied, the ICC profile and EXIF travel to the output, alpha is upscaled
 separately, grayscale stays grayscale and 16-bit PNGs stay 16-bit (Pillow only reads 16-bit
-grayscale, so 16-bit colour PNGs go through pypng).
+grayscale, so 16-bit colour PNGs go through pypng). What made the output (`Encoded.text`) is
+written into PNG (text chunks), JPEG (a comment) and WebP (XMP) files.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import io
 import os
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
+from xml.sax.saxutils import quoteattr
+
 import numpy as np
 import png  # pypng
 from PIL import Image, ImageOps
@@ -80,6 +83,9 @@ class Encoded:
     bits: int
     icc: bytes | None = None
     exif: bytes | None = None
+    # What made the image (software, model, scale), key -> value; keys are PNG keywords, and
+    # "prefix:name" keys are XMP names too (upscaled/outscale.py provenance).
+    text: dict[str, str] = field(default_factory=dict)
 
 
 def is_supported(path: str | os.PathLike) -> bool:
@@ -271,11 +277,12 @@ def output_format(src_format: str, requested: str | None) -> str:
 NAME_FIELDS = ("stem", "scale", "model")
 
 
-def output_name(rel: Path, requested: str | None, template: str = "{stem}", scale: int = 4,
+def output_name(rel: Path, requested: str | None, template: str = "{stem}", scale: int | str = 4,
                 model: str = "") -> tuple[Path, str]:
     """Output path (relative, like `rel`) and format. The name is `template` filled in ({stem},
-    {scale}, {model}: the model version's digest) plus the extension: the input's own while the
-    format is kept, else the new format's. Raises ImageError for an unsupported input type."""
+    {scale}: the output's scale as written, "2" or "2.5"; {model}: the model version's digest)
+    plus the extension: the input's own while the format is kept, else the new format's. Raises
+    ImageError for an unsupported input type."""
     src_format = EXTENSIONS.get(rel.suffix.lower())
     if src_format is None:
         raise ImageError(f"not a supported image type ({rel.suffix or 'no extension'})")
@@ -293,9 +300,42 @@ def _encode_png16(enc: Encoded, level: int) -> bytes:
     buf = io.BytesIO()
     writer.write(buf, enc.pixels.reshape(h, w * c))
     data = buf.getvalue()
-    extra = metadata_chunks(enc.icc, enc.exif)
+    extra = metadata_chunks(enc.icc, enc.exif, enc.text)
     # IHDR is always the first chunk: 8-byte signature + 25-byte IHDR chunk.
     return data[:33] + extra + data[33:]
+
+
+XMP_NS = {"xmp": "http://ns.adobe.com/xap/1.0/", "upscaled": "urn:upscaled:ns:1.0/"}
+
+
+def xmp_packet(text: dict[str, str]) -> bytes:
+    """An XMP packet with `text` as properties of one rdf:Description: "Software" becomes
+    xmp:CreatorTool, "upscaled:..." keys stay as they are (the upscaled namespace)."""
+    props = "".join(f"\n   {'xmp:CreatorTool' if k == 'Software' else k}={quoteattr(v)}" for k, v in text.items()
+                    if k == "Software" or k.startswith("upscaled:"))
+    ns = "".join(f' xmlns:{p}="{uri}"' for p, uri in XMP_NS.items())
+    return ('<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
+            '<x:xmpmeta xmlns:x="adobe:ns:meta/">\n <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">\n'
+            f'  <rdf:Description rdf:about=""{ns}{props}/>\n </rdf:RDF>\n</x:xmpmeta>\n'
+            '<?xpacket end="w"?>').encode()
+
+
+def _text_options(fmt: str, text: dict[str, str]) -> dict:
+    """Pillow save options that write `text` into a `fmt` file: PNG, JPEG and WebP."""
+    lines = "\n".join(f"{k}: {v}" for k, v in text.items())
+    if fmt == "PNG":
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        for k, v in text.items():
+            info.add_text(k, v)  # iTXt where the value is not Latin-1
+        return {"pnginfo": info}
+    if fmt == "JPEG":
+        return {"comment": lines.encode()}  # a COM segment, one "key: value" per line
+    if fmt == "WEBP":
+        return {"xmp": xmp_packet(text)}
+    # TIFF: Pillow's tiffinfo would replace the EXIF that travels from the input; BMP has no room.
+    return {}
 
 
 def encode(enc: Encoded, fmt: str, **options) -> bytes:
@@ -330,7 +370,7 @@ def encode_to(f: IO[bytes], enc: Encoded, fmt: str, *, jpeg_quality: int = 95, w
     """
     px, c = enc.pixels, enc.pixels.shape[2]
     if fmt == "PNG" and png_strategy == "fast":
-        write_png(f, px, icc=enc.icc, exif=enc.exif, threads=png_threads)
+        write_png(f, px, icc=enc.icc, exif=enc.exif, text=enc.text, threads=png_threads)
         return
     if enc.bits == 16 and fmt == "PNG":
         f.write(_encode_png16(enc, png_compress_level))
@@ -365,6 +405,8 @@ def encode_to(f: IO[bytes], enc: Encoded, fmt: str, *, jpeg_quality: int = 95, w
         kw["icc_profile"] = enc.icc
     if enc.exif and fmt in ("JPEG", "PNG", "WEBP", "TIFF"):
         kw["exif"] = enc.exif
+    if enc.text:
+        kw.update(_text_options(fmt, enc.text))
     if fmt == "JPEG":
         # Huffman optimisation makes libjpeg hold every coefficient of the image (~6 bytes per
         # pixel): worth a few percent of file size on normal images, gigabytes on huge ones.

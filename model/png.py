@@ -12,7 +12,8 @@ on model outputs of val photos; numbers in bench/results/).
 - Deflate: ISA-L level 1 (the `isal` package; zlib level 1 where it is missing), streamed in
   1 MB blocks of rows, so a 384-megapixel output never exists as one compressed buffer in
   memory; the blocks can be compressed on several threads (`threads`).
-- 8- and 16-bit, gray, gray+alpha, RGB, RGBA; the ICC profile and EXIF are kept (iCCP, eXIf).
+- 8- and 16-bit, gray, gray+alpha, RGB, RGBA; the ICC profile and EXIF are kept (iCCP, eXIf),
+  and text (what made the image: tEXt, or iTXt for text that is not Latin-1) is written.
 """
 
 from __future__ import annotations
@@ -51,12 +52,29 @@ def write_chunk(f: IO[bytes], kind: bytes, body: bytes) -> None:
     f.write(struct.pack(">I", _crc32(body, _crc32(kind)) & 0xFFFFFFFF))
 
 
-def metadata_chunks(icc: bytes | None, exif: bytes | None) -> bytes:
+def metadata_chunks(icc: bytes | None, exif: bytes | None, text: dict[str, str] | None = None) -> bytes:
     out = b""
     if icc:
         out += chunk(b"iCCP", b"icc\x00\x00" + zlib.compress(icc))
     if exif:
         out += chunk(b"eXIf", exif[6:] if exif.startswith(b"Exif\x00\x00") else exif)
+    return out + text_chunks(text)
+
+
+def text_chunks(text: dict[str, str] | None) -> bytes:
+    """One tEXt chunk per key (a PNG keyword: 1-79 Latin-1 characters), or an iTXt chunk (UTF-8,
+    uncompressed, no language) where the value is not Latin-1. Pillow reads either into `im.text`."""
+    out = b""
+    for key, value in (text or {}).items():
+        k = key.encode("latin-1")
+        if not 1 <= len(k) <= 79 or b"\x00" in k:
+            raise ValueError(f"not a PNG text keyword: {key!r}")
+        value = value.replace("\x00", "")
+        try:
+            out += chunk(b"tEXt", k + b"\x00" + value.encode("latin-1"))
+        except UnicodeEncodeError:
+            # keyword, compression flag and method, empty language tag and translated keyword
+            out += chunk(b"iTXt", k + b"\x00\x00\x00\x00\x00" + value.encode("utf-8"))
     return out
 
 
@@ -80,7 +98,7 @@ def average_filter(rows: np.ndarray, prior: np.ndarray, bpp: int) -> np.ndarray:
 
 
 def write_png(f: IO[bytes], px: np.ndarray, *, icc: bytes | None = None, exif: bytes | None = None,
-              level: int = 1, threads: int = 1) -> None:
+              text: dict[str, str] | None = None, level: int = 1, threads: int = 1) -> None:
     """Write `px` (H x W x C, C in 1..4, uint8 or uint16) as a PNG into the open binary file `f`.
 
     threads > 1 filters and compresses that many blocks at once (ISA-L, zlib and numpy release
@@ -96,7 +114,7 @@ def write_png(f: IO[bytes], px: np.ndarray, *, icc: bytes | None = None, exif: b
     bpp = c * px.dtype.itemsize
     row_bytes = w * bpp
     f.write(SIGNATURE + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, COLOUR_TYPE[c], 0, 0, 0)))
-    f.write(metadata_chunks(icc, exif))
+    f.write(metadata_chunks(icc, exif, text))
     step = max(1, BLOCK_BYTES // row_bytes)
 
     def part(y: int) -> tuple[bytes, int, int]:

@@ -29,7 +29,7 @@ def test_documented_config_equals_builtin_defaults() -> None:
         ({"inference": {"tile": "big"}}, "inference.tile", "an integer"),
         ({"inference": {"tile": 32, "overlap": 40}}, "inference.overlap", "less than inference.tile"),
         ({"inference": {"device": "tpu"}}, "inference.device", "auto, cpu, cuda"),
-        ({"model": {"scale": 3}}, "model.scale", "one of 2, 4, 8"),
+        ({"model": {"scale": 5}}, "model.scale", "one of 1, 2, 3, 4, 8"),
         ({"watch": {"mode": "magic"}}, "watch.mode", "native, polling"),
         ({"daemon": {"originals": "shred"}}, "daemon.originals", "move, delete, keep"),
         ({"output": {"jpeg_quality": 101}}, "output.jpeg_quality", "1..100"),

@@ -33,6 +33,31 @@ def _self_ensemble(p: argparse.ArgumentParser) -> None:
                    "(higher PSNR), slightly smoother, N times slower (default: inference.self_ensemble)")
 
 
+def _outscale(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        x = 0.0
+    if not 0 < x <= 16:  # upscaled.config.MAX_OUTPUT_SCALE, without importing the config here
+        raise argparse.ArgumentTypeError(f"expected a number > 0 and <= 16, got {text!r}")
+    return x
+
+
+def _long_side(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of pixels >= 1, got {text!r}")
+    return int(text)
+
+
+def _size_overrides(args: argparse.Namespace) -> list[str]:
+    """`upscale --outscale X` / `--long-side N` as --set overrides: the one given replaces both keys."""
+    if getattr(args, "outscale", None) is not None:
+        return [f"output.scale={args.outscale!r}", "output.long_side=null"]
+    if getattr(args, "long_side", None) is not None:
+        return [f"output.long_side={args.long_side}", "output.scale=null"]
+    return []
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="upscaled",
@@ -55,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the configured, published or bundled fidelity one)")
     p.add_argument("--format", choices=["png", "jpg", "webp"], help="output format (default: the input's own)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--outscale", type=_outscale, metavar="X", help="the output's size as a factor of the input's "
+                      "(> 0, <= 16; e.g. 2 or 2.5): the model runs at its own scale, then its output is resized "
+                      "with Lanczos (default: output.scale, else the model's scale)")
+    size.add_argument("--long-side", type=_long_side, metavar="N", help="the output's long side in pixels, the other "
+                      "in proportion (default: output.long_side)")
     _self_ensemble(p)
     _common(p)
 
@@ -109,7 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser(
-        "models", help="list, show, promote and roll back served models",
+        "web", help="the web page, /metrics and health endpoints beside the daemon",
+        description="Serve a page to watch the queue, compare before and after, drop files, promote models and "
+        "train; plus /metrics (Prometheus), /healthz and /readyz. Reads what the daemon writes; binds 127.0.0.1 by "
+        "default. Needs pip install 'upscaled[web]'. See docs/web.md.",
+    )
+    p.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default: web.listen, 127.0.0.1:8470); "
+                   "anything but loopback needs web.token / web.token_file, or web.read_only")
+    _common(p)
+
+    p = sub.add_parser(
+        "models", help="list, show, import, promote and roll back served models",
         description="Manage the models folder (paths.models) the daemon serves from. The daemon picks "
         "up every change of the current model by itself.",
     )
@@ -122,9 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
     _common(q)
     q = msub.add_parser("promote", help="verify a checkpoint and make it the current model",
                         description="Verify PATH with the same checks the daemon makes, then publish it as the current model.")
-    q.add_argument("path", help="checkpoint (.safetensors)")
+    q.add_argument("path", help="checkpoint (.safetensors), or a version in the models folder (an imported one, say)")
     q.add_argument("--gate", metavar="VAL_DIR", help="also require it to beat the current model on these HR images")
     q.add_argument("--force", action="store_true", help="promote even a model below bicubic or the served model on the probe")
+    _common(q)
+    q = msub.add_parser(
+        "import", help="convert a model trained elsewhere (ESRGAN, SPAN, SwinIR, DAT, HAT, ...) into the models folder",
+        description="Read a super-resolution checkpoint of any architecture spandrel recognises (.pth, .pt, .ckpt: "
+        "weights only, never code; or .safetensors) and store it in upscaled's format in the models folder. It is "
+        "served once promoted (upscaled models promote VERSION). Models carry their own licences: check yours.")
+    q.add_argument("file", help="the checkpoint to import")
+    q.add_argument("--name", help="a name for it (default: the file's name); its version is NAME-<digest>")
+    q.add_argument("--val", metavar="VAL_DIR", help="evaluate it on these HR images and store the metrics, so "
+                   "`models list` compares it with the others on the same set")
+    q.add_argument("--license", metavar="TEXT_OR_FILE", help="licence text (or a file holding it) to keep with it")
     _common(q)
     q = msub.add_parser("rollback", help="serve what was served before (one step at a time, down to the bundled "
                         "default), or a named version, or bundled / fidelity / gan")
@@ -149,7 +201,7 @@ def _run(args: argparse.Namespace) -> int:
             logger.warning("the config is invalid ({}); reading the daemon's status from {}", e, path)
             return status(None, as_json=args.json, path=path)
         return status(cfg, as_json=args.json)
-    cfg = config_mod.load_file(config_path, args.set)
+    cfg = config_mod.load_file(config_path, args.set + _size_overrides(args))
     if getattr(args, "self_ensemble", None):
         cfg = dataclasses.replace(cfg, inference=dataclasses.replace(cfg.inference, self_ensemble=args.self_ensemble))
     if args.command == "upscale":
@@ -173,6 +225,10 @@ def _run(args: argparse.Namespace) -> int:
         from upscaled.models_cmd import main as models
 
         return models(cfg, args)
+    if args.command == "web":
+        from web.server import main as web
+
+        return web(cfg, args.listen, config_path=config_path.resolve() if config_path else None, overrides=args.set)
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 ENV_VAR = "UPSCALED_CONFIG"
+MAX_OUTPUT_SCALE = 16.0  # output.scale's limit, and the most output.long_side may enlarge an image
 
 
 class ConfigError(ValueError):
@@ -65,7 +66,7 @@ class ModelConfig:
     for_jpeg_below: int = 90  # estimated JPEG quality (1-100) under which for_jpeg applies; 101 = every JPEG
 
     def __post_init__(self) -> None:
-        _need(self.scale in (2, 4, 8), "scale", "one of 2, 4, 8", self.scale)
+        _need(self.scale in (1, 2, 3, 4, 8), "scale", "one of 1, 2, 3, 4, 8", self.scale)
         _need(1 <= self.for_jpeg_below <= 101, "for_jpeg_below", "a JPEG quality 1..101", self.for_jpeg_below)
 
 
@@ -108,8 +109,18 @@ class OutputConfig:
     on_conflict: Literal["suffix", "overwrite", "skip"] = "suffix"
     name: str = "{stem}"  # output file name before its extension: {stem}, {scale}, {model}
     jpeg_background: str = "#ffffff"  # what transparent pixels become in a JPEG output (it has no alpha)
+    # The output's size. The model runs at its native scale; its output is then resized (Lanczos)
+    # to scale x the input, or to a long side of long_side pixels. Neither: the model's own size.
+    scale: float | None = None  # final factor relative to the input, > 0 and <= 16; None = the model's scale
+    long_side: int | None = None  # the output's long side in pixels; None = off (not with scale)
 
     def __post_init__(self) -> None:
+        _need(self.scale is None or 0 < self.scale <= MAX_OUTPUT_SCALE, "scale",
+              f"null (the model's own scale) or a number > 0 and <= {MAX_OUTPUT_SCALE:g}", self.scale)
+        _need(self.long_side is None or self.long_side >= 1, "long_side", "null or a number of pixels >= 1",
+              self.long_side)
+        _need(self.scale is None or self.long_side is None, "scale",
+              "output.scale or output.long_side, not both (set the other to null)", (self.scale, self.long_side))
         _need(0 <= self.png_compress_level <= 9, "png_compress_level", "an integer 0..9", self.png_compress_level)
         _need(1 <= self.jpeg_quality <= 100, "jpeg_quality", "an integer 1..100", self.jpeg_quality)
         _need(1 <= self.webp_quality <= 100, "webp_quality", "an integer 1..100", self.webp_quality)
@@ -256,6 +267,41 @@ class TrainerConfig:
               "paired_lr and paired_hr set together", (self.paired_lr, self.paired_hr))
 
 
+def split_listen(listen: str) -> tuple[str, int]:
+    """`HOST:PORT` (`[::1]:PORT` for IPv6) as (host, port); ValueError when it is not one."""
+    host, sep, port = listen.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535 or " " in host:
+        raise ValueError(listen)
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """`upscaled web`: the page, /metrics and the health endpoints (docs/web.md)."""
+
+    listen: str = "127.0.0.1:8470"  # HOST:PORT; anything but loopback needs token/token_file or read_only
+    token: str | None = None  # writes (upload, retry, promote, rollback, training) need it when set
+    token_file: str | None = None  # ... or read from this file (first line), e.g. a systemd credential
+    read_only: bool = False  # no write actions at all: watch, compare, metrics
+    upload_max_mb: int = 200  # largest file accepted through the page, checked while it streams
+    preview_max_side: int = 1600  # long side of the compare previews sent to the browser
+    data_root: str | None = None  # the Train page may name data/val folders under this one; null =
+    # only trainer.data and trainer.val as configured
+
+    def __post_init__(self) -> None:
+        try:
+            split_listen(self.listen)
+        except ValueError:
+            raise ConfigError("listen", "HOST:PORT, e.g. 127.0.0.1:8470 or [::1]:8470", self.listen) from None
+        _need(self.token is None or len(self.token) >= 16, "token", "a secret of at least 16 characters", "(hidden)")
+        _need(self.token is None or self.token_file is None, "token_file", "unset when web.token is set (one or the other)",
+              self.token_file)
+        _need(self.upload_max_mb >= 1, "upload_max_mb", "megabytes >= 1", self.upload_max_mb)
+        _need(self.preview_max_side >= 64, "preview_max_side", "pixels >= 64", self.preview_max_side)
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -266,6 +312,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     base_dir: str = "."  # folder of the config file; not a YAML key
 
     def resolve(self, p: str | os.PathLike) -> Path:

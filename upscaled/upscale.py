@@ -1,4 +1,5 @@
-"""`upscaled upscale`: files and folders in, 4x images out, one line per failure."""
+"""`upscaled upscale`: files and folders in, upscaled images out (the model's scale, or
+output.scale / --outscale, output.long_side / --long-side), one line per failure."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from loguru import logger
 
 from model.atomic import atomic_open, numbered
-from model.images import EXTENSIONS, PILLOW_READS_RGBX, ImageError, decode, encode_to, is_supported, output_name
-from upscaled.config import Config
+from model.images import (EXTENSIONS, PILLOW_READS_RGBX, READ_FORMATS, ImageError, decode, encode_to, is_supported,
+                          output_name)
+from upscaled import outscale
+from upscaled.config import Config, OutputConfig
 
 
 @dataclass(frozen=True)
@@ -47,15 +51,16 @@ def collect(inputs: list[str], outdir: Path | None = None) -> tuple[list[Job], l
     return jobs, problems
 
 
-def plan(jobs: list[Job], outdir: Path, requested: str | None, template: str = "{stem}", scale: int = 4,
-         model: str = "") -> list[tuple[Job, Path, str]]:
+def plan(jobs: list[Job], outdir: Path, requested: str | None, template: str = "{stem}", scale: int | str = 4,
+         model: str = "", scale_of: Callable[[Job], str] | None = None) -> list[tuple[Job, Path, str]]:
     """Each job's output path and format, no two the same: an input whose output name another
     input of this run already has (photo.gif and photo.png both make photo.png) gets photo-1.png,
-    as the daemon does. Outputs that existed before the run are --overwrite's business."""
+    as the daemon does. Outputs that existed before the run are --overwrite's business.
+    {scale} is `scale`, or `scale_of(job)` where it differs from image to image (output.long_side)."""
     taken: set[Path] = set()
     out = []
     for job in jobs:
-        name, fmt = output_name(job.rel, requested, template, scale, model)
+        name, fmt = output_name(job.rel, requested, template, scale_of(job) if scale_of else scale, model)
         dst = outdir / name
         n = 0
         while numbered(dst, n) in taken:
@@ -65,6 +70,34 @@ def plan(jobs: list[Job], outdir: Path, requested: str | None, template: str = "
         taken.add(numbered(dst, n))
         out.append((job, numbered(dst, n), fmt))
     return out
+
+
+def header_size(path: Path) -> tuple[int, int]:
+    """An image's (W, H) from its header, without decoding it; (0, 0) when it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path, formats=READ_FORMATS) as im:
+            return im.size
+    except (OSError, ValueError, SyntaxError):
+        return 0, 0
+
+
+def scale_labels(out: OutputConfig, native: int) -> tuple[str, Callable[[Job], str] | None]:
+    """{scale} for output names: one label for the run, or (output.long_side in the name) one
+    per image, from its size."""
+    if out.long_side is not None and "{scale}" in out.name:
+        return "", lambda job: outscale.label(outscale.factor(out, header_size(job.src), native))
+    return outscale.label(outscale.factor(out, (0, 0), native)), None
+
+
+def describe(out: OutputConfig, native: int) -> str:
+    """The run's output size in words: x4, x2 (model x4), to a long side of 1000 px (model x4)."""
+    if out.scale is not None:
+        return f"x{outscale.label(out.scale)}" + (f" (model x{native})" if out.scale != native else "")
+    if out.long_side is not None:
+        return f"to a long side of {out.long_side} px (model x{native})"
+    return f"x{native}"
 
 
 def tile_bar(files_bar, name: str):
@@ -117,7 +150,8 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
     # Progress bars on a terminal only (not in logs), and not with -q.
     with tqdm(total=len(jobs), unit="img", desc="upscaling", dynamic_ncols=True,
               disable=quiet or not sys.stderr.isatty()) as bar:
-        for job, dst, out_fmt in plan(jobs, outdir, requested, cfg.output.name, up.scale, up.version):
+        label, label_of = scale_labels(cfg.output, up.scale)
+        for job, dst, out_fmt in plan(jobs, outdir, requested, cfg.output.name, label, up.version, label_of):
             bar.set_postfix_str(job.rel.as_posix()[-40:], refresh=False)
             try:
                 if dst.exists() and not overwrite:
@@ -130,7 +164,10 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
                                    job.src, cfg.output.jpeg_background)
                 u = up_jpeg if up_jpeg is not None and compressed(dec, cfg) else up
                 enc = u.upscale_decoded(dec, tile_bar(bar, job.rel.name), for_pillow=out_fmt in PILLOW_READS_RGBX)
+                size = dec.size
                 del dec  # free the input before encoding
+                # output.scale / long_side: resized (when they differ from the model's scale) and labelled
+                enc, _ = outscale.finish(enc, size, u.scale, u.version, cfg.output)
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 h, w = enc.pixels.shape[:2]
                 with atomic_open(dst, "wb") as f:
@@ -139,7 +176,7 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
                               **cfg.output.encode_options())
                 del enc
                 done += 1
-                mp_in += w * h / up.scale**2 / 1e6
+                mp_in += size[0] * size[1] / 1e6
                 mp_out += w * h / 1e6
             except (ImageError, OSError) as e:
                 failed += 1
@@ -150,7 +187,7 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
     dt = time.perf_counter() - t0
     rate = f", {dt / mp_out:.2f} s per output megapixel" if mp_out else ""
     logger.info(
-        "upscaled {} image(s) x{} with model {} in {:.1f} s ({:.2f} MP in, {:.1f} MP out{}); {} failed, {} skipped",
-        done, up.scale, up.version + (f" (JPEGs: {up_jpeg.version})" if up_jpeg else ""), dt, mp_in, mp_out, rate, failed, skipped,
+        "upscaled {} image(s) {} with model {} in {:.1f} s ({:.2f} MP in, {:.1f} MP out{}); {} failed, {} skipped",
+        done, describe(cfg.output, up.scale), up.version + (f" (JPEGs: {up_jpeg.version})" if up_jpeg else ""), dt, mp_in, mp_out, rate, failed, skipped,
     )
     return 1 if failed else 0
