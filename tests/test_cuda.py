@@ -137,3 +137,22 @@ def test_training_on_the_gpu_runs_both_phases_validates_and_resumes(tmp_path: Pa
     g, info = load(run / "best.safetensors")
     out = Upscaler(g, info, EngineOptions(device="cuda")).upscale_rgb(natural_image(24, 32))
     assert out.shape == (96, 128, 3)
+
+
+def test_imported_model_runs_tiled_in_fp16_on_the_gpu_like_fp32_on_the_cpu() -> None:
+    # An imported ESRGAN (spandrel) through the same batched CUDA path: fp16 by autocast where
+    # spandrel says it may, tiles with context and feathered seams.
+    pytest.importorskip("spandrel")
+    from spandrel.architectures.ESRGAN.__arch.RRDB import RRDBNet
+
+    from model.foreign import ForeignNet, ForeignSpec, detect
+
+    torch.manual_seed(0)
+    desc = detect({k: v for k, v in RRDBNet(num_filters=16, num_blocks=1, scale=4).state_dict().items()})
+    img = natural_image(160, 200, seed=5)
+    gpu_up = Upscaler(ForeignNet(desc, ForeignSpec.of(desc)), None, EngineOptions(device="cuda", precision="fp16", tile=64, batch=4))
+    assert gpu_up.dtype == torch.float16
+    gpu = gpu_up.upscale_rgb(img)
+    cpu = Upscaler(ForeignNet(desc, ForeignSpec.of(desc)), None, EngineOptions(device="cpu", precision="fp32", tile=4096)).upscale_rgb(img)
+    worst, mean = levels(gpu, cpu)
+    assert gpu.shape == (640, 800, 3) and mean < 0.6, (worst, mean)

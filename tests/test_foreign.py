@@ -91,6 +91,12 @@ def test_import_three_architectures_and_list_them(tmp_path, foreign):
     assert listing.returncode == 0
     for arch in ("ESRGAN (imported)", "SPAN (imported)", "SwinIR (imported)"):
         assert arch in listing.stdout
+    # `--model` takes a version as `models list` shows it, and runs it at its own scale.
+    write_image(tmp_path / "in" / "p.png", 30, 22, seed=1)
+    span = read_info(got["SPAN"]).version
+    r = cli("upscale", str(tmp_path / "in"), "-o", str(tmp_path / "up"), "--model", span, config=config)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert Image.open(tmp_path / "up" / "p.png").size == (60, 44)
 
 
 def test_imported_weights_equal_the_original_model(foreign):

@@ -42,6 +42,11 @@ def checkpoint_for(cfg: Config, override: str | None = None) -> tuple[Path, str]
     if value and (bundled := bundled_checkpoint(value)) is not None:
         return bundled, f"bundled {value}"
     explicit = override or (cfg.resolve(cfg.model.path) if cfg.model.path else None)
+    if explicit and not Path(explicit).exists() and "/" not in str(explicit):
+        # A version in the models folder, by name (as `models list` shows it: an import, say).
+        candidate = cfg.path("models") / f"{explicit}.safetensors"
+        if candidate.is_file():
+            return candidate, "published"
     return select_checkpoint(explicit, cfg.path("models"))
 
 
