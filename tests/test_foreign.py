@@ -245,19 +245,24 @@ def test_daemon_serves_an_imported_x2_model_and_swaps_to_and_from_it(tmp_path, f
     log = (root / "daemon.log").read_text()
     assert "ESRGAN" in log
 
-    # A x2 model, served by a daemon configured for x2.
+    # x2 models (a convnet, and a transformer padded to its minimum size) served by a daemon
+    # configured for x2; the SPAN output resized to x3 by output.scale.
     root2 = tmp_path / "srv2"
     root2.mkdir()
     _, config2 = make_config(root2, own, model={"scale": 2}, inference={"precision": "fp32"})
-    assert cli("models", "import", str(foreign["span"]), "--name", "span", config=config2).returncode == 0
-    span = imported(root2 / "models")["SPAN"]
-    make_config(root2, span, model={"scale": 2, "path": str(span)}, inference={"precision": "fp32"})
-    write_image(root2 / "inbox" / "b.png", 21, 13, seed=4)
-    r = subprocess.run([*UPSCALED, "serve", "--once", "--config", str(root2 / "config.yaml")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert files_under(root2 / "done") == ["b.png"]
-    assert Image.open(root2 / "outbox" / "b.png").size == (42, 26)
+    for kind in ("span", "swinir"):
+        assert cli("models", "import", str(foreign[kind]), config=config2).returncode == 0
+    for arch, output, size in (("SPAN", {"scale": 3}, (63, 39)), ("SwinIR", {}, (42, 26))):
+        path = imported(root2 / "models")[arch]
+        make_config(root2, path, model={"scale": 2, "path": str(path)}, inference={"precision": "fp32"}, output=output)
+        write_image(root2 / "inbox" / f"{arch}.png", 21, 13, seed=4)
+        r = subprocess.run([*UPSCALED, "serve", "--once", "--config", str(root2 / "config.yaml")], cwd=ROOT,
+                           capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert f"{arch}.png" in files_under(root2 / "done")
+        out = Image.open(root2 / "outbox" / f"{arch}.png")
+        assert out.size == size, (arch, out.size)
+        assert out.text.get("upscaled:model") == read_info(path).version  # provenance names the import
 
 
 def test_import_val_stores_metrics_on_the_named_set(tmp_path, foreign):
