@@ -29,12 +29,14 @@ THRESHOLDS = {
     "daemon-gpu": 0.7,
     "trainer-cpu": 0.5,
     "trainer-gpu": 0.7,
+    "web": 1.3,  # measured 1.1: it must have the network (AF_INET, AF_INET6), loopback peers only
 }
 VARIANTS = {  # name: (the service, its drop-ins (installed as SERVICE.d/gpu.conf), other units verified with it)
     "daemon-cpu": ("upscaled.service", [], []),
     "daemon-gpu": ("upscaled.service", ["upscaled-gpu.conf"], []),
     "trainer-cpu": ("upscaled-train.service", [], ["upscaled-train.timer"]),
     "trainer-gpu": ("upscaled-train.service", ["upscaled-train-gpu.conf"], ["upscaled-train.timer"]),
+    "web": ("upscaled-web.service", [], []),
 }
 
 needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed (apt-get install systemd)")
@@ -175,3 +177,18 @@ def test_daemon_unit_keeps_its_behaviour():
     for key, value in {"Type": "oneshot", "SuccessExitStatus": "130", "TimeoutStopSec": "300", "User": "upscaled",
                        "ReadWritePaths": "/srv/upscaled", "Nice": "19", "IOSchedulingClass": "idle"}.items():
         assert t[key][-1] == value, key
+
+
+def test_web_unit_has_the_network_it_needs_and_keeps_a_training_run_resumable():
+    """upscaled-web.service listens (the daemon never does), writes only where the page acts,
+    and stops a training run started from the page with SIGTERM, on which it saves its state."""
+    s = settings(SYSTEMD / "upscaled-web.service")
+    assert "PrivateNetwork" not in s and set(s["RestrictAddressFamilies"][-1].split()) == {"AF_INET", "AF_INET6", "AF_UNIX"}
+    assert s["IPAddressDeny"][-1] == "any" and s["IPAddressAllow"][-1] == "localhost"
+    assert s["ReadWritePaths"][-1].split() == ["/srv/upscaled/inbox", "/srv/upscaled/failed", "/srv/upscaled/models",
+                                               "-/srv/upscaled/runs"]
+    assert s["KillMode"][-1] == "control-group" and s["KillSignal"][-1] == "SIGTERM"
+    assert s.get("MemoryDenyWriteExecute", ["no"])[-1] in ("no", "false", "0", "")
+    assert s.get("ProcSubset", ["all"])[-1] in ("all", "")
+    d = settings(SYSTEMD / "upscaled.service")
+    assert d["PrivateNetwork"][-1] == "yes" and d["RestrictAddressFamilies"][-1] == "AF_UNIX"

@@ -1,0 +1,476 @@
+// upscaled web page: plain JavaScript, no build step. Everything shown comes from the JSON API;
+// text from files (names, reasons) is only ever set as textContent, never as HTML.
+"use strict";
+
+const body = document.body;
+const READ_ONLY = body.dataset.readOnly === "true";
+const TOKEN_REQUIRED = body.dataset.tokenRequired === "true";
+const SCALE = Number(body.dataset.scale);
+const UPLOAD_MAX = Number(body.dataset.uploadMaxMb) * 1024 * 1024;
+const $ = (sel) => document.querySelector(sel);
+
+// -- small helpers ---------------------------------------------------------------------------
+
+function el(tag, attrs, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k === "class") e.className = v;
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else if (k.startsWith("data-")) e.setAttribute(k, v);
+    else e[k] = v;
+  }
+  for (const c of children.flat()) e.append(c instanceof Node ? c : document.createTextNode(c ?? ""));
+  return e;
+}
+
+function bytes(n) {
+  if (n === null || n === undefined) return "—";
+  const u = ["B", "kB", "MB", "GB"];
+  let i = 0;
+  while (n >= 1000 && i < u.length - 1) { n /= 1000; i++; }
+  return (i ? n.toFixed(1) : n) + " " + u[i];
+}
+const ms = (s) => (s === undefined || s === null) ? "—" : (s * 1000).toFixed(0) + " ms";
+const px = (wh) => wh ? `${wh[0]}×${wh[1]}` : "";
+const when = (iso) => iso ? new Date(iso).toLocaleTimeString() : "";
+const short = (v) => v ? (v.length > 26 ? v.slice(0, 15) + "…" + v.slice(-8) : v) : "—";
+
+function headers(extra) {
+  const h = {"X-Upscaled-Request": "1", ...(extra || {})};  // the page's mark: see web/security.py
+  const t = sessionStorage.getItem("upscaled-token");
+  if (t) h["X-Upscaled-Token"] = t;
+  return h;
+}
+
+async function getJSON(url) {
+  const r = await fetch(url, {headers: {"Accept": "application/json"}});
+  if (!r.ok) throw new Error((await r.json().catch(() => ({}))).error || r.statusText);
+  return r.json();
+}
+
+async function post(url, data) {
+  const r = await fetch(url, {method: "POST", headers: headers({"Content-Type": "application/json"}),
+                              body: JSON.stringify(data || {})});
+  const j = await r.json().catch(() => ({error: r.statusText}));
+  return {ok: r.ok, status: r.status, json: j};
+}
+
+function say(text, bad) {
+  const m = $("#msg");
+  m.textContent = text;
+  m.className = bad ? "bad" : "good";
+  m.hidden = false;
+  clearTimeout(say.timer);
+  say.timer = setTimeout(() => { m.hidden = true; }, 6000);
+}
+
+function problemText(res) {
+  const j = res.json || {};
+  if (j.error) return j.error;
+  if (j.log) return j.log.filter(l => l.level !== "INFO" && l.level !== "DEBUG").map(l => l.text).join("\n");
+  return "HTTP " + res.status;
+}
+
+// A line chart on a canvas: series of [x, y] points, min/max labels, no library.
+function plot(canvas, series, opts) {
+  const ctx = canvas.getContext("2d");
+  const W = canvas.width, H = canvas.height, pad = 34;
+  ctx.clearRect(0, 0, W, H);
+  const pts = series.flatMap(s => s.points).filter(p => Number.isFinite(p[1]));
+  canvas.dataset.points = String(pts.length);
+  ctx.fillStyle = "#8a94a6";
+  ctx.font = "11px sans-serif";
+  if (!pts.length) { ctx.fillText((opts && opts.empty) || "no data yet", pad, H / 2); return; }
+  let [x0, x1] = [Math.min(...pts.map(p => p[0])), Math.max(...pts.map(p => p[0]))];
+  let [y0, y1] = [Math.min(...pts.map(p => p[1])), Math.max(...pts.map(p => p[1]))];
+  if (x1 === x0) x1 = x0 + 1;
+  if (y1 === y0) { y1 += 0.5; y0 -= 0.5; }
+  const X = x => pad + (x - x0) / (x1 - x0) * (W - pad - 8);
+  const Y = y => H - 18 - (y - y0) / (y1 - y0) * (H - 30);
+  ctx.strokeStyle = "#cfd5df";
+  ctx.beginPath(); ctx.moveTo(pad, 8); ctx.lineTo(pad, H - 18); ctx.lineTo(W - 8, H - 18); ctx.stroke();
+  ctx.fillText(fmt(y1), 2, 14); ctx.fillText(fmt(y0), 2, H - 20);
+  ctx.fillText(opts && opts.xfmt ? opts.xfmt(x0) : fmt(x0), pad, H - 4);
+  const xl = opts && opts.xfmt ? opts.xfmt(x1) : fmt(x1);
+  ctx.fillText(xl, W - 8 - ctx.measureText(xl).width, H - 4);
+  let lx = pad + 8;
+  for (const s of series) {
+    ctx.strokeStyle = s.color; ctx.fillStyle = s.color; ctx.lineWidth = 2;
+    ctx.beginPath();
+    s.points.filter(p => Number.isFinite(p[1])).forEach((p, i) => i ? ctx.lineTo(X(p[0]), Y(p[1])) : ctx.moveTo(X(p[0]), Y(p[1])));
+    ctx.stroke();
+    if (s.points.length === 1) { ctx.beginPath(); ctx.arc(X(s.points[0][0]), Y(s.points[0][1]), 3, 0, 7); ctx.fill(); }
+    ctx.fillText(s.label, lx, 12); lx += ctx.measureText(s.label).width + 14;
+    ctx.lineWidth = 1;
+  }
+}
+const stepFmt = (x) => "step " + Math.round(x);
+function fmt(v) { return Math.abs(v) >= 100 ? v.toFixed(0) : Math.abs(v) >= 1 ? v.toFixed(2) : v.toPrecision(3); }
+
+// -- views -----------------------------------------------------------------------------------
+
+const views = ["overview", "files", "compare", "make", "models", "train"];
+function current() { const v = location.hash.slice(1).split("?")[0]; return views.includes(v) ? v : "overview"; }
+function show() {
+  const v = current();
+  for (const name of views) {
+    $("#view-" + name).hidden = name !== v;
+    $("#nav-" + name).classList.toggle("active", name === v);
+  }
+  refresh(true);
+}
+window.addEventListener("hashchange", show);
+
+let overview = null;
+let refreshing = false;
+async function refresh(now) {
+  if (refreshing && !now) return;  // a slow answer: skip this tick rather than pile up requests
+  refreshing = true;
+  try {
+    overview = await getJSON("/api/overview");
+    renderOverview(overview);
+    const v = current();
+    if (v === "files" || v === "compare") await loadFiles();
+    if (v === "models") await loadModels();
+    if (v === "train") await loadTrain();
+  } catch (e) {
+    $("#daemon-pill").textContent = "page: " + e.message;
+  } finally {
+    refreshing = false;
+  }
+}
+
+// -- overview --------------------------------------------------------------------------------
+
+function renderOverview(o) {
+  const d = o.daemon, m = o.model, c = o.counts;
+  const pill = $("#daemon-pill");
+  pill.textContent = d.running ? (o.ready ? "daemon ready" : "daemon " + d.state) : "daemon not running";
+  pill.className = "status-pill " + (o.ready ? "ok" : d.running ? "warn" : "bad");
+  pill.title = o.problems.join("; ");
+  $("#ov-model-version").textContent = m.version || "—";
+  $("#ov-model-detail").textContent = m.version ? `${m.origin || ""} ${m.file || ""} on ${m.device || "?"}, loaded ${when(m.loaded_at)}` : "";
+  const f = $("#ov-figures");
+  f.replaceChildren();
+  if (m.figures && m.figures.psnr_y !== undefined) {
+    f.append(el("span", {}, `validation PSNR-Y ${m.figures.psnr_y.toFixed(2)} dB`),
+             el("span", {class: "dim"}, ` bicubic ${m.figures.bicubic_psnr_y.toFixed(2)} dB`),
+             el("span", {class: m.figures.gain_db >= 0 ? "gain" : "loss"}, ` (${m.figures.gain_db >= 0 ? "+" : ""}${m.figures.gain_db.toFixed(2)} dB)`),
+             m.figures.set ? el("span", {class: "dim"}, ` on ${m.figures.set}`) : "");
+  } else if (m.probe) {
+    f.append(el("span", {}, `probe PSNR-Y ${m.probe.psnr_y.toFixed(2)} dB`), el("span", {class: "dim"}, ` bicubic ${m.probe.bicubic_psnr_y.toFixed(2)} dB (no validation figures in this checkpoint)`));
+  } else {
+    f.append(el("span", {class: "dim"}, "no validation figures"));
+  }
+  const ev = [];
+  if (m.loading) ev.push(`loading ${m.loading.file}: ${m.loading.step}`);
+  if (m.refused) ev.push(`refused ${m.refused.file}: ${m.refused.reason}`);
+  $("#ov-model-events").textContent = ev.join(" · ");
+  $("#ov-queued").textContent = c.queued ?? "—";
+  $("#ov-inflight").textContent = c.in_flight ?? "—";
+  $("#ov-processed").textContent = c.processed ?? "—";
+  $("#ov-failed").textContent = c.failed ?? "—";
+  $("#ov-retrying").textContent = c.retrying ?? "—";
+  const t = o.throughput || {};
+  $("#ov-throughput").textContent = `${(t.images_per_min || 0).toFixed(1)} images/min · ${(t.output_mp_per_s || 0).toFixed(2)} output MP/s`;
+  const t0 = o.now;
+  plot($("#ov-chart"), [{label: "files done", color: "#2f6fdf", points: o.history.map(h => [h[0] - t0, h[1]])}],
+       {xfmt: x => x === 0 ? "now" : Math.abs(x) < 120 ? `${Math.round(x)} s` : `${Math.round(x / 60)} min`});
+  let any = false;
+  const le = $("#ov-last-error"), lf = $("#ov-last-failed");
+  le.textContent = o.last_error ? `last error: ${o.last_error.file}: ${o.last_error.reason} (${when(o.last_error.time)})` : "";
+  lf.textContent = o.last_failed ? `last failed: ${o.last_failed.file}: ${o.last_failed.reason} (${when(o.last_failed.time)})` : "";
+  any = !!(o.last_error || o.last_failed);
+  $("#ov-retrying-list").replaceChildren(...o.retrying.map(r => el("li", {}, `retrying ${r.file}: ${r.problem} (attempt ${r.attempts}, next in ${r.next_in_s} s)`)));
+  $("#ov-blocked-list").replaceChildren(...o.blocked.map(b => el("li", {}, `skipped ${b.file}: ${b.reason}`)));
+  any = any || o.retrying.length || o.blocked.length;
+  $("#ov-no-problems").hidden = !!any;
+}
+
+// -- files and retry -------------------------------------------------------------------------
+
+let files = null;
+async function loadFiles() {
+  files = await getJSON("/api/files");
+  const done = $("#files-done tbody");
+  done.replaceChildren(...files.done.map(r => el("tr", {"data-output": r.output || "", "data-file": r.file || ""},
+    el("td", {}, r.file || r.output || ""),
+    el("td", {class: "state done"}, r.in_outbox === false ? "done (moved out)" : "done"),
+    el("td", {}, `${px(r.size_in)} ${bytes(r.input_bytes)} → ${px(r.size_out)} ${bytes(r.output_bytes)}`),
+    el("td", {}, ms(r.seconds.decode)), el("td", {}, ms(r.seconds.upscale)), el("td", {}, ms(r.seconds.encode)),
+    el("td", {title: r.model_version || ""}, short(r.model_version)),
+    el("td", {}, when(r.time)),
+    el("td", {}, r.output && r.in_outbox !== false ? el("a", {class: "compare-btn", href: "#compare?out=" + encodeURIComponent(r.output)}, "compare") : ""))));
+  const failed = $("#files-failed tbody");
+  failed.replaceChildren(...files.failed.map(r => el("tr", {"data-file": r.file},
+    el("td", {}, r.file), el("td", {class: "reason"}, r.reason), el("td", {}, r.stage || ""),
+    el("td", {title: r.model_version || ""}, short(r.model_version)), el("td", {}, when(r.time)),
+    el("td", {}, r.exists && !READ_ONLY ? el("button", {type: "button", class: "retry-btn", onclick: () => retry(r.file)}, "Retry") : ""))));
+  const queued = $("#files-queued tbody");
+  queued.replaceChildren(...files.queued.map(r => el("tr", {"data-file": r.file},
+    el("td", {}, r.file), el("td", {class: "state " + r.state}, r.state),
+    el("td", {}, r.state === "retrying" ? `${r.reason} (attempt ${r.attempts}, next in ${r.next_in_s} s)` : bytes(r.input_bytes)))));
+  fillCompareSelect();
+}
+
+async function retry(file) {
+  const res = await post("/api/retry", {file});
+  if (res.ok) say(`${file} is back in the inbox as ${res.json.inbox}`);
+  else say(`retry ${file}: ${problemText(res)}`, true);
+  refresh();
+}
+
+// -- compare ---------------------------------------------------------------------------------
+
+const cmp = {out: null, geo: null, zoom: null};
+function fillCompareSelect() {
+  const sel = $("#cmp-select");
+  const outs = files.done.filter(r => r.output && r.in_outbox !== false).map(r => r.output);
+  const wanted = new URLSearchParams(location.hash.split("?")[1] || "").get("out");
+  const have = [...sel.options].map(o => o.value);
+  if (outs.join("\n") !== have.join("\n")) sel.replaceChildren(...outs.map(o => el("option", {value: o}, o)));
+  if (wanted && outs.includes(wanted)) sel.value = wanted;
+  $("#cmp-empty").hidden = outs.length > 0;
+  $("#cmp-stage").hidden = outs.length === 0;
+  if (current() === "compare" && sel.value && sel.value !== cmp.out) openCompare(sel.value);
+}
+$("#cmp-select").addEventListener("change", (e) => { location.hash = "compare?out=" + encodeURIComponent(e.target.value); });
+
+async function openCompare(out) {
+  cmp.out = out; cmp.zoom = null;
+  const g = await getJSON("/api/compare?out=" + encodeURIComponent(out));
+  cmp.geo = g;
+  $("#cmp-info").textContent = `${g.width}×${g.height} output` + (g.model_version ? `, model ${short(g.model_version)}` : "") +
+    (g.before_available ? "" : ` — ${g.why_no_before}`);
+  showFit();
+}
+
+function q(side, extra) { return "/api/preview?out=" + encodeURIComponent(cmp.out) + "&side=" + side + (extra || ""); }
+
+function showFit() {
+  const g = cmp.geo;
+  cmp.zoom = null;
+  $("#cmp-mode").textContent = "fit";
+  const stage = $("#cmp-stage");
+  stage.classList.remove("zoomed");
+  // As wide as the page allows (small previews enlarged up to 2x, both images alike).
+  const w = Math.min(1000, stage.parentElement.clientWidth - 4, 2 * g.fit_width);
+  setStage(w, Math.round(w * g.fit_height / g.fit_width), q("before"), q("after"), g.before_available);
+}
+
+function setStage(w, h, before, after, hasBefore) {
+  const stage = $("#cmp-stage");
+  stage.style.width = w + "px"; stage.style.height = h + "px";
+  $("#cmp-slider").style.width = w + "px";
+  const b = $("#cmp-before"), a = $("#cmp-after");
+  for (const img of [a, b]) { img.style.width = w + "px"; img.style.height = h + "px"; }
+  if (hasBefore) { b.src = before; b.hidden = false; } else { b.removeAttribute("src"); b.hidden = true; }
+  a.src = after;
+  slide();
+}
+
+function slide() { $("#cmp-after-wrap").style.clipPath = `inset(0 0 0 ${$("#cmp-slider").value}%)`; }
+$("#cmp-slider").addEventListener("input", slide);
+$("#cmp-fit").addEventListener("click", showFit);
+
+// Click: 1:1 pixels of the output around that point (a crop made by the server).
+$("#cmp-stage").addEventListener("click", (e) => {
+  const g = cmp.geo;
+  if (!g) return;
+  const r = e.currentTarget.getBoundingClientRect();
+  let ox, oy;
+  if (cmp.zoom) { ox = cmp.zoom.x + (e.clientX - r.left); oy = cmp.zoom.y + (e.clientY - r.top); }
+  else { ox = (e.clientX - r.left) / r.width * g.width; oy = (e.clientY - r.top) / r.height * g.height; }
+  const cw = Math.min(g.crop_max, g.width), ch = Math.min(g.crop_max, g.height);
+  // Aligned to 64 px so that nearby clicks reuse the server's cached crops.
+  const x = Math.max(0, Math.min(g.width - cw, Math.round((ox - cw / 2) / 64) * 64));
+  const y = Math.max(0, Math.min(g.height - ch, Math.round((oy - ch / 2) / 64) * 64));
+  cmp.zoom = {x, y};
+  $("#cmp-mode").textContent = `1:1 at ${x},${y}`;
+  $("#cmp-stage").classList.add("zoomed");
+  const extra = `&x=${x}&y=${y}&w=${cw}&h=${ch}`;
+  setStage(cw, ch, q("before", extra), q("after", extra), g.before_available);
+});
+
+// -- make (uploads) --------------------------------------------------------------------------
+
+async function upload(fileList) {
+  const list = $("#make-list");
+  const form = new FormData();
+  let n = 0;
+  for (const f of fileList) {
+    if (f.size > UPLOAD_MAX) { list.prepend(el("li", {class: "bad"}, `${f.name}: larger than the upload limit`)); continue; }
+    form.append("files", f, f.name); n++;
+  }
+  if (!n) return;
+  const item = el("li", {}, `uploading ${n} file(s)…`);
+  list.prepend(item);
+  const r = await fetch("/api/upload", {method: "POST", headers: headers(), body: form});
+  const j = await r.json().catch(() => ({error: r.statusText}));
+  if (j.error) { item.textContent = "upload refused: " + j.error; item.className = "bad"; return; }
+  item.remove();
+  for (const f of j.files) {
+    list.prepend(el("li", {class: f.ok ? "good upload-ok" : "bad upload-refused", "data-name": f.name},
+      f.ok ? `${f.name}: in the inbox as ${f.saved_as}; it appears under Files when done` : `${f.name}: refused: ${f.reason}`));
+  }
+  refresh();
+}
+$("#make-input").addEventListener("change", (e) => { upload(e.target.files); e.target.value = ""; });
+const drop = $("#make-drop");
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); upload(e.dataTransfer.files); });
+
+// -- models ----------------------------------------------------------------------------------
+
+async function loadModels() {
+  const j = await getJSON("/api/models");
+  const tb = $("#models-table tbody");
+  tb.replaceChildren(...j.models.map(r => {
+    const f = r.figures || {};
+    const action = READ_ONLY || r.problem ? "" : r.origin === "run"
+      ? el("button", {type: "button", class: "promote-btn", onclick: () => promote(r.name)}, "Promote")
+      : r.current ? el("span", {class: "dim"}, "current") : el("button", {type: "button", class: "serve-btn", onclick: () => rollback(r.origin === "bundled" ? r.name : r.version)}, "Serve");
+    return el("tr", {"data-name": r.name, "data-version": r.version || "", class: r.served ? "served" : ""},
+      el("td", {title: r.version || ""}, (r.served ? "▶ " : "") + (r.origin === "published" ? short(r.version) : r.name)),
+      el("td", {}, r.origin), el("td", {}, r.step ?? ""),
+      el("td", {}, f.psnr_y !== undefined ? f.psnr_y.toFixed(2) : "—"),
+      el("td", {}, f.bicubic_psnr_y !== undefined ? f.bicubic_psnr_y.toFixed(2) : "—"),
+      el("td", {class: f.gain_db === undefined ? "" : f.gain_db >= 0 ? "gain" : "loss"}, f.gain_db !== undefined ? (f.gain_db >= 0 ? "+" : "") + f.gain_db.toFixed(2) : "—"),
+      el("td", {}, f.ssim_y !== undefined ? f.ssim_y.toFixed(4) : "—"),
+      el("td", {title: f.fingerprint || ""}, (r.same_set ? "≡ " : "") + (f.set || r.problem || "—")),
+      el("td", {}, action));
+  }));
+  await loadRuns($("#models-runs"), false);
+}
+
+function showLog(res, what) {
+  const box = $("#models-log");
+  box.hidden = false;
+  box.className = "log " + (res.ok ? "good" : "bad");
+  const lines = (res.json.log || []).map(l => `${l.level.toLowerCase()}: ${l.text}`);
+  if (res.json.error) lines.push(res.json.error);
+  box.textContent = `${what}: ${res.ok ? "done" : "refused"}\n` + lines.join("\n");
+}
+
+async function promote(name) {
+  say(`verifying ${name}…`);
+  const res = await post("/api/promote", {checkpoint: name, force: $("#models-force").checked});
+  showLog(res, "promote " + name);
+  say(res.ok ? `${name} promoted: the daemon verifies it and swaps it in` : `${name} not promoted (see above)`, !res.ok);
+  refresh();
+}
+async function rollback(version) {
+  const res = await post("/api/rollback", version ? {version} : {});
+  showLog(res, version ? "serve " + version : "roll back");
+  say(res.ok ? "done: the daemon picks up the change by itself" : "refused (see above)", !res.ok);
+  refresh();
+}
+$("#models-rollback").addEventListener("click", () => rollback(null));
+
+// -- runs and training -----------------------------------------------------------------------
+
+function curveSeries(c) {
+  return {
+    loss: [{label: "L1", color: "#2f6fdf", points: c.train.map(p => [p.step, p.l1])},
+           {label: "generator loss", color: "#d9822b", points: c.train.filter(p => p.loss_g !== p.l1).map(p => [p.step, p.loss_g])}],
+    val: [{label: "model", color: "#2f9d5a", points: c.val.map(p => [p.step, p.psnr_y])},
+          {label: "bicubic", color: "#8a94a6", points: c.val.map(p => [p.step, p.bicubic_psnr_y])}],
+  };
+}
+
+const runCache = {};
+async function loadRuns(box, withControls) {
+  const j = await getJSON("/api/runs");
+  const keep = new Set(j.runs.map(r => r.name));
+  for (const child of [...box.children]) if (!keep.has(child.dataset.run)) child.remove();
+  for (const r of j.runs) {
+    let card = box.querySelector(`[data-run="${CSS.escape(r.name)}"]`);
+    if (!card) {
+      card = el("div", {class: "run card", "data-run": r.name},
+        el("h3", {}, r.name), el("div", {class: "run-state"}),
+        el("canvas", {class: "run-curve", width: 420, height: 140}),
+        el("img", {class: "run-sample", alt: "latest sample sheet", hidden: true}),
+        el("div", {class: "run-actions"}));
+      box.append(card);
+    }
+    card.querySelector(".run-state").textContent = `${r.state}, step ${r.step}${r.steps ? " of " + r.steps : ""}` +
+      (r.best !== null ? `, best PSNR-Y ${r.best.toFixed(2)} dB` : "");
+    const d = await getJSON("/api/runs/" + encodeURIComponent(r.name));
+    runCache[r.name] = d;
+    plot(card.querySelector(".run-curve"), curveSeries(d.curve).val, {empty: "no validation yet", xfmt: stepFmt});
+    const img = card.querySelector(".run-sample");
+    if (r.samples.length) {
+      const src = `/api/sample?run=${encodeURIComponent(r.name)}&file=${encodeURIComponent(r.samples[r.samples.length - 1])}`;
+      if (img.getAttribute("src") !== src) img.src = src;
+      img.hidden = false;
+    }
+    const actions = card.querySelector(".run-actions");
+    actions.replaceChildren();
+    if (!READ_ONLY && r.resumable && !j.training.running)
+      actions.append(el("button", {type: "button", class: "resume-btn", onclick: () => resume(r.name)}, "Resume"));
+    if (!READ_ONLY && !withControls)
+      for (const ck of r.checkpoints) actions.append(el("button", {type: "button", class: "promote-btn", onclick: () => promote(`${r.name}/${ck}`)}, `Promote ${ck.replace(".safetensors", "")}`));
+  }
+  return j;
+}
+
+async function loadTrain() {
+  const st = await getJSON("/api/train");
+  const s = $("#train-state");
+  s.textContent = st.running ? `training: ${st.run} (${st.phase}, pid ${st.pid})` : (st.last_exit ? `last run ${st.last_exit.run}: ${st.last_exit.what}` : "no run going");
+  s.dataset.running = String(!!st.running);
+  $("#train-start").disabled = !!st.running || READ_ONLY;
+  $("#train-stop").disabled = !st.running || READ_ONLY;
+  const scale = st.defaults.scale;
+  $("#train-crop-in").textContent = `crop in (LR): ${Math.floor(Number($("#train-crop").value) / scale)} px`;
+  const j = await loadRuns($("#train-runs"), true);
+  const name = st.run || (j.runs[0] && j.runs[0].name);
+  const d = name && runCache[name];
+  if (d) {
+    const c = curveSeries(d.curve);
+    plot($("#train-loss"), c.loss, {xfmt: stepFmt});
+    plot($("#train-val-curve"), c.val, {empty: "no validation yet", xfmt: stepFmt});
+    const img = $("#train-sample");
+    if (d.samples.length) {
+      const src = `/api/sample?run=${encodeURIComponent(name)}&file=${encodeURIComponent(d.samples[d.samples.length - 1])}`;
+      if (img.getAttribute("src") !== src) img.src = src;
+      img.hidden = false;
+    }
+  }
+}
+
+$("#train-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const data = Object.fromEntries(new FormData(e.target).entries());
+  data.init_current = $("#train-init-current").checked;
+  const res = await post("/api/train/start", data);
+  if (res.ok) say(`training run ${res.json.run} started (${res.json.params.steps} steps)`);
+  else say("not started: " + problemText(res), true);
+  refresh();
+});
+$("#train-stop").addEventListener("click", async () => {
+  const res = await post("/api/train/stop", {});
+  say(res.ok ? `stopping ${res.json.run}: it saves its state` : "stop: " + problemText(res), !res.ok);
+  refresh();
+});
+async function resume(name) {
+  const res = await post("/api/train/resume", {run: name});
+  say(res.ok ? `resumed ${name}` : "resume: " + problemText(res), !res.ok);
+  refresh();
+}
+$("#train-crop").addEventListener("input", () => refresh());
+
+// -- start -----------------------------------------------------------------------------------
+
+if (READ_ONLY) for (const w of document.querySelectorAll(".writes")) w.classList.add("disabled");
+if (TOKEN_REQUIRED && !READ_ONLY) {
+  const box = $("#token-box");
+  box.hidden = false;
+  const input = $("#token");
+  input.value = sessionStorage.getItem("upscaled-token") || "";
+  input.addEventListener("change", () => sessionStorage.setItem("upscaled-token", input.value.trim()));
+}
+show();
+setInterval(refresh, 1500);
