@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -375,7 +376,31 @@ class Claims:
                 back += self._give_back(dead)
         if back:
             logger.warning("gave {} file(s) claimed by dead daemons back to the inbox", len(back))
+        self._sweep_written()
         return back
+
+    def _sweep_written(self) -> None:
+        """Remove markers whose input is nowhere any more: a daemon killed after moving the original
+        to done/ but before removing the marker leaves one behind, which must not outlive it (a
+        later file of that name, size and mtime would otherwise replace this output)."""
+        for m in (self.work / WRITTEN).glob("*.json"):
+            try:
+                rel = json.loads(m.read_text())["file"]
+            except (OSError, ValueError, KeyError, TypeError):
+                rel = None
+            if isinstance(rel, str) and self._pending(rel):
+                continue
+            with contextlib.suppress(OSError):
+                m.unlink()
+                logger.debug("removed the marker of {}, which is done", rel)
+
+    def _pending(self, rel: str) -> bool:
+        """`rel` is still in the inbox, or claimed by some daemon (alive, or dead and adopted)."""
+        if os.path.lexists(self.inbox / rel):
+            return True
+        pattern = glob.escape(rel)
+        return any(True for _ in self.work.glob(f"*/{FILES}/{pattern}")) or \
+            any(True for _ in self.work.glob(f"*/{ADOPTED}/**/{FILES}/{pattern}"))
 
     def _give_back(self, owner: Path) -> list[str]:
         back: list[str] = []

@@ -342,6 +342,24 @@ def test_a_marker_half_written_when_the_daemon_died_is_removed_on_recovery(tmp_p
     assert left == [] and not dead.folder.exists()
 
 
+def test_a_marker_left_after_the_original_reached_done_is_removed_on_recovery(tmp_path, ckpt, upscaler):
+    # kill -9 between moving the original to done/ and removing its marker (CI caught one): the
+    # input is nowhere, so the marker is stale; markers of inputs still claimed or queued stay.
+    cfg, _ = make_config(tmp_path, ckpt)
+    worker, claims = make_worker(tmp_path, ckpt, upscaler)
+    write_image(tmp_path / "inbox" / "gone.png", 32, 24)
+    write_image(tmp_path / "inbox" / "queued.png", 32, 24, seed=1)
+    write_image(tmp_path / "inbox" / "mine.png", 32, 24, seed=2)
+    claims.claim("mine.png")
+    for rel in ("gone.png", "queued.png", "mine.png"):
+        st = os.stat(tmp_path / "inbox" / rel) if rel != "mine.png" else os.stat(claims.claimed_path(rel))
+        claims.mark_written(rel, tmp_path / "outbox" / rel, st, st)
+    os.rename(tmp_path / "inbox" / "gone.png", tmp_path / "done" / "gone.png")
+    claims.recover()
+    left = sorted(json.loads(p.read_text())["file"] for p in (cfg.path("work") / "written").glob("*.json"))
+    assert left == ["mine.png", "queued.png"]
+
+
 def test_corrupt_input_goes_to_failed_with_a_reason(tmp_path, ckpt, upscaler):
     worker, claims = make_worker(tmp_path, ckpt, upscaler)
     (tmp_path / "inbox" / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
