@@ -7,8 +7,8 @@ page is upscaled and compared; a failed file shows its reason and Retry puts it 
 training run shows its curve and stops with its state saved; then /metrics is parsed with
 prometheus-client's parser and checked against the status file. Security checks (traversal,
 token, cross-site requests, upload limits) use httpx against the same and further web
-processes. Screenshots of each view land in the test's output folder (and, with
-UPSCALED_SCREENSHOTS=1, the overview and compare views in docs/).
+processes. Screenshots of each view land in the test's output folder (the README's are made
+on real images by bench/web_screenshots.py).
 """
 
 from __future__ import annotations

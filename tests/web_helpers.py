@@ -19,7 +19,6 @@ CHROMIUM = Path("/usr/bin/chromium")  # Debian's chromium and chromium-driver (.
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 BROWSER_MISSING = None if CHROMIUM.exists() and CHROMEDRIVER.exists() else (
     "Debian's chromium and chromium-driver are not installed (apt-get install chromium chromium-driver; .ci/run does)")
-SCREENSHOTS_TO_DOCS = os.environ.get("UPSCALED_SCREENSHOTS") == "1"
 PAGE = {"X-Upscaled-Request": "1"}  # what the page's fetch() sends with every write
 
 
@@ -98,12 +97,10 @@ def image_loaded(driver, css: str) -> tuple[int, int] | None:
 
 
 def screenshot(driver, folder: Path, name: str) -> Path:
-    """A PNG of the view in the test's output folder; with UPSCALED_SCREENSHOTS=1 the overview
-    and compare views also go to docs/ for the README."""
+    """A PNG of the view in the test's output folder (the README's come from bench/web_screenshots.py,
+    on real images)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"web-{name}.png"
     driver.execute_script("document.getElementById('msg').hidden = true;")  # a passing notice, not the view
     driver.save_screenshot(str(path))
-    if SCREENSHOTS_TO_DOCS and name in ("overview", "compare"):
-        shutil.copyfile(path, ROOT / "docs" / f"web-{name}.png")
     return path
