@@ -117,7 +117,8 @@ def run_variant(name: str, settings: dict, budget_min: float, runs: Path, per_st
         return json.loads(result_file.read_text())
     steps = max(100, int(budget_min * 60 / per_step))
     sets = [f"trainer.{k}={v}" for k, v in {**settings, "steps": steps, "pretrain_steps": steps, "val_every": steps}.items()]
-    cmd = [sys.executable, "-m", "upscaled", "train", "--out", str(out), "--restart"]
+    # Each run its own runs folder: the trainer allows one run at a time per folder (its lock).
+    cmd = [sys.executable, "-m", "upscaled", "train", "--out", str(out), "--restart", "--set", f"paths.runs={out}"]
     for s in sets:
         cmd += ["--set", s]
     print(f"{name}: {per_step:.3f} CPU-s per step -> {steps} steps", flush=True)
