@@ -175,8 +175,6 @@ def cmd_import(cfg: Config, file: Path, name: str | None, val: Path | None, lice
     spec = ForeignSpec.of(desc, source)
     weights = {k: v.detach().to("cpu").contiguous() for k, v in desc.model.state_dict().items()}
     version, created = new_version(weights, slug(name or f"{file.stem}"))
-    info = CheckpointInfo(arch=FOREIGN_ARCH, generator=None, version=version, created=created, step=0,
-                          foreign=spec.to_dict())
     logger.info("{}: {}", file.name, spec.describe())
     validation = {}
     if val is not None:
@@ -190,7 +188,8 @@ def cmd_import(cfg: Config, file: Path, name: str | None, val: Path | None, lice
         m = validation["metrics"]
         logger.info("PSNR-Y {:.3f} dB ({:+.3f} dB over bicubic), SSIM-Y {:.4f}", m["psnr_y"],
                     m["psnr_y"] - m["bicubic_psnr_y"], m["ssim_y"])
-    info = CheckpointInfo(**{**info.__dict__, "validation": validation})
+    info = CheckpointInfo(arch=FOREIGN_ARCH, generator=None, version=version, created=created, step=0,
+                          validation=validation, foreign=spec.to_dict())
     models_dir = cfg.path("models")
     models_dir.mkdir(parents=True, exist_ok=True)
     target = models_dir / f"{version}{store.SUFFIX}"
