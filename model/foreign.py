@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import warnings
 import zipfile
@@ -239,8 +238,7 @@ class ForeignNet(nn.Module):
         self.descriptor = Descriptor(
             arch=spec.architecture, scale=spec.scale, input_channels=3, output_channels=3,
             supports_half=spec.supports_half, supports_bfloat16=spec.supports_bfloat16,
-            receptive_radius=-1, tiling=spec.tiling, size_multiple=spec.size_multiple,
-            size_minimum=spec.size_minimum, size_square=spec.size_square,
+            receptive_radius=-1, tiling=spec.tiling,
         )
 
     def to_dtype(self, dtype: torch.dtype) -> "ForeignNet":
@@ -275,16 +273,3 @@ def finite_weights(state: dict[str, torch.Tensor], where: str) -> None:
     for k, v in state.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise CheckpointError(f"{where}: tensor {k} contains NaN or infinite values")
-
-
-def gflop_per_output_mp(net: ForeignNet) -> float:
-    """Measured with torch's FLOP counter on a 64 x 64 input (NaN where it cannot count)."""
-    try:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        x = torch.rand(1, 3, 64, 64)
-        with torch.inference_mode(), FlopCounterMode(display=False) as fc:
-            net(x)
-        return fc.get_total_flops() / (64 * 64 * net.spec.scale**2) * 1e6 / 1e9
-    except Exception:
-        return math.nan

@@ -71,9 +71,6 @@ class Descriptor:
     supports_bfloat16: bool
     receptive_radius: int  # input pixels of context that influence one output pixel, per side; -1: unknown
     tiling: str = "supported"  # spandrel's advice: supported | discouraged | internal (whole image)
-    size_multiple: int = 1  # input sides are padded to a multiple of this
-    size_minimum: int = 0  # ... and to at least this
-    size_square: bool = False
 
     @classmethod
     def of(cls, cfg: GeneratorConfig) -> "Descriptor":
