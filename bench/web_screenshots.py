@@ -23,7 +23,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from PIL import Image  # noqa: E402
 
 from tests.daemon_helpers import make_config, serve, stop, wait_for  # noqa: E402
-from tests.web_helpers import browser, close_browser, free_port, image_loaded, until, wait_up, web  # noqa: E402
+from tests.web_helpers import browser, click, close_browser, free_port, image_loaded, until, wait_up, web  # noqa: E402
 
 
 def crop(src: Path, dst: Path, box_w: int, box_h: int) -> None:
@@ -64,7 +64,7 @@ def main() -> None:
         driver.save_screenshot(str(ROOT / "docs" / "web-overview.png"))
         driver.get(f"{base}/#files")
         row = 'table#files-done tr[data-output="holiday.png"]'
-        until(driver, lambda d: d.find_element("css selector", row + " .compare-btn")).click()
+        click(driver, row + " .compare-btn")
         until(driver, lambda d: image_loaded(d, "#cmp-before") and image_loaded(d, "#cmp-after"), what="both previews")
         time.sleep(1)
         driver.save_screenshot(str(ROOT / "docs" / "web-compare.png"))

@@ -32,6 +32,7 @@ from web_helpers import (
     BROWSER_MISSING,
     PAGE,
     browser,
+    click,
     close_browser,
     free_port,
     image_loaded,
@@ -132,22 +133,22 @@ def test_promote_and_rollback_from_the_page_change_what_the_daemon_serves(site, 
     view(chrome, site, "models")
     row = 'tr[data-name="night/best.safetensors"] .promote-btn'
     until(chrome, lambda d: d.find_element("css selector", row), what="the run's checkpoint in the models list")
-    chrome.find_element("css selector", row).click()
+    click(chrome, row)
     # An untrained network scores below bicubic on the probe: refused, with the numbers, as the CLI does.
     log = until(chrome, lambda d: (t := text(d, "#models-log")) and "refused" in t and t, 60, what="the refusal")
     assert "below bicubic" in log and "--force" in log, log
     assert site["status"]()["model_version"] == site["served"]
-    chrome.find_element("css selector", "#models-force").click()
-    chrome.find_element("css selector", row).click()
+    click(chrome, "#models-force")
+    click(chrome, row)
     until(chrome, lambda d: "promote night/best.safetensors: done" in text(d, "#models-log"), 60, what="the promotion")
     wait_for(lambda: site["status"]()["model_version"] == site["night"], 60, 0.2, "the daemon to serve the promoted model")
     screenshot(chrome, site["shots"], "models")
-    chrome.find_element("css selector", "#models-rollback").click()
+    click(chrome, "#models-rollback")
     until(chrome, lambda d: "roll back: done" in text(d, "#models-log"), 30, what="the rollback")
     wait_for(lambda: site["status"]()["model_version"] == site["served"], 60, 0.2, "the daemon to serve the previous model")
     # A bundled model from its row: the compare view below then shows a real model's output.
     serve_fidelity = 'tr[data-name="fidelity"] .serve-btn'
-    until(chrome, lambda d: d.find_element("css selector", serve_fidelity), what="the bundled fidelity row").click()
+    click(chrome, serve_fidelity, what="the bundled fidelity row")
     fidelity = until(chrome, lambda d: d.find_element("css selector", 'tr[data-name="fidelity"]').get_attribute("data-version"))
     wait_for(lambda: site["status"]()["model_version"] == fidelity, 90, 0.2, "the daemon to serve the bundled model")
     site["swaps"] = 3  # promoted, rolled back, the bundled model served: /metrics must count each once
@@ -175,12 +176,12 @@ def test_a_file_uploaded_through_the_page_is_processed_and_compared(site, chrome
     view(chrome, site, "files")
     row = 'table#files-done tr[data-output="beach.png"]'
     until(chrome, lambda d: "80×60" in text(d, row) and "320×240" in text(d, row), what="the file with its sizes in and out")
-    until(chrome, lambda d: d.find_element("css selector", row + " .compare-btn")).click()
+    click(chrome, row + " .compare-btn")
     until(chrome, lambda d: image_loaded(d, "#cmp-before") and image_loaded(d, "#cmp-after"), what="both previews")
     assert image_loaded(chrome, "#cmp-before") == image_loaded(chrome, "#cmp-after") == (320, 240)
     assert "320×240 output" in text(chrome, "#cmp-info")
     screenshot(chrome, site["shots"], "compare")
-    chrome.find_element("css selector", "#cmp-stage").click()  # 1:1 pixels where clicked
+    click(chrome, "#cmp-stage")  # 1:1 pixels where clicked
     until(chrome, lambda d: text(d, "#cmp-mode").startswith("1:1"), what="the zoomed view")
     until(chrome, lambda d: image_loaded(d, "#cmp-after") == (320, 240) and "x=" in d.find_element(
         "css selector", "#cmp-after").get_attribute("src"), what="the 1:1 crop")
@@ -198,7 +199,7 @@ def test_a_failed_file_shows_its_reason_and_retry_puts_it_back(site, chrome):
     until(chrome, lambda d: "not an image" in text(d, row), what="the failure and its reason")
     screenshot(chrome, site["shots"], "files")
     (root / "failed" / "scan.png").write_bytes(png_bytes(24, 32, 7))  # fixed by its owner
-    chrome.find_element("css selector", row + " .retry-btn").click()
+    click(chrome, row + " .retry-btn")
     wait_for(lambda: (root / "outbox" / "scan.png").exists(), 60, 0.2, "the retried file to be upscaled")
     assert not (root / "failed" / "scan.png").exists() and not (root / "failed" / "scan.png.error.json").exists()
     until(chrome, lambda d: not d.find_elements("css selector", row), what="the failed row to go")
@@ -216,7 +217,7 @@ def test_a_training_run_started_from_the_page_shows_its_curve_and_stops(site, ch
         box.clear()
         box.send_keys(str(value))
     assert "crop in (LR): 8 px" in until(chrome, lambda d: text(d, "#train-crop-in"))
-    chrome.find_element("css selector", "#train-start").click()
+    click(chrome, "#train-start")
     until(chrome, lambda d: d.find_element("css selector", "#train-state").get_attribute("data-running") == "true",
           what="the run to start")
     # Loss and validation records, and a sample sheet, drawn as they come in.
@@ -227,7 +228,7 @@ def test_a_training_run_started_from_the_page_shows_its_curve_and_stops(site, ch
     screenshot(chrome, site["shots"], "train")
     run = root / "runs" / text(chrome, "#train-state").split(": ", 1)[1].split(" ")[0]
     assert (run / "metrics.jsonl").exists() and json.loads((run / "web-params.json").read_text())["crop_in"] == 8
-    chrome.find_element("css selector", "#train-stop").click()
+    click(chrome, "#train-stop")
     until(chrome, lambda d: "stopped (state saved; resumable)" in text(d, "#train-state"), 60, what="the run to stop")
     assert (run / "state.pt").is_file() and not (run / "last.safetensors").exists()
     assert "stopped by SIGINT" in (run / "train.log").read_text()
@@ -237,10 +238,19 @@ def test_a_training_run_started_from_the_page_shows_its_curve_and_stops(site, ch
 
 @needs_browser
 def test_the_overview_after_the_work(site, chrome):
-    idle(site)
+    # Its own work, so it holds alone or after the other tests: counts only grow.
+    root = site["root"]
+    before = idle(site)
+    (root / "inbox" / "ov-good.png").write_bytes(png_bytes(20, 24, 11))
+    (root / "inbox" / "ov-torn.png").write_bytes(b"\x00 torn, not an image")
+    wait_for(lambda: (root / "outbox" / "ov-good.png").exists() and (root / "failed" / "ov-torn.png.error.json").exists(),
+             60, 0.2, "the daemon to take both files")
+    after = idle(site)
+    assert after["processed"] == before["processed"] + 1 and after["failed"] == before["failed"] + 1
     view(chrome, site, "overview")
-    until(chrome, lambda d: int(text(d, "#ov-processed")) >= 2 and int(text(d, "#ov-failed")) >= 1, what="the counts")
-    assert "last failed: scan.png" in text(chrome, "#ov-last-failed")
+    until(chrome, lambda d: int(text(d, "#ov-processed")) == after["processed"]
+          and int(text(d, "#ov-failed")) == after["failed"], what="the counts")
+    until(chrome, lambda d: "last failed: ov-torn.png" in text(d, "#ov-last-failed"), what="the last failure named")
     screenshot(chrome, site["shots"], "overview")
 
 

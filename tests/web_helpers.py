@@ -88,6 +88,15 @@ def until(driver, fn, timeout: float = 30, what: str = "the page"):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}" + (f" (last error: {last})" if last else ""))
 
 
+def click(driver, css: str, timeout: float = 30, what: str | None = None) -> None:
+    """Find and click in one retried step: the page redraws its tables as it polls, so an element
+    found a moment earlier can be gone (stale) by the time it is clicked."""
+    def attempt(d):
+        d.find_element("css selector", css).click()
+        return True
+    until(driver, attempt, timeout, what or f"a click on {css}")
+
+
 def image_loaded(driver, css: str) -> tuple[int, int] | None:
     """The natural size of a loaded <img>, or None while it is still loading."""
     size = driver.execute_script(
