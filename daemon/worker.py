@@ -424,8 +424,8 @@ class Pipeline:
                 tid = threading.get_native_id()
                 if self.io_nice == "idle":
                     os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-                else:
-                    os.setpriority(os.PRIO_PROCESS, tid, self.io_nice)
+                else:  # relative to the daemon's own nice (systemd's Nice=, or `nice upscaled serve`)
+                    os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + self.io_nice))
         while True:
             job = self._next_io()
             if job is None:
