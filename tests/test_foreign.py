@@ -250,8 +250,11 @@ def test_daemon_serves_an_imported_x2_model_and_swaps_to_and_from_it(tmp_path, f
     root2 = tmp_path / "srv2"
     root2.mkdir()
     _, config2 = make_config(root2, own, model={"scale": 2}, inference={"precision": "fp32"})
-    for kind in ("span", "swinir"):
-        assert cli("models", "import", str(foreign[kind]), config=config2).returncode == 0
+    from upscaled.config import load as load_config
+    from upscaled.models_cmd import cmd_import
+
+    for kind in ("span", "swinir"):  # in-process: the command itself is tested above and below
+        assert cmd_import(load_config(config2), foreign[kind], None, None, None) == 0
     for arch, output, size in (("SPAN", {"scale": 3}, (63, 39)), ("SwinIR", {}, (42, 26))):
         path = imported(root2 / "models")[arch]
         make_config(root2, path, model={"scale": 2, "path": str(path)}, inference={"precision": "fp32"}, output=output)
