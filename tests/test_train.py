@@ -249,3 +249,42 @@ def test_train_refuses_to_overwrite_a_run_without_resume_or_restart(trained, tmp
     args = ["train", "--data", str(trained["photos"]), "--out", str(run), "--steps", "2"]
     assert cli_main(args) == 2
     assert (run / "best.safetensors").read_bytes() == before
+
+
+def _expected_texture_pick(vals: list[dict], pretrain_steps: int, margin: float) -> dict | None:
+    """The rule of trainer.select: texture, recomputed from the run's own validation records."""
+    peak, pick = -float("inf"), None
+    for r in vals:
+        peak = max(peak, r["psnr_y"])
+        if r["step"] >= pretrain_steps and r["psnr_y"] >= peak - margin and (pick is None or r["detail"] > pick["detail"]):
+            pick = r
+    return pick
+
+
+@pytest.mark.parametrize("init", [False, True])
+def test_texture_selection_keeps_the_most_texture_within_the_margin_of_the_best_psnr(tmp_path, init):
+    photos = photo_folder(tmp_path / "photos", 2)
+    kw = dict(val=str(photos), val_every=3, select="texture", select_margin_db=0.05, adv_weight=0.5, lr_g=3e-3,
+              degrade_noise=0.0, degrade_jpeg=0.0)
+    if init:  # a fine-tune: its starting model is validated at step 0, the reference and first candidate
+        kw.update(init=str(random_checkpoint(tmp_path / "start.safetensors", 5)), pretrain_steps=0)
+    assert train(_small(photos, **kw), tmp_path / "run") == 0
+    vals = records(tmp_path / "run", "val")
+    assert [r["step"] for r in vals] == ([0] if init else []) + [3, 6, 9, 12]  # 12: the run's end
+    pick = _expected_texture_pick(vals, 0 if init else 6, 0.05)
+    assert pick is not None and [r["step"] for r in vals if r["best"]][-1] == pick["step"]
+    assert {r["step"] for r in vals if r["selection"] is not None} < {r["step"] for r in vals}  # some are not candidates
+    best = read_info(tmp_path / "run" / "best.safetensors")
+    assert best.step == pick["step"] and best.metrics["detail"] == pytest.approx(pick["detail"])
+    assert best.metrics["selection"] == pytest.approx(pick["detail"])
+
+
+def test_select_settings_are_checked():
+    from upscaled.config import ConfigError
+
+    with pytest.raises(ConfigError, match="select_margin_db"):
+        TrainerConfig(select_margin_db=-1)
+    with pytest.raises(ConfigError, match="trainer.select"):
+        from upscaled.config import from_dict
+
+        from_dict({"trainer": {"select": "sharpest"}})
