@@ -285,8 +285,7 @@ def train(
     opt_g = torch.optim.Adam(g.parameters(), lr=tc.lr_g, betas=(tc.beta1, tc.beta2))
     opt_d = torch.optim.Adam(d.parameters(), lr=tc.lr_d, betas=(tc.beta1, tc.beta2))
     # best_psnr: the selection score, PSNR-Y on val, or with val_extra the mean gain over bicubic
-    # psnr_peak: the best PSNR-Y on val so far, the reference of select: texture
-    step, best_psnr, cpu_seconds, psnr_peak = 0, -math.inf, 0.0, -math.inf
+    step, best_psnr, cpu_seconds = 0, -math.inf, 0.0
     if state:
         g.load_state_dict(state["generator"])
         d.load_state_dict(state["discriminator"])
@@ -295,7 +294,6 @@ def train(
         opt_d.load_state_dict(state["opt_d"])
         step, best_psnr = int(state["step"]), float(state["best_psnr"])
         cpu_seconds = float(state.get("cpu_seconds", 0.0))
-        psnr_peak = float(state.get("psnr_peak", -math.inf))
         set_rng_state(state["rng"])
         if (run_dir / "best.safetensors").exists():  # a validation after the last save may have improved it
             m = read_info(run_dir / "best.safetensors").metrics
@@ -341,7 +339,7 @@ def train(
 
     def save_state(done: int) -> None:
         payload = {
-            "version": STATE_VERSION, "step": done, "seed": seed, "best_psnr": best_psnr, "psnr_peak": psnr_peak,
+            "version": STATE_VERSION, "step": done, "seed": seed, "best_psnr": best_psnr,
             "generator_config": gcfg.to_dict(), "config": config_record, "scale": scale,
             "cpu_seconds": time.process_time() - cpu_start,
             "generator": g.state_dict(), "discriminator": d.state_dict(), "ema": ema.state_dict(),
@@ -351,7 +349,7 @@ def train(
             torch.save(payload, f)
 
     def validate(at: int) -> None:
-        nonlocal best_psnr, last_val_step, psnr_peak
+        nonlocal best_psnr, last_val_step
         last_val_step = at
         t0 = time.time()
         ema_cpu = copy.deepcopy(ema).to("cpu") if device.type != "cpu" else ema
@@ -366,25 +364,13 @@ def train(
         sheet = sample_sheet(ema_cpu, val, str(device))
         with atomic_open(run_dir / "samples" / f"step_{at:07d}.png", "wb") as f:
             sheet.save(f, "PNG")
-        psnr_peak = max(psnr_peak, m["psnr_y"])
-        if tc.select == "texture":
-            # Only the GAN phase's models compete (pre-training's early, noisy ones have "texture"
-            # too), and only within the margin of the best PSNR seen: texture, not artefacts.
-            candidate = at >= tc.pretrain_steps and m["psnr_y"] >= psnr_peak - tc.select_margin_db
-            m["selection"] = m["detail"] if candidate else None
-        improved = m["selection"] is not None and m["selection"] > best_psnr
+        improved = m["selection"] > best_psnr
         if improved:
             best_psnr = m["selection"]
             save_checkpoint(run_dir / "best.safetensors", ema_cpu, step=at, validation=validation, extra=provenance())
-        texture = ""
-        if tc.select == "texture":
-            texture = f", texture {m['detail']:.3f}"
-            if m["selection"] is None:
-                texture += (" (pre-training: not a candidate)" if at < tc.pretrain_steps else
-                            f" (more than {tc.select_margin_db} dB below the run's best, {psnr_peak:.3f} dB: not a candidate)")
         logger.info(
-            "step {}: val PSNR-Y {:.3f} dB (bicubic {:.3f}), SSIM-Y {:.4f} (bicubic {:.4f}){}{}{} [{:.1f} s]",
-            at, m["psnr_y"], m["bicubic_psnr_y"], m["ssim_y"], m["bicubic_ssim_y"], texture,
+            "step {}: val PSNR-Y {:.3f} dB (bicubic {:.3f}), SSIM-Y {:.4f} (bicubic {:.4f}){}{} [{:.1f} s]",
+            at, m["psnr_y"], m["bicubic_psnr_y"], m["ssim_y"], m["bicubic_ssim_y"],
             f"; {val_extra.folder.name}: {mx['psnr_y']:.3f} dB (bicubic {mx['bicubic_psnr_y']:.3f})" if val_extra else "",
             ", new best" if improved else "", time.time() - t0,
         )
@@ -407,8 +393,6 @@ def train(
         persistent_workers=False, prefetch_factor=2 if tc.workers else None,
     )
     batches = iter(loader)
-    if master and val and tc.select == "texture" and not state and tc.init:
-        validate(0)  # the starting model: the PSNR reference, and the texture to beat
     # A progress bar on a terminal; in a log (systemd, a file) one line per log_every steps instead.
     bar = tqdm(total=tc.steps, initial=step, disable=not master or not sys.stderr.isatty(), dynamic_ncols=True, unit="step")
     sums: dict[str, float] = {}

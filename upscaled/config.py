@@ -242,12 +242,6 @@ class TrainerConfig:
     val_max_images: int = 0  # 0 = all
     log_every: int = 50  # steps between metrics.jsonl records
     save_every: int = 500
-    # What best.safetensors keeps. psnr: the highest PSNR-Y on val (with val_extra, the mean gain
-    # over bicubic of both). texture, for GAN runs, whose texture swings from one validation to the
-    # next: the most fine texture (val `detail`) among GAN-phase validations within select_margin_db
-    # of the best PSNR-Y the run has seen (a fine-tune's starting model is validated at step 0).
-    select: Literal["psnr", "texture"] = "psnr"
-    select_margin_db: float = 0.5
     publish_every_val: bool = False
     publish_tolerance_db: float = 0.0  # candidate must beat current PSNR by more than this
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -261,7 +255,6 @@ class TrainerConfig:
         _need(0 < self.downscale_min <= self.downscale_max <= 1, "downscale_min",
               "0 < downscale_min <= downscale_max <= 1", (self.downscale_min, self.downscale_max))
         _need(0 <= self.ema < 1, "ema", "a number in [0, 1)", self.ema)
-        _need(self.select_margin_db >= 0, "select_margin_db", "a number of dB >= 0", self.select_margin_db)
         _need(0 <= self.val_lr_jpeg <= 100, "val_lr_jpeg", "0 (off) or a JPEG quality 1..100", self.val_lr_jpeg)
         _need(0 <= self.data_extra_share <= 1, "data_extra_share", "a share in [0, 1]", self.data_extra_share)
         _need(1 <= self.degrade_jpeg_min <= self.degrade_jpeg_max <= 100, "degrade_jpeg_min",
