@@ -25,7 +25,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model.checkpoint import BUNDLED, load_generator  # noqa: E402
+from model.checkpoint import bundled_checkpoint, load_generator  # noqa: E402
 from model.engine import EngineOptions, Upscaler  # noqa: E402
 from model.quality import detail, downscale, laplacian_y  # noqa: E402
 from trainer.data import load_validation  # noqa: E402
@@ -37,7 +37,7 @@ def main() -> int:
     ap.add_argument("models", nargs="+", help="checkpoint files or bundled names; the first is the reference")
     ap.add_argument("--val", required=True, type=Path, help="folder of HR validation images")
     args = ap.parse_args()
-    engines = {m: Upscaler(*load_generator(BUNDLED.get(m, Path(m))), EngineOptions(device="cpu")) for m in args.models}
+    engines = {m: Upscaler(*load_generator(bundled_checkpoint(m) or Path(m)), EngineOptions(device="cpu")) for m in args.models}
     ratios = {m: [] for m in engines}
     energy = {m: [0.0, 0.0] for m in engines}  # all pixels, textured quarter
     orig = [0.0, 0.0]
