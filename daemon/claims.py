@@ -12,6 +12,12 @@ so the file server's clock is the only clock involved). A dead owner folder is r
 renaming it *into* our own folder (`work/<ours>/adopted/<dead>`; again only one daemon wins),
 then renaming each file back into the inbox, where the normal scan finds it.
 
+Nothing under the inbox is trusted to stay what it was: whoever may write there can swap a
+folder for a symbolic link at any moment. Every rename into or out of the inbox opens the
+folders on the way one at a time with O_NOFOLLOW and renames relative to the last one
+(model.atomic.folder_of), so a link anywhere under the inbox is never passed through, however
+the swap is timed.
+
 With `daemon.originals: keep`, processed originals are renamed back into the inbox and recorded
 in `work/kept.jsonl` (relative path, size, mtime): a file matching an entry is not processed
 again; a changed file (new size or mtime) is.
@@ -35,7 +41,8 @@ from pathlib import Path
 
 from loguru import logger
 
-from model.atomic import NAME_MAX, atomic_write_text, clip_name, fsync_dir, numbered, rename_noreplace
+from model.atomic import NAME_MAX, atomic_write_text, clip_name, folder_of, fsync_dir, numbered, rename_noreplace, sidecar
+from model.names import fits, shown
 
 LEASE = "lease.json"
 FILES = "files"
@@ -82,6 +89,10 @@ def place(src: Path, dst: Path) -> Path:
         fsync_dir(cand.parent)
         return cand
     raise FileExistsError(errno.EEXIST, "no free name", str(dst))
+
+
+class NameTooLong(OSError):
+    """An inbox path that is too long to be claimed (its path in the work folder would not fit)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +197,7 @@ class Claims:
     # replaced rather than joined by name-1.ext. Removed once the original is moved (DONE).
 
     def _marker(self, rel: str) -> Path:
-        return self.work / WRITTEN / (hashlib.sha1(rel.encode()).hexdigest() + ".json")
+        return self.work / WRITTEN / (hashlib.sha1(os.fsencode(rel)).hexdigest() + ".json")
 
     def mark_written(self, rel: str, wanted: Path, output: os.stat_result, source: os.stat_result) -> None:
         m = self._marker(rel)
@@ -234,41 +245,77 @@ class Claims:
         return self.files / rel
 
     def claim(self, rel: str) -> Path | None:
-        """Take `inbox/<rel>`; None when it is gone (another daemon won), not a regular file, or
-        a file of the same name is still ours."""
-        src = self.inbox / rel
+        """Take `inbox/<rel>`; None when it is gone (another daemon won), not a regular file, under
+        a folder that is a symbolic link now, or a file of the same name is still ours. Raises
+        NameTooLong when its path in the work folder would be too long for system calls."""
         dst = self.files / rel
+        if not fits(dst):
+            raise NameTooLong(errno.ENAMETOOLONG, "too long for the work folder", rel)
         try:
-            st = os.lstat(src)
+            return self._out_of_inbox(rel, dst)
+        except FileExistsError:
+            return None
+
+    def _out_of_inbox(self, rel: str, dst: Path) -> Path | None:
+        """Rename `inbox/<rel>` to `dst` (never replacing it) without passing through a link;
+        None when it is gone, not a regular file, or under a link."""
+        try:
+            with folder_of(self.inbox, rel) as (fd, name):
+                st = os.lstat(name, dir_fd=fd)
+                if not stat.S_ISREG(st.st_mode):
+                    return None
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                rename_noreplace(name, dst, src_dir_fd=fd)
         except FileNotFoundError:
             return None
-        if not stat.S_ISREG(st.st_mode) or os.path.lexists(dst):
-            return None
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.rename(src, dst)
-        except FileNotFoundError:
-            return None
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                logger.warning("not taking {}: a folder on its way is a symbolic link now (never followed)", shown(rel))
+                return None
+            raise
         if not stat.S_ISREG(os.lstat(dst).st_mode):  # swapped for something else in between
             self.release(rel)
             return None
         return dst
 
+    def take_failed(self, rel: str, failed: Path) -> Path | None:
+        """Move `inbox/<rel>` straight to `failed` (a path for it there) without claiming it: for
+        an input whose path the work folder cannot hold. The path in failed/ is shortened to the
+        file's own name when the full one would not fit either. None when it is gone."""
+        dst = failed / rel if fits(sidecar(failed / rel, ".error.json")) else failed / rel.rsplit("/", 1)[-1]
+        for n in range(1000):
+            try:
+                return self._out_of_inbox(rel, numbered(dst, n))
+            except FileExistsError:
+                continue
+        raise FileExistsError(errno.EEXIST, "no free name", str(dst))
+
     def release(self, rel: str) -> bool:
-        """Give a claimed file back to the inbox; False if a new file of that name is there now
-        (then it stays claimed, and is recovered on the next start)."""
+        """Give a claimed file back to the inbox; False if a new file of that name is there now,
+        or a folder on its way is a symbolic link (then it stays claimed, and is recovered on the
+        next start)."""
         src = self.files / rel
-        dst = self.inbox / rel
         try:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            rename_noreplace(src, dst)
+            self._into_inbox(src, rel)
         except FileExistsError:
-            logger.warning("cannot give {} back: a new {} is in the inbox; left in {}", rel, dst, self.folder)
+            logger.warning("cannot give {} back: a new {} is in the inbox; left in {}", shown(rel), shown(rel), self.folder)
             return False
         except FileNotFoundError:
             return False
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            logger.warning("cannot give {} back: a folder on its way is a symbolic link (never followed); left in {}",
+                           shown(rel), self.folder)
+            return False
         self._prune(src.parent, self.files)
         return True
+
+    def _into_inbox(self, src: Path, rel: str) -> None:
+        """Rename `src` to `inbox/<rel>` (never replacing), making the folders on the way without
+        passing through a link (OSError ELOOP/ENOTDIR if one is)."""
+        with folder_of(self.inbox, rel, create=True) as (fd, name):
+            rename_noreplace(src, name, dst_dir_fd=fd)
 
     def forget(self, claimed: Path) -> None:
         """The claimed file has gone (done/, failed/ or deleted): tidy empty folders."""
@@ -412,14 +459,18 @@ class Claims:
                 if p.is_dir() or p.is_symlink():
                     continue
                 rel = p.relative_to(files).as_posix()
-                dst = self.inbox / rel
                 try:
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    rename_noreplace(p, dst)
+                    self._into_inbox(p, rel)
                     back.append(rel)
                 except FileExistsError:
                     left = True
-                    logger.warning("cannot give {} back: a new file of that name is in the inbox; trying later", rel)
+                    logger.warning("cannot give {} back: a new file of that name is in the inbox; trying later", shown(rel))
+                except OSError as e:
+                    if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    left = True
+                    logger.warning("cannot give {} back: a folder on its way is a symbolic link (never followed); "
+                                   "trying later", shown(rel))
         sub = owner / ADOPTED
         if sub.is_dir():
             for dead in list(sub.iterdir()):

@@ -32,14 +32,15 @@ from pathlib import Path
 
 from loguru import logger
 
-from daemon.claims import Claims
-from daemon.job import Job, JobState
+from daemon.claims import Claims, NameTooLong
+from daemon.job import Failure, Job, JobState, Stage
 from daemon.models import ModelSlot
 from daemon.notify import Notifier
 from daemon.status import ServiceState, StatusBoard
 from daemon.watcher import Hint, InboxFilter, InboxHandler, Settler, make_observer, scan
 from daemon.worker import Pipeline, Worker, io_thread_count, out_path
 from model.errors import CheckpointError
+from model.names import PATH_MAX
 from upscaled import outscale
 from upscaled.config import Config, ConfigError
 
@@ -396,6 +397,9 @@ class Service:
             seen = self.settler.take(rel)
             try:
                 claimed = self.claims.claim(rel)
+            except NameTooLong as e:
+                self._too_long(rel, e, now)
+                continue
             except OSError as e:  # a file or folder our user may not move: skip it, keep the rest flowing
                 self._problem(rel, f"cannot move it into the work folder ({e.strerror or e}); "
                               f"the daemon's user (uid {os.geteuid()}) needs write access to its folder")
@@ -412,6 +416,24 @@ class Service:
                     continue
             self.pipeline.submit(Job(rel, claimed))
             free -= 1
+
+    def _too_long(self, rel: str, e: OSError, now: float) -> None:
+        """An input whose path the work folder cannot hold (the inbox can: its path is shorter)
+        goes straight from the inbox to failed/, as no retry will ever make it fit."""
+        n = len(os.fsencode(self.claims.files / rel))
+        reason = (f"the path is too long for the work folder: {n} bytes there, system calls take at most "
+                  f"{PATH_MAX - 1} (shorten the folder names, or move paths.work to a shorter path)")
+        try:
+            dest = self.claims.take_failed(rel, self.cfg.path("failed"))
+        except OSError as err:
+            self._problem(rel, f"{reason}; cannot move it to failed/ either ({err.strerror or err})")
+            return
+        if dest is None:
+            return  # gone, or another daemon took it
+        self.blocked.pop(rel, None)
+        job = Job(rel, dest, state=JobState.FAILED, failure=Failure(Stage.CLAIM, reason, f"{type(e).__name__}: {e}"))
+        self.worker.record_failure(job, dest)
+        self._account(job, now)
 
     def _resubmit_due(self, now: float) -> None:
         while self.retries and self.retries[0][0] <= now and self.pipeline.in_flight() < self.capacity():

@@ -17,6 +17,7 @@ from loguru import logger
 
 from daemon.claims import proc_start as _proc_start
 from model.atomic import atomic_write_text
+from model.names import shown
 from upscaled.config import Config
 
 EXIT_RUNNING = 0
@@ -39,6 +40,7 @@ REASON_CLASSES = (
     ("too large to process", "too_large"),
     ("already exists in the outbox", "output_exists"),
     ("file name is too long", "name_too_long"),
+    ("path is too long", "name_too_long"),
     ("permission denied", "permission"),
     ("out of memory", "out_of_memory"),
     ("vanished from the work folder", "vanished"),
@@ -208,7 +210,7 @@ class StatusBoard:
         s = (f"{self.state.value}: {self.processed} done, {self.failed} failed, {self.queued} queued, "
              f"{self.in_flight} in flight, {t['images_per_min']:.1f} img/min")
         if self.retrying:
-            s += f", {len(self.retrying)} retrying ({self.retrying[0]['problem']})"
+            s += f", {len(self.retrying)} retrying ({shown(self.retrying[0]['problem'])})"
         return s
 
     def write(self, force: bool = False, now: float | None = None) -> bool:
@@ -287,7 +289,9 @@ def render(st: dict[str, Any]) -> str:
     for b in st.get("blocked") or []:
         lines.append(f"  skipped:     {b.get('file')}: {b.get('reason')} (since {b.get('since')})")
     lines.append(f"  updated:     {st.get('updated')}")
-    return "\n".join(lines)
+    # Names come from whoever writes to the inbox: each line shown escaped, so no newline,
+    # ESC or OSC sequence in a name reaches the terminal.
+    return "\n".join(shown(line) for line in lines)
 
 
 def _model_detail(m: dict[str, Any]) -> str:
@@ -323,7 +327,7 @@ def main(cfg: Config | None, as_json: bool = False, path: Path | None = None) ->
         if st.get("processed") is not None:
             print(f"  processed {st.get('processed')}, failed {st.get('failed')} in its last run")
         if st.get("fatal"):
-            print(f"  it ended with a fatal error: {st['fatal'].get('reason')} ({st['fatal'].get('time')}); "
+            print(f"  it ended with a fatal error: {shown(st['fatal'].get('reason'))} ({st['fatal'].get('time')}); "
                   "the traceback is in its log")
     sys.stdout.flush()
     return EXIT_RUNNING if running else EXIT_NOT_RUNNING

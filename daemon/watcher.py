@@ -27,6 +27,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable, Iterator
 
+from model.atomic import lstat_under
+
 from watchdog.events import (
     FileClosedEvent,
     FileClosedNoWriteEvent,
@@ -58,7 +60,8 @@ def image_complete(path: Path) -> bool:
     """False when the file visibly ends before its image does (cheap: the head and the last bytes).
 
     PNG ends with IEND, JPEG with EOI, GIF with its trailer; WebP and BMP state their size in the
-    header. TIFF and anything else: True (nothing cheap to tell by).
+    header. TIFF has no end marker: every strip and tile its IFDs name must lie within the file
+    (`tiff_complete`). Anything else: True (nothing cheap to tell by).
     """
     try:
         with open(path, "rb") as f:
@@ -78,9 +81,75 @@ def image_complete(path: Path) -> bool:
         return tail.endswith(b";")
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return int.from_bytes(head[4:8], "little") + 8 <= size
+    if head[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
+        return tiff_complete(path, size)
     if head[:2] == b"BM" and len(head) >= 6:
         declared = int.from_bytes(head[2:6], "little")  # 0 is allowed by the format
         return declared == 0 or declared <= size
+    return True
+
+
+# TIFF tags whose values are the offsets and byte counts of the image data.
+_TIFF_DATA = {273: "offsets", 279: "counts", 324: "offsets", 325: "counts"}  # strips; tiles
+_TIFF_TYPES = {3: ("H", 2), 4: ("I", 4), 16: ("Q", 8)}  # SHORT, LONG, LONG8 (BigTIFF)
+
+
+def tiff_complete(path: Path, size: int | None = None, max_ifds: int = 64) -> bool:
+    """Whether every IFD of a TIFF (classic or BigTIFF) lies within the file, and every strip or
+    tile it names (offset + byte count) does too. A writer that appends the data in chunks has
+    not finished while any of them reaches past the end. Damaged files count as complete: the
+    decoder then says what is wrong with them."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size if size is None else size
+            head = f.read(16)
+            e = "<" if head[:2] == b"II" else ">"
+            big = struct.unpack(e + "H", head[2:4])[0] == 43
+            if big:
+                count_fmt, entry, off_fmt, ifd = "Q", 20, "Q", struct.unpack(e + "Q", head[8:16])[0]
+            else:
+                count_fmt, entry, off_fmt, ifd = "H", 12, "I", struct.unpack(e + "I", head[4:8])[0]
+            seen = set()
+            while ifd and len(seen) < max_ifds:
+                if ifd in seen:
+                    return True  # a loop: damaged, not unfinished
+                seen.add(ifd)
+                n_size = struct.calcsize(count_fmt)
+                if ifd + n_size > size:
+                    return False
+                f.seek(ifd)
+                n = struct.unpack(e + count_fmt, f.read(n_size))[0]
+                table = f.read(n * entry + struct.calcsize(off_fmt))
+                if len(table) < n * entry + struct.calcsize(off_fmt):
+                    return False
+                data: dict[str, list[int]] = {"offsets": [], "counts": []}
+                for i in range(n):
+                    tag, typ = struct.unpack(e + "HH", table[i * entry : i * entry + 4])
+                    if tag not in _TIFF_DATA or typ not in _TIFF_TYPES:
+                        continue
+                    inline = 8 if big else 4  # bytes of the count, and of the value or its offset
+                    cnt = struct.unpack(e + ("Q" if big else "I"), table[i * entry + 4 : i * entry + 4 + inline])[0]
+                    fmt, width = _TIFF_TYPES[typ]
+                    if cnt > 1 << 24:
+                        return True  # no real image has that many strips: damaged
+                    if cnt * width <= inline:
+                        raw = table[i * entry + entry - inline : i * entry + entry][: cnt * width]
+                    else:
+                        at = struct.unpack(e + off_fmt, table[i * entry + entry - inline : i * entry + entry])[0]
+                        if at + cnt * width > size:
+                            return False
+                        here = f.tell()
+                        f.seek(at)
+                        raw = f.read(cnt * width)
+                        f.seek(here)
+                    data[_TIFF_DATA[tag]] += struct.unpack(f"{e}{cnt}{fmt}", raw)
+                if any(o + c > size for o, c in zip(data["offsets"], data["counts"])):
+                    return False
+                ifd = struct.unpack(e + off_fmt, table[n * entry :])[0]
+    except (OSError, struct.error, ValueError, MemoryError):
+        return True
     return True
 
 
@@ -280,7 +349,7 @@ class Settler:
     def _add(self, rel: str, st: os.stat_result | None, now: float) -> Candidate | None:
         if st is None:
             try:
-                st = os.lstat(self.inbox / rel)
+                st = lstat_under(self.inbox, rel)  # never through a folder swapped for a link
             except OSError:
                 return None
         if not stat.S_ISREG(st.st_mode):
@@ -294,7 +363,7 @@ class Settler:
 
     def _restat(self, rel: str, c: Candidate, now: float, keep_closed: bool = False) -> os.stat_result | None:
         try:
-            st = os.lstat(self.inbox / rel)
+            st = lstat_under(self.inbox, rel)  # never through a folder swapped for a link
         except OSError:
             self.candidates.pop(rel, None)
             return None

@@ -270,12 +270,17 @@ class Worker:
         return live
 
     def _to_failed(self, job: Job) -> None:
-        f = job.failure or Failure(Stage.DECODE, "unknown", "")
         dest = self.folders.failed / job.rel
         if job.claimed.exists():
             dest = place(job.claimed, dest)
         else:
             dest.parent.mkdir(parents=True, exist_ok=True)
+        self.record_failure(job, dest)
+        self.claims.forget(job.claimed)
+
+    def record_failure(self, job: Job, dest: Path) -> None:
+        """NAME.error.json beside the input in failed/ (`dest`), saying why."""
+        f = job.failure or Failure(Stage.DECODE, "unknown", "")
         record = {
             "file": job.rel,
             "stage": f.stage.value,
@@ -285,7 +290,6 @@ class Worker:
             "model_version": job.model_version or self.model_version,
         }
         atomic_write_text(sidecar(dest, ".error.json"), json.dumps(record, indent=2) + "\n")
-        self.claims.forget(job.claimed)
 
 
 class _Released(Exception):

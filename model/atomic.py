@@ -44,8 +44,13 @@ def fsync_dir(folder: Path) -> None:
 
 
 def clip_name(name: str, limit: int = NAME_MAX) -> str:
-    """`name` cut to at most `limit` bytes (UTF-8, never inside a character)."""
-    return name.encode()[:limit].decode(errors="ignore")
+    """`name` cut to at most `limit` bytes, never inside a character. Names are bytes: one that
+    is not UTF-8 (held as os.fsdecode gives it) is cut as its bytes."""
+    cut = os.fsdecode(os.fsencode(name)[:limit])
+    n = 0  # the cut can only have split the last character, which then decodes differently
+    while n < len(cut) and n < len(name) and cut[n] == name[n]:
+        n += 1
+    return cut[:n]
 
 
 def numbered(path: Path, n: int) -> Path:
@@ -71,22 +76,74 @@ except (OSError, AttributeError):  # not glibc >= 2.28
     _renameat2 = None
 
 
-def rename_noreplace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Rename `src` to `dst`, raising FileExistsError instead of replacing an existing `dst`.
+def rename_noreplace(src: str | os.PathLike, dst: str | os.PathLike, *, src_dir_fd: int | None = None,
+                     dst_dir_fd: int | None = None) -> None:
+    """Rename `src` to `dst`, raising FileExistsError instead of replacing an existing `dst`;
+    a name with a `*_dir_fd` is relative to that open folder (see `open_folder`).
 
     Atomic (renameat2 RENAME_NOREPLACE) where the file system supports it; elsewhere (NFS, SMB)
     an existence check followed by rename, which only races with another writer of the same name.
     """
     if _renameat2 is not None:
-        r = _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
+        r = _renameat2(_AT_FDCWD if src_dir_fd is None else src_dir_fd, os.fsencode(src),
+                       _AT_FDCWD if dst_dir_fd is None else dst_dir_fd, os.fsencode(dst), _RENAME_NOREPLACE)
         if r == 0:
             return
         e = ctypes.get_errno()
         if e not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise OSError(e, os.strerror(e), str(src), None, str(dst))
-    if os.path.lexists(dst):
-        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
-    os.rename(src, dst)
+            raise OSError(e, os.strerror(e), os.fsdecode(src), None, os.fsdecode(dst))
+    try:
+        os.lstat(dst, dir_fd=dst_dir_fd)
+    except FileNotFoundError:
+        os.rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+    else:
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fsdecode(dst))
+
+
+_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def open_folder(root: str | os.PathLike, parts: list[str] | tuple[str, ...], create: bool = False) -> int:
+    """An open descriptor of the folder `root`/`parts[0]`/`parts[1]`..., every part opened with
+    O_NOFOLLOW relative to the one before it (`create`: made where missing). A part that is a
+    symbolic link raises OSError (ELOOP or ENOTDIR), and so does one swapped for a link at any
+    moment: the descriptor names the folder that was opened, whatever happens to its name later.
+    `root` itself (configured by the admin) is followed. The caller closes the descriptor."""
+    fd = os.open(root, _FOLDER)
+    try:
+        for part in parts:
+            if part in ("", ".", "..") or "/" in part:
+                raise OSError(errno.EINVAL, "not a plain folder name", part)
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o777, dir_fd=fd)
+            nfd = os.open(part, _FOLDER | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextlib.contextmanager
+def folder_of(root: str | os.PathLike, rel: str, create: bool = False) -> Iterator[tuple[int, str]]:
+    """(descriptor of the folder that holds `root`/`rel`, opened as `open_folder` does; the last
+    part of `rel`), for *at() calls that never pass through a link under `root`."""
+    *parts, name = rel.split("/")
+    if name in ("", ".", ".."):
+        raise OSError(errno.EINVAL, "not a plain file name", rel)
+    fd = open_folder(root, parts, create)
+    try:
+        yield fd, name
+    finally:
+        os.close(fd)
+
+
+def lstat_under(root: str | os.PathLike, rel: str) -> os.stat_result:
+    """os.lstat of `root`/`rel` without following a link anywhere under `root` (OSError if one is)."""
+    with folder_of(root, rel) as (fd, name):
+        return os.lstat(name, dir_fd=fd)
 
 
 def publish_as(tmp: str | os.PathLike, path: Path, conflict: Conflict = "replace") -> Path:

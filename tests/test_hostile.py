@@ -162,7 +162,7 @@ def test_undecodable_names_are_processed_or_failed_once_and_shown_escaped(root):
     try:
         _running(root, proc)
         _drop(root, UNDECODABLE, image_bytes(Path("x.png"), seed=1))
-        _drop(root, b"sub\xfe/worse\xfe.png", b"\x89PNG\r\n\x1a\n not a png at all")
+        _drop(root, b"sub\xfe/worse\xfe.png", b"not an image at all")
         wait_for(lambda: os.path.exists(os.path.join(os.fsencode(root / "done"), UNDECODABLE)), 30, what="the output")
         wait_for(lambda: len(_listing(root / "failed")) == 2, 30, what="the corrupt one in failed/")
         time.sleep(1.0)

@@ -15,6 +15,9 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     from tqdm import tqdm
 
     logger.remove()
+    # Messages name files anyone may name: a newline would forge a log line, ESC/OSC would reach
+    # the terminal of whoever reads the log. Every message is shown escaped (model.names.shown).
+    logger.configure(patcher=_escape_message)
     level = "DEBUG" if verbose else ("WARNING" if quiet else "INFO")
     logger.add(
         lambda msg: tqdm.write(msg, end="", file=sys.stderr),
@@ -22,6 +25,12 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
         format="<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> {message}",
         colorize=sys.stderr.isatty(),
     )
+
+
+def _escape_message(record) -> None:
+    from model.names import shown
+
+    record["message"] = shown(record["message"])
 
 
 def engine_options(cfg: Config):
