@@ -5,6 +5,9 @@
 - it watches the models folder's `current` pointer: `poll()` runs on every pass of the service
   loop (one read of `current` and one stat of the file it names), a watchdog event on the models
   folder wakes the loop at once, and SIGHUP forces a check (and one more try of a refused file);
+- only a `current` that promote wrote is taken: its record (the checkpoint's sha256, with an
+  HMAC keyed by the models folder's publishing key, model/store.py) must check, and the bytes
+  loaded must hash to it; anything else is refused like a bad candidate;
 - a change starts a background "model-loader" thread that verifies the candidate exactly as
   `upscaled models promote` does (`model.verify.verify_checkpoint`: safetensors only, complete
   metadata, known architecture, shapes, finite weights, the configured scale, a probe inference
@@ -32,7 +35,7 @@ from typing import Any
 from loguru import logger
 
 from model.errors import CheckpointError
-from model.store import CURRENT, current_checkpoint
+from model.store import CURRENT, verified_current
 from upscaled.config import Config
 
 Key = tuple  # identity of a candidate: (path, size, mtime_ns), or a problem marker
@@ -70,6 +73,7 @@ class Wanted:
     path: Path | None
     key: Key
     problem: str | None = None  # refused without loading (the pointer names nothing usable)
+    sha256: str | None = None  # a published checkpoint: the digest promote recorded for it
 
 
 class ModelSlot:
@@ -162,19 +166,22 @@ class ModelSlot:
         """What the pointer names now: the published `current`, else the bundled default."""
         from model.checkpoint import BUNDLED_DEFAULT
 
+        # Only what promote (model/store.py publish) recorded and signed: a `current` or a
+        # checkpoint dropped into the folder any other way is refused before it is loaded.
         try:
-            path = current_checkpoint(self.models_dir)
-        except ValueError as e:
-            return Wanted("published", None, ("invalid", str(e)), str(e))
+            published = verified_current(self.models_dir)
+        except (ValueError, CheckpointError) as e:  # CheckpointError: Untrusted
+            return Wanted("published", None, ("invalid", str(e), _key_of(self.models_dir / CURRENT)), str(e))
         except OSError as e:
             return Wanted("published", None, ("unreadable", str(e)), f"{self.models_dir / CURRENT}: cannot read: {e.strerror or e}")
-        if path is None:
+        if published is None:
             return Wanted("bundled", BUNDLED_DEFAULT, _key_of(BUNDLED_DEFAULT))
-        key = _key_of(path)
+        path, digest = published
+        key = (*_key_of(path), digest)
         if key[1] is None:
             return Wanted("published", path, key,
                           f"`current` names {path.name}, which is not in {self.models_dir} (or cannot be read)")
-        return Wanted("published", path, key)
+        return Wanted("published", path, key, sha256=digest)
 
     def poll(self) -> Loaded | None:
         """Called on every pass of the service loop. Returns a verified model to swap in, once."""
@@ -275,7 +282,7 @@ class ModelSlot:
         cfg = self.cfg
         try:
             g, info, probe = verify_checkpoint(wanted.path, cfg.model.scale, probe=cfg.models.verify_probe,
-                                               tolerance_db=cfg.models.probe_tolerance_db)
+                                               tolerance_db=cfg.models.probe_tolerance_db, sha256=wanted.sha256)
             up = Upscaler(g, info, engine_options(cfg))
             del g
             self._warm(up)

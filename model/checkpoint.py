@@ -22,7 +22,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from model.atomic import atomic_write_bytes
-from model.errors import CheckpointError
+from model.errors import CheckpointError, Untrusted
 from model.generator import ARCH, Generator, GeneratorConfig
 
 META_KEY = "upscaled"
@@ -208,13 +208,17 @@ def read_info(path: str | os.PathLike) -> CheckpointInfo:
     return _info_from_header(path, _header(path, raw, size))
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
-    """Read and validate a checkpoint; returns float32 CPU tensors and the metadata."""
+def load_checkpoint(path: str | os.PathLike, sha256: str | None = None) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """Read and validate a checkpoint; returns float32 CPU tensors and the metadata. `sha256`: the
+    digest the bytes must have (what publish recorded); the bytes hashed are the bytes parsed."""
     path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    if sha256 is not None and (actual := hashlib.sha256(raw).hexdigest()) != sha256:
+        raise Untrusted(f"{path}: not the checkpoint that was published (sha256 {actual[:12]}…, recorded "
+                        f"{sha256[:12]}…); not served")
     info = _info_from_header(path, _header(path, raw, len(raw)))
     try:
         state = st_load(raw)
@@ -253,10 +257,11 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], C
     return state, info
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", sha256: str | None = None):
     """Any servable checkpoint, ours or imported: (network in eval mode, info). The network has
-    a `descriptor` (scale, size rules, tiling) and maps N x 3 x H x W in [0, 1] to x scale."""
-    state, info = load_checkpoint(path)
+    a `descriptor` (scale, size rules, tiling) and maps N x 3 x H x W in [0, 1] to x scale.
+    `sha256`: see load_checkpoint."""
+    state, info = load_checkpoint(path, sha256)
     if info.foreign is not None:
         from model.foreign import ForeignSpec, build
 

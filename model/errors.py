@@ -3,3 +3,8 @@
 
 class CheckpointError(ValueError):
     """A file that cannot be used as a generator checkpoint; the message says why."""
+
+
+class Untrusted(CheckpointError):
+    """A published model that `publish` did not write: `current` or a history line without a valid
+    record, or a checkpoint whose bytes are not the ones recorded (see model/store.py)."""

@@ -62,7 +62,7 @@ def run_probe(generator: Generator) -> ProbeResult:
 
 
 def verify_checkpoint(
-    path: str | os.PathLike, scale: int, *, probe: bool = True, tolerance_db: float = 3.0
+    path: str | os.PathLike, scale: int, *, probe: bool = True, tolerance_db: float = 3.0, sha256: str | None = None
 ) -> tuple[Generator, CheckpointInfo, ProbeResult | None]:
     """Load `path` and check it can serve a x`scale` service; raises CheckpointError saying why not.
 
@@ -71,9 +71,10 @@ def verify_checkpoint(
     architecture its metadata names); the configured scale; a probe inference that is finite
     and of the right size; and, when the metadata claims the model beats bicubic on its
     validation set, a probe result not more than `tolerance_db` below bicubic (a model with
-    scrambled but finite weights fails this by tens of dB).
+    scrambled but finite weights fails this by tens of dB). `sha256`: the digest the bytes loaded
+    must have (a published model: what promote recorded).
     """
-    g, info = load_model(path)
+    g, info = load_model(path, sha256=sha256)
     if info.scale != scale:
         raise CheckpointError(f"{path}: a x{info.scale} model, but the service is configured for x{scale} (model.scale)")
     result = run_probe(g) if probe else None

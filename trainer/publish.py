@@ -20,7 +20,7 @@ class GateResult:
     candidate: str
     candidate_psnr_y: float | None
     current: str | None  # the served checkpoint it was compared with
-    current_origin: str | None  # published | bundled
+    current_origin: str | None  # published | bundled | untrusted (a `current` that publish did not write)
     current_psnr_y: float | None
     tolerance_db: float
     target: str | None = None  # the published file, when published
@@ -49,9 +49,15 @@ def publish_if_better(
     """
     cand_info = read_info(candidate)
     cand = candidate_psnr(candidate, val, device)
-    current, origin = select_checkpoint(None, models_dir)
-    result = GateResult(False, "", str(candidate), cand, str(current), origin, None, tolerance_db)
     try:
+        current, origin = select_checkpoint(None, models_dir)
+    except (CheckpointError, ValueError, OSError) as e:  # e.g. a `current` that publish did not write
+        logger.warning("the published `current` cannot be the bar ({}); any valid candidate beats it", e)
+        current, origin = None, "untrusted"
+    result = GateResult(False, "", str(candidate), cand, str(current) if current else None, origin, None, tolerance_db)
+    try:
+        if current is None:
+            raise CheckpointError("no trusted current model")
         cur_info = read_info(current)
         if cur_info.version == cand_info.version:
             result.reason = f"already published (version {cand_info.version} is current)"
