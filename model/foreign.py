@@ -115,13 +115,95 @@ class ForeignSpec:
 # Reading a foreign file (import only)
 
 
+def _damaged_zip(path: Path, e: BaseException) -> CheckpointError:
+    return CheckpointError(f"{path}: a damaged zip archive ({_first_line(e)}): not a checkpoint upscaled can read, "
+                           "and whether it carries code cannot be checked; not imported")
+
+
 def _is_torchscript(path: Path) -> bool:
-    """TorchScript archives are zip files with code (code/*.py, constants.pkl) besides the data."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        names = z.namelist()
+    """TorchScript archives are zip files with code (code/*.py, constants.pkl) besides the data.
+    A zip whose directory cannot be read (zipfile raises BadZipFile, or NotImplementedError for
+    a version field it does not know) is refused: what it holds cannot be checked."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, NotImplementedError, ValueError, EOFError, OSError) as e:
+        raise _damaged_zip(path, e) from None
     return any(n.split("/", 1)[-1].startswith("code/") or n.endswith("/constants.pkl") for n in names)
+
+
+def _first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type's name (an EOFError from
+    an empty file has no message at all)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
+# Globals torch's weights-only reader allows in a checkpoint's pickle: tensors and plain data.
+_PLAIN_GLOBALS = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.frozenset", "builtins.bytearray",
+                  "_codecs.encode", "numpy.")
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
+
+
+def _pickled_globals(path: Path) -> list[str] | None:
+    """The globals (module.name) the pickle in `path` names, read opcode by opcode with
+    pickletools (which parses, never runs); None when the bytes are not a pickle at all. A zip
+    (PyTorch's format) is read at its data.pkl; a legacy file is a few pickles in a row."""
+    import io
+    import pickletools
+
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            pkl = [n for n in z.namelist() if n.endswith("data.pkl")]
+            if not pkl:
+                return None
+            streams = [io.BytesIO(z.read(pkl[0]))]
+    else:
+        streams = [io.BytesIO(path.read_bytes()[: 64 << 20])]
+    found: list[str] = []
+    for stream in streams:
+        for n in range(5):  # legacy: magic number, protocol, system info, the object, storage keys
+            strings: list[str] = []
+            memo: dict[int, str] = {}
+            try:
+                for op, arg, _ in pickletools.genops(stream):
+                    if op.name in _STRING_OPS and isinstance(arg, (str, bytes)):
+                        strings.append(arg if isinstance(arg, str) else arg.decode("latin-1"))
+                    elif op.name == "MEMOIZE" and strings:
+                        memo[len(memo)] = strings[-1]
+                    elif op.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
+                        memo[int(arg)] = strings[-1]
+                    elif op.name in ("BINGET", "LONG_BINGET", "GET") and int(arg) in memo:
+                        strings.append(memo[int(arg)])
+                    elif op.name == "GLOBAL":
+                        found.append(".".join(str(arg).split(" ", 1)))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.append(f"{strings[-2]}.{strings[-1]}")
+            except Exception:  # noqa: BLE001 - pickletools' way of saying "not a pickle" varies
+                if n == 0:
+                    return None
+                break
+            if stream.tell() >= len(stream.getbuffer()):
+                break
+    return found
+
+
+def _refusal(path: Path, e: BaseException) -> CheckpointError:
+    """Why torch's weights-only reader refused `path`, in words that fit what the file is."""
+    try:
+        globs = _pickled_globals(path)
+    except (zipfile.BadZipFile, NotImplementedError, ValueError, EOFError, OSError) as z:
+        return _damaged_zip(path, z)
+    if globs is None:
+        return CheckpointError(f"{path}: not a checkpoint: neither a PyTorch archive nor a pickle (random or damaged "
+                               "bytes?); nothing was imported")
+    risky = sorted({g for g in globs if not g.startswith(_PLAIN_GLOBALS)})
+    if risky:
+        return CheckpointError(f"{path}: refused: its pickle asks for {', '.join(risky[:5])}, more than tensors and "
+                               f"plain data, which could run code; nothing in it was run")
+    return CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {_first_line(e)})")
 
 
 def _unwrap(obj: Any) -> dict[str, torch.Tensor]:
@@ -160,6 +242,11 @@ def read_foreign_weights(path: Path) -> dict[str, torch.Tensor]:
     if ext not in PICKLED:
         raise CheckpointError(f"{path}: unsupported file type {ext or '(none)'}; import reads "
                               f"{', '.join(PICKLED + SAFETENSORS)}")
+    try:
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{path}: an empty file (0 bytes), not a checkpoint")
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
     if _is_torchscript(path):
         raise CheckpointError(f"{path}: is a TorchScript archive, which carries code as well as weights; upscaled "
                               "imports weights only (export the model's state_dict to .pth or .safetensors)")
@@ -168,12 +255,12 @@ def read_foreign_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # weights_only refuses any global that is not a tensor or plain data, before calling it.
-        why = str(e).split("\n")[0].strip()
-        raise CheckpointError(f"{path}: refused: its pickle asks for more than tensors and plain data, which could run "
-                              f"code; nothing in it was run ({why[:200]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:200]})") from None
+        # weights_only refuses any global that is not a tensor or plain data, before calling it;
+        # and anything that is not a pickle at all. Which one it was is told apart by reading
+        # the opcodes (pickletools), so random bytes are not called a pickle that could run code.
+        raise _refusal(path, e) from None
+    except Exception as e:  # noqa: BLE001 - torch.load on damaged bytes raises many kinds (KeyError, struct.error...)
+        raise _refusal(path, e) from None
     return _unwrap(obj)
 
 

@@ -8,6 +8,8 @@ previews, torch) runs in Starlette's thread pool, never on the event loop.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +22,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse as _JSONResponse
+from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from model.names import shown
 from upscaled import __version__
 from upscaled.config import Config
 from web import files as files_mod
@@ -36,6 +40,16 @@ from web.training import Training
 from web.uploads import DRAIN_LIMIT, receive
 
 HERE = Path(__file__).resolve().parent
+
+
+class JSONResponse(_JSONResponse):
+    """JSON in ASCII. Linux names are bytes: one that is not UTF-8 is held as os.fsdecode holds it,
+    with lone surrogates, which UTF-8 cannot encode (Starlette's own JSONResponse answered 500)
+    but a \\udcXX escape carries; the page shows it escaped and sends it back as it came, so
+    Retry finds the very file."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 @dataclass
@@ -57,6 +71,14 @@ class Site:
         self.training = self.training or Training(self.cfg, self.config_path, self.overrides)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StatusCollector(self.folders.status, self.cfg.daemon.status_interval))
+
+    def details(self, request: Request) -> bool:
+        """Whether this reader may see details (pids, the host's name, tracebacks, folder paths):
+        with a token configured, only a request that carries it; without one, only a page bound
+        to loopback (a read-only page may listen anywhere without a token)."""
+        if self.guard.token is not None:
+            return self.guard.has_token(request.headers)
+        return self.loopback_only
 
     async def write(self, request: Request) -> dict[str, Any]:
         """The checks every write passes; returns the JSON body (empty for other bodies)."""
@@ -91,9 +113,11 @@ def create_app(site: Site) -> Starlette:
     # -- the page ------------------------------------------------------------------------------
 
     def index(request: Request):
+        tc = cfg.trainer
         return templates.TemplateResponse(request, "index.html", {
             "version": __version__, "access": site.guard.describe(), "scale": cfg.model.scale,
-            "upload_max_mb": cfg.web.upload_max_mb, "trainer": cfg.trainer,
+            "upload_max_mb": cfg.web.upload_max_mb, "trainer": tc if site.details(request) else
+            dataclasses.replace(tc, data=None, val=None),  # folders on this host: behind the token
         })
 
     # -- health and metrics --------------------------------------------------------------------
@@ -118,11 +142,16 @@ def create_app(site: Site) -> Starlette:
         from daemon.status import is_running
 
         m = st.get("model") or {}
-        return JSONResponse({
+        more = site.details(request)
+        fatal = st.get("fatal")
+        if isinstance(fatal, dict) and not more:  # what went wrong, not where in the code
+            fatal = {k: v for k, v in fatal.items() if k != "traceback"}
+        return JSONResponse(files_mod.relative_paths({
             "daemon": {"running": bool(st) and is_running(st, stale_after(cfg.daemon.status_interval)),
-                       "state": st.get("state"), "pid": st.get("pid"), "host": st.get("host"),
+                       "state": st.get("state"), "pid": st.get("pid") if more else None,
+                       "host": st.get("host") if more else None,
                        "since": st.get("started"), "updated": st.get("updated"),
-                       "heartbeat_age": heartbeat_age(st) if st else None, "fatal": st.get("fatal")},
+                       "heartbeat_age": heartbeat_age(st) if st else None, "fatal": fatal},
             "ready": ok, "problems": problems,
             "model": {"version": st.get("model_version"), "device": st.get("device"), "origin": m.get("origin"),
                       "file": m.get("file"), "loaded_at": m.get("loaded_at"), "probe": m.get("probe"),
@@ -134,13 +163,14 @@ def create_app(site: Site) -> Starlette:
             "history": site.history,
             "last_error": st.get("last_error"), "last_failed": st.get("last_failed"),
             "retrying": st.get("retrying") or [], "blocked": st.get("blocked") or [],
-            "training": site.training.state(), "access": site.guard.describe(), "now": time.time(),
-        })
+            "training": _training(request), "access": site.guard.describe() | {"details": more}, "now": time.time(),
+        }, folders))
 
     def files(request: Request):
         st = files_mod.status(folders)
-        return JSONResponse({"done": files_mod.done_rows(folders, st), "failed": files_mod.failed_rows(folders),
-                             "queued": files_mod.queued_rows(folders, st)})
+        return JSONResponse(files_mod.relative_paths({
+            "done": files_mod.done_rows(folders, st), "failed": files_mod.failed_rows(folders),
+            "queued": files_mod.queued_rows(folders, st)}, folders))
 
     def _output_and_original(request: Request) -> tuple[Path, Path | None, dict[str, Any]]:
         rel = request.query_params.get("out", "")
@@ -190,10 +220,17 @@ def create_app(site: Site) -> Starlette:
 
     def models(request: Request):
         st = files_mod.status(folders) or {}
-        return JSONResponse(models_mod.listing(cfg, st.get("model_version")))
+        return JSONResponse(files_mod.relative_paths(models_mod.listing(cfg, st.get("model_version")), folders))
+
+    def _training(request: Request) -> dict[str, Any]:
+        state = site.training.state()
+        if not site.details(request):
+            state.pop("pid", None)
+        return state
 
     def runs(request: Request):
-        return JSONResponse({"runs": site.training.list_runs(), "training": site.training.state()})
+        return JSONResponse(files_mod.relative_paths({"runs": site.training.list_runs(), "training": _training(request)},
+                                                     folders))
 
     def run_detail(request: Request):
         run = site.training.run_dir(request.path_params["name"])
@@ -208,10 +245,13 @@ def create_app(site: Site) -> Starlette:
 
     def train_state(request: Request):
         tc = cfg.trainer
-        return JSONResponse({**site.training.state(), "defaults": {
-            "data": tc.data and str(cfg.resolve(tc.data)), "val": tc.val and str(cfg.resolve(tc.val)),
-            "crop": tc.crop, "batch": tc.batch, "steps": tc.steps, "lr": tc.lr_g, "val_every": tc.val_every,
-            "scale": cfg.model.scale, "data_root": cfg.web.data_root and str(cfg.resolve(cfg.web.data_root))}})
+        defaults = {"crop": tc.crop, "batch": tc.batch, "steps": tc.steps, "lr": tc.lr_g, "val_every": tc.val_every,
+                    "scale": cfg.model.scale}
+        if site.details(request):  # folders on this host: for those who may start a run
+            defaults |= {"data": tc.data and str(cfg.resolve(tc.data)), "val": tc.val and str(cfg.resolve(tc.val)),
+                         "data_root": cfg.web.data_root and str(cfg.resolve(cfg.web.data_root))}
+        return JSONResponse(files_mod.relative_paths({**_training(request), "defaults": defaults}, folders)
+                            if not site.details(request) else {**_training(request), "defaults": defaults})
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -227,7 +267,7 @@ def create_app(site: Site) -> Starlette:
                     drained += len(chunk)
                     if drained > DRAIN_LIMIT:
                         break
-                logger.info("upload refused: {}", e)
+                logger.info("upload refused: {}", shown(str(e)))
             raise
         results = await run_in_threadpool(up.finish)
         return JSONResponse({"files": results}, status_code=200 if any(r["ok"] for r in results) or not results else 415)
@@ -235,7 +275,7 @@ def create_app(site: Site) -> Starlette:
     async def retry(request: Request):
         body = await site.write(request)
         dest = await run_in_threadpool(files_mod.retry, folders, str(body.get("file", "")))
-        return JSONResponse({"file": body.get("file"), "inbox": dest.relative_to(folders.inbox).as_posix()})
+        return JSONResponse({"file": body.get("file"), "inbox": dest})
 
     async def promote(request: Request):
         body = await site.write(request)

@@ -12,8 +12,10 @@ import contextlib
 import errno
 import json
 import os
+import re
 import secrets
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +25,10 @@ from loguru import logger
 
 from daemon.status import read as read_status
 from daemon.status import reason_class
-from model.atomic import atomic_open, fsync_dir, numbered, rename_noreplace
+from model.atomic import NAME_MAX, clip_name, folder_of, numbered, rename_noreplace, sidecar
+from model.names import shown
 from upscaled.config import Config
-from web.security import Refused, clean_relative, resolve_under
+from web.security import Refused, clean_relative
 
 ERROR_SUFFIX = ".error.json"
 LIST_LIMIT = 200  # rows per list on the page
@@ -45,11 +48,42 @@ class Folders:
     status: Path
     originals: str  # daemon.originals: where a processed input's original is (done/, the inbox, nowhere)
 
+    def labels(self) -> list[tuple[str, str]]:
+        """(absolute path, the name the page shows for it), longest first (work is in the inbox)."""
+        named = {"inbox": self.inbox, "outbox": self.outbox, "done": self.done, "failed": self.failed,
+                 "work": self.work, "models": self.models, "runs": self.runs, "status.json": self.status}
+        out = {}
+        for label, p in named.items():
+            for form in {str(p), os.path.realpath(p)}:
+                out[form] = label
+        return sorted(out.items(), key=lambda pl: len(pl[0]), reverse=True)
+
     @classmethod
     def of(cls, cfg: Config) -> "Folders":
         p = cfg.path
         return cls(p("inbox"), p("outbox"), p("done"), p("failed"), p("work"), p("models"), p("runs"), p("status"),
                    cfg.daemon.originals)
+
+
+_ELSEWHERE = re.compile(r"(?<![\w.~:/-])/(?:[^\s/\"'():,;<>]+/)+(?=[^\s/\"'():,;<>])")
+
+
+def relative_paths(value: Any, folders: Folders) -> Any:
+    """`value` (strings, nested in dicts and lists) with absolute paths taken out, for the page:
+    a path under a configured folder named from that folder (/srv/upscaled/inbox/a.png ->
+    inbox/a.png), any other one cut to its last part (…/engine.py). Error texts, reasons and
+    tracebacks name files by absolute path, which tells a visitor how the host is laid out."""
+    if isinstance(value, dict):
+        return {k: relative_paths(v, folders) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [relative_paths(v, folders) for v in value]
+    if not isinstance(value, str) or "/" not in value:
+        return value
+    for prefix, label in folders.labels():
+        value = value.replace(prefix + "/", label + "/")
+        if value == prefix or value.endswith(prefix):
+            value = value[: len(value) - len(prefix)] + label
+    return _ELSEWHERE.sub("…/", value)
 
 
 def status(folders: Folders) -> dict[str, Any] | None:
@@ -177,19 +211,35 @@ def done_rows(folders: Folders, st: dict[str, Any] | None) -> list[dict[str, Any
 
 
 def failed_rows(folders: Folders) -> list[dict[str, Any]]:
-    """Files in failed/, each with what its NAME.error.json says, newest first."""
+    """Files in failed/, each with what its NAME.error.json says, newest first. A file and its
+    record are paired by the name the daemon gives the record (`record_name`: shortened when
+    NAME + .error.json would not fit in 255 bytes), never by cutting the suffix off the record's
+    name, so a 255-byte name is listed as it is and Retry finds it. A record whose file is gone
+    is listed too (not retryable)."""
+    found = dict(_walk(folders.failed, suffixes=None))
+    pairs: dict[str, str | None] = {}  # record -> its failed file
+    for rel in found:
+        folder, _, name = rel.rpartition("/")
+        rec = f"{folder}/{record_name(name)}" if folder else record_name(name)
+        if rec != rel and rec in found:
+            pairs[rec] = rel
+    files = set(pairs.values())
+    for rel in found:
+        if rel.endswith(ERROR_SUFFIX) and rel not in pairs and rel not in files:
+            pairs[rel] = None
     rows = []
-    for rel, s in _walk(folders.failed, suffixes=(ERROR_SUFFIX,)):
+    for rec_rel, file_rel in pairs.items():
+        s = found[rec_rel]
         try:
-            rec = json.loads((folders.failed / rel).read_text())
+            rec = json.loads((folders.failed / rec_rel).read_text(errors="replace"))
         except (OSError, ValueError):
             rec = {}
-        file_rel = rel[: -len(ERROR_SUFFIX)]
+        if not isinstance(rec, dict):
+            rec = {}
         reason = str(rec.get("reason") or "unknown (unreadable error record)")
-        rows.append({"file": file_rel, "state": "failed", "reason": reason, "class": reason_class(reason),
-                     "stage": rec.get("stage"), "time": rec.get("time") or _iso(s.st_mtime),
-                     "model_version": rec.get("model_version"), "exists": (folders.failed / file_rel).is_file(),
-                     "_mtime": s.st_mtime})
+        rows.append({"file": file_rel or rec_rel[: -len(ERROR_SUFFIX)], "state": "failed", "reason": reason,
+                     "class": reason_class(reason), "stage": rec.get("stage"), "time": rec.get("time") or _iso(s.st_mtime),
+                     "model_version": rec.get("model_version"), "exists": file_rel is not None, "_mtime": s.st_mtime})
     rows.sort(key=lambda r: r.pop("_mtime"), reverse=True)
     return rows[:LIST_LIMIT]
 
@@ -210,52 +260,118 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
 
 
-def _move_into(src: Path, dst: Path) -> Path:
-    """Rename `src` to `dst` or the first free `name-N.ext`, never replacing anything; across file
-    systems (or bind mounts under systemd), a copy published the same way, then the unlink."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
+def _move_at(src_fd: int, name: str, dst_fd: int, want: str) -> str:
+    """Rename `name` (in the folder open as `src_fd`) to `want` or the first free `want-N.ext` in
+    the folder open as `dst_fd`, never replacing anything; returns the name it got. Across file
+    systems (or bind mounts under systemd): a copy under a temp name in the destination, fsynced
+    and renamed the same way, then the unlink. Only *at() calls: no path is looked up again."""
     for n in range(100000):
-        cand = numbered(dst, n)
+        cand = numbered(Path(want), n).name
         try:
-            rename_noreplace(src, cand)
+            rename_noreplace(name, cand, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
         except FileExistsError:
             continue
         except OSError as e:
             if e.errno != errno.EXDEV:
                 raise
-            with open(src, "rb") as f, atomic_open(dst, "wb", conflict="suffix") as out:
-                shutil.copyfileobj(f, out, 1 << 20)
-            os.unlink(src)
-            return out.published
-        fsync_dir(cand.parent)
+            return _copy_at(src_fd, name, dst_fd, want)
+        os.fsync(dst_fd)
         return cand
-    raise FileExistsError(errno.EEXIST, "no free name", str(dst))
+    raise FileExistsError(errno.EEXIST, "no free name", want)
 
 
-def retry(folders: Folders, rel: str) -> Path:
+def _copy_at(src_fd: int, name: str, dst_fd: int, want: str) -> str:
+    tmp = f".{clip_name(want, NAME_MAX - 18)}.{secrets.token_hex(6)}.tmp"
+    fin = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_fd)
+    try:
+        fout = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dst_fd)
+        try:
+            with open(fin, "rb", closefd=False) as f, open(fout, "wb", closefd=False) as out:
+                shutil.copyfileobj(f, out, 1 << 20)
+                out.flush()
+                os.fsync(fout)
+        finally:
+            os.close(fout)
+        for n in range(100000):
+            cand = numbered(Path(want), n).name
+            try:
+                rename_noreplace(tmp, cand, src_dir_fd=dst_fd, dst_dir_fd=dst_fd)
+            except FileExistsError:
+                continue
+            os.fsync(dst_fd)
+            os.unlink(name, dir_fd=src_fd)
+            return cand
+        raise FileExistsError(errno.EEXIST, "no free name", want)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dst_fd)
+        raise
+    finally:
+        os.close(fin)
+
+
+def record_name(name: str) -> str:
+    """The error record's name beside failed file `name`, shortened as the daemon shortens it
+    (model.atomic.sidecar): a 255-byte name's record is its first 244 bytes + .error.json."""
+    return sidecar(Path(name), ERROR_SUFFIX).name
+
+
+def _link_refused(e: OSError, where: str) -> Refused:
+    if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+        return Refused(409, f"refused: a folder on the way to {shown(where)} is a symbolic link (or not a folder); "
+                            "links are never followed")
+    if e.errno == errno.ENOENT:
+        return Refused(404, "no such file")
+    return Refused(500, f"cannot retry {shown(where)}: {e.strerror or e}")
+
+
+def retry(folders: Folders, rel: str) -> str:
     """Put failed/REL back into the inbox (same relative path; name-1.ext if taken there) and
-    drop its error record. The record is moved aside first, so that a new record the daemon
-    writes if the file fails again is never the one removed."""
+    drop its error record; returns its path relative to the inbox. The record is moved aside
+    first, so that a new record the daemon writes if the file fails again is never the one removed.
+
+    Every folder on both ways is opened one part at a time with O_NOFOLLOW, from the configured
+    failed/ and inbox, and the file is renamed between the two open folders (renameat2): a part
+    that is, or is swapped for, a symbolic link fails the open, and a swap after it changes
+    nothing, since the descriptors name the folders that were opened. So Retry never writes
+    anywhere but under the inbox, and never takes anything but a regular file of failed/."""
     rel = clean_relative(rel)
     if rel.endswith(ERROR_SUFFIX):
         raise Refused(400, "name the failed file, not its error record")
-    src = resolve_under(folders.failed, rel)
-    if Path(os.path.realpath(folders.failed)) / rel != src:
-        raise Refused(404, "no such file")  # reached through a symlink: not a file of failed/
-    record = src.with_name(src.name + ERROR_SUFFIX)
-    aside = record.with_name(f".{record.name}.{secrets.token_hex(4)}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        os.rename(record, aside)
     try:
-        dest = _move_into(src, folders.inbox / rel)
+        with folder_of(folders.failed, rel) as (src_fd, name):
+            got = _retry_from(folders, rel, src_fd, name)
+    except OSError as e:
+        raise _link_refused(e, f"failed/{rel}") from None
+    dest = "/".join([*rel.split("/")[:-1], got])
+    logger.info("retry: {} moved from {} back into the inbox as {}", shown(rel), folders.failed, shown(dest))
+    return dest
+
+
+def _retry_from(folders: Folders, rel: str, src_fd: int, name: str) -> str:
+    try:
+        st = os.lstat(name, dir_fd=src_fd)
+    except FileNotFoundError:
+        raise Refused(404, "no such file") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise Refused(404, "no such file")  # a link or a folder: not a file of failed/
+    record = record_name(name)
+    aside = f".{clip_name(record, NAME_MAX - 18)}.{secrets.token_hex(4)}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.rename(record, aside, src_dir_fd=src_fd, dst_dir_fd=src_fd)
+    try:
+        try:
+            with folder_of(folders.inbox, rel, create=True) as (dst_fd, want):
+                got = _move_at(src_fd, name, dst_fd, want)
+        except OSError as e:
+            raise _link_refused(e, f"inbox/{rel}") from None
     except BaseException:
         with contextlib.suppress(OSError):
-            os.rename(aside, record)
+            os.rename(aside, record, src_dir_fd=src_fd, dst_dir_fd=src_fd)
         raise
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(aside)
-    logger.info("retry: {} moved from {} back into the inbox as {}", rel, folders.failed, dest)
-    return dest
+        os.unlink(aside, dir_fd=src_fd)
+    return got
 
 
 def throughput_history(samples: list[tuple[float, int]], st: dict[str, Any] | None, now: float | None = None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import os
+import re
 from pathlib import Path
 
 from upscaled.config import Config, ConfigError
@@ -20,6 +21,7 @@ from upscaled.config import Config, ConfigError
 REQUEST_HEADER = "x-upscaled-request"  # set by the page's fetch(); never by a plain cross-site form
 TOKEN_HEADER = "x-upscaled-token"
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain")
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class Refused(Exception):
@@ -30,11 +32,46 @@ class Refused(Exception):
         self.status = status
 
 
+# Host = uri-host [ ":" port ] (RFC 9110 7.2): a name, an IPv4 address or a bracketed IPv6
+# literal. No user info, no path, no spaces: "evil@localhost" is not a host.
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::([0-9]{1,5}))?")
+
+
+def parse_host(value: str) -> tuple[str, int | None] | None:
+    """(host name, port) of a Host header or an origin's authority, normalised for comparison:
+    lower case, no trailing dot, IPv6 without brackets in canonical form; None when it is not a
+    plain host[:port]."""
+    m = _HOST.fullmatch(value or "")
+    if m is None:
+        return None
+    name = m.group(1).lower().rstrip(".")
+    if name.startswith("["):
+        try:
+            name = str(ipaddress.IPv6Address(name[1:-1]))
+        except ValueError:
+            return None
+    port = int(m.group(2)) if m.group(2) else None
+    if not name or (port is not None and port > 65535):
+        return None
+    return name, port
+
+
+def parse_origin(value: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an Origin header, the port made explicit; None if malformed."""
+    scheme, sep, authority = (value or "").partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in DEFAULT_PORTS:
+        return None
+    hp = parse_host(authority)
+    return None if hp is None else (scheme, hp[0], hp[1] or DEFAULT_PORTS[scheme])
+
+
 def is_loopback(host: str) -> bool:
-    if host.lower() in LOOPBACK_NAMES:
+    """`host`: a name as parse_host gives it."""
+    if host in LOOPBACK_NAMES:
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 
@@ -75,16 +112,26 @@ class Guard:
         if site is not None and site not in ("same-origin", "none"):
             raise Refused(403, f"refused: a cross-site request (Sec-Fetch-Site: {site})")
         origin = headers.get("origin")
-        host = headers.get("host", "")
-        if origin is not None and origin != f"{scheme}://{host}":
-            raise Refused(403, f"refused: a request from another origin ({origin})")
-        if self.token is not None:
-            given = headers.get(TOKEN_HEADER, "")
-            auth = headers.get("authorization", "")
-            if not given and auth.lower().startswith("bearer "):
-                given = auth[7:].strip()
-            if not hmac.compare_digest(given.encode(), self.token.encode()):
-                raise Refused(401, "refused: this action needs the token (web.token or web.token_file)")
+        if origin is not None:
+            # Both sides normalised (case, default port, brackets) and strictly parsed: a Host of
+            # "LOCALHOST:8080" is the origin http://localhost:8080, "evil@localhost" is nothing.
+            host = parse_host(headers.get("host", ""))
+            scheme = scheme.lower()
+            ours = host and (scheme, host[0], host[1] or DEFAULT_PORTS.get(scheme))
+            if parse_origin(origin) is None or parse_origin(origin) != ours:
+                raise Refused(403, f"refused: a request from another origin ({origin[:200]!r})")
+        if self.token is not None and not self.has_token(headers):
+            raise Refused(401, "refused: this action needs the token (web.token or web.token_file)")
+
+    def has_token(self, headers) -> bool:
+        """Whether the request carries the configured token (False when none is configured)."""
+        if self.token is None:
+            return False
+        given = headers.get(TOKEN_HEADER, "")
+        auth = headers.get("authorization", "")
+        if not given and auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), self.token.encode())
 
 
 def clean_relative(rel: str) -> str:
@@ -122,21 +169,13 @@ class LoopbackHostsOnly:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
-            host = ""
-            for k, v in scope.get("headers") or []:
-                if k == b"host":
-                    host = v.decode("latin-1")
-                    break
-            from urllib.parse import urlsplit
-
-            try:
-                name = urlsplit("//" + host).hostname or ""
-            except ValueError:
-                name = ""
-            if not is_loopback(name):
+            hosts = [v.decode("latin-1") for k, v in scope.get("headers") or [] if k == b"host"]
+            host = hosts[0] if len(hosts) == 1 else ""  # none, or two (which one would a proxy use?)
+            parsed = parse_host(host)
+            if parsed is None or not is_loopback(parsed[0]):
                 from starlette.responses import PlainTextResponse
 
-                await PlainTextResponse(f"refused: this page answers to loopback host names only, not {host!r}",
+                await PlainTextResponse(f"refused: this page answers to loopback host names only, not {host[:200]!r}",
                                         status_code=421)(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -56,7 +56,7 @@ def main(cfg: Config, listen: str | None = None, config_path: Path | None = None
     from web.security import Guard, is_loopback, load_token
 
     token = load_token(cfg)
-    local = is_loopback(host)
+    local = is_loopback(host.strip("[]").lower().rstrip("."))
     if not local and token is None and not cfg.web.read_only:
         logger.error("refusing to listen on {} without a token: anyone who reaches it could drop files, promote "
                      "models and start training. Set web.token or web.token_file, or web.read_only: true, or listen "

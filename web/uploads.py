@@ -24,6 +24,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from model.atomic import NAME_MAX, clip_name, fsync_dir, publish_as
 from model.images import READ_FORMATS, is_supported
+from model.names import shown
 from web.security import Refused
 
 MAX_FILES = 100  # per request
@@ -140,13 +141,13 @@ class InboxUpload:
             problem = check_image(p.tmp)
             if problem:
                 os.unlink(p.tmp)
-                logger.info("upload {} refused: {}", p.filename, problem)
+                logger.info("upload {} refused: {}", shown(p.filename), shown(problem))
                 results.append({"name": p.filename, "ok": False, "reason": problem})
                 continue
             dest = publish_as(p.tmp, self.inbox / p.filename, "suffix")
             p.tmp = None
             fsync_dir(self.inbox)
-            logger.info("upload: {} ({} bytes) dropped into the inbox as {}", p.filename, p.size, dest.name)
+            logger.info("upload: {} ({} bytes) dropped into the inbox as {}", shown(p.filename), p.size, shown(dest.name))
             results.append({"name": p.filename, "ok": True, "saved_as": dest.name, "bytes": p.size})
         return results
 

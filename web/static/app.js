@@ -1,5 +1,6 @@
 // upscaled web page: plain JavaScript, no build step. Everything shown comes from the JSON API;
-// text from files (names, reasons) is only ever set as textContent, never as HTML.
+// text from files (names, reasons) is only ever set as textContent, never as HTML, and passes
+// through shown() first.
 "use strict";
 
 const body = document.body;
@@ -11,16 +12,34 @@ const $ = (sel) => document.querySelector(sel);
 
 // -- small helpers ---------------------------------------------------------------------------
 
+// Names come from anyone who can write to the inbox. A newline in one would forge a line of a
+// log box, a bidi override reverse what follows, ESC and friends hide in the text; a byte that
+// is not UTF-8 arrives as a lone surrogate (see web/app.py JSONResponse). Each is shown as an
+// escape (\n, \x1b, \u202e, \xff), as model/names.py shows names in the logs.
+const UNSHOWN = /[\p{Cc}\p{Cf}\p{Zl}\p{Zp}\p{Cs}]/gu;
+function escapeChar(ch) {
+  const o = ch.codePointAt(0);
+  if (o >= 0xdc80 && o <= 0xdcff) return "\\x" + (o - 0xdc00).toString(16).padStart(2, "0");
+  if (ch === "\n") return "\\n";
+  if (ch === "\r") return "\\r";
+  if (ch === "\t") return "\\t";
+  if (o < 0x100) return "\\x" + o.toString(16).padStart(2, "0");
+  return o < 0x10000 ? "\\u" + o.toString(16).padStart(4, "0") : "\\U" + o.toString(16).padStart(8, "0");
+}
+const shown = (text) => String(text ?? "").replace(UNSHOWN, escapeChar);
+function setText(node, text) { node.textContent = shown(text); }
+
 function el(tag, attrs, ...children) {
   const e = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
     if (v === null || v === undefined || v === false) continue;
     if (k === "class") e.className = v;
     else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
-    else if (k.startsWith("data-")) e.setAttribute(k, v);
+    else if (k.startsWith("data-")) e.setAttribute(k, v);  // raw: the API's own name, sent back as it came
+    else if (k === "title") e.title = shown(v);
     else e[k] = v;
   }
-  for (const c of children.flat()) e.append(c instanceof Node ? c : document.createTextNode(c ?? ""));
+  for (const c of children.flat()) e.append(c instanceof Node ? c : document.createTextNode(shown(c)));
   return e;
 }
 
@@ -44,7 +63,9 @@ function headers(extra) {
 }
 
 async function getJSON(url) {
-  const r = await fetch(url, {headers: {"Accept": "application/json"}});
+  // The token on reads too: with one configured, details (pids, tracebacks, folders) need it.
+  const t = sessionStorage.getItem("upscaled-token");
+  const r = await fetch(url, {headers: t ? {"Accept": "application/json", "X-Upscaled-Token": t} : {"Accept": "application/json"}});
   if (!r.ok) throw new Error((await r.json().catch(() => ({}))).error || r.statusText);
   return r.json();
 }
@@ -58,7 +79,7 @@ async function post(url, data) {
 
 function say(text, bad) {
   const m = $("#msg");
-  m.textContent = text;
+  setText(m, text);
   m.className = bad ? "bad" : "good";
   m.hidden = false;
   clearTimeout(say.timer);
@@ -135,7 +156,7 @@ async function refresh(now) {
     if (v === "models") await loadModels();
     if (v === "train") await loadTrain();
   } catch (e) {
-    $("#daemon-pill").textContent = "page: " + e.message;
+    setText($("#daemon-pill"), "page: " + e.message);
   } finally {
     refreshing = false;
   }
@@ -148,9 +169,9 @@ function renderOverview(o) {
   const pill = $("#daemon-pill");
   pill.textContent = d.running ? (o.ready ? "daemon ready" : "daemon " + d.state) : "daemon not running";
   pill.className = "status-pill " + (o.ready ? "ok" : d.running ? "warn" : "bad");
-  pill.title = o.problems.join("; ");
-  $("#ov-model-version").textContent = m.version || "—";
-  $("#ov-model-detail").textContent = m.version ? `${m.origin || ""} ${m.file || ""} on ${m.device || "?"}, loaded ${when(m.loaded_at)}` : "";
+  pill.title = shown(o.problems.join("; "));
+  setText($("#ov-model-version"), m.version || "—");
+  setText($("#ov-model-detail"), m.version ? `${m.origin || ""} ${m.file || ""} on ${m.device || "?"}, loaded ${when(m.loaded_at)}` : "");
   const f = $("#ov-figures");
   f.replaceChildren();
   if (m.figures && m.figures.psnr_y !== undefined) {
@@ -166,7 +187,7 @@ function renderOverview(o) {
   const ev = [];
   if (m.loading) ev.push(`loading ${m.loading.file}: ${m.loading.step}`);
   if (m.refused) ev.push(`refused ${m.refused.file}: ${m.refused.reason}`);
-  $("#ov-model-events").textContent = ev.join(" · ");
+  setText($("#ov-model-events"), ev.join(" · "));
   $("#ov-queued").textContent = c.queued ?? "—";
   $("#ov-inflight").textContent = c.in_flight ?? "—";
   $("#ov-processed").textContent = c.processed ?? "—";
@@ -179,8 +200,8 @@ function renderOverview(o) {
        {xfmt: x => x === 0 ? "now" : Math.abs(x) < 120 ? `${Math.round(x)} s` : `${Math.round(x / 60)} min`});
   let any = false;
   const le = $("#ov-last-error"), lf = $("#ov-last-failed");
-  le.textContent = o.last_error ? `last error: ${o.last_error.file}: ${o.last_error.reason} (${when(o.last_error.time)})` : "";
-  lf.textContent = o.last_failed ? `last failed: ${o.last_failed.file}: ${o.last_failed.reason} (${when(o.last_failed.time)})` : "";
+  setText(le, o.last_error ? `last error: ${o.last_error.file}: ${o.last_error.reason} (${when(o.last_error.time)})` : "");
+  setText(lf, o.last_failed ? `last failed: ${o.last_failed.file}: ${o.last_failed.reason} (${when(o.last_failed.time)})` : "");
   any = !!(o.last_error || o.last_failed);
   $("#ov-retrying-list").replaceChildren(...o.retrying.map(r => el("li", {}, `retrying ${r.file}: ${r.problem} (attempt ${r.attempts}, next in ${r.next_in_s} s)`)));
   $("#ov-blocked-list").replaceChildren(...o.blocked.map(b => el("li", {}, `skipped ${b.file}: ${b.reason}`)));
@@ -241,8 +262,8 @@ async function openCompare(out) {
   cmp.out = out; cmp.zoom = null;
   const g = await getJSON("/api/compare?out=" + encodeURIComponent(out));
   cmp.geo = g;
-  $("#cmp-info").textContent = `${g.width}×${g.height} output` + (g.model_version ? `, model ${short(g.model_version)}` : "") +
-    (g.before_available ? "" : ` — ${g.why_no_before}`);
+  setText($("#cmp-info"), `${g.width}×${g.height} output` + (g.model_version ? `, model ${short(g.model_version)}` : "") +
+    (g.before_available ? "" : ` — ${g.why_no_before}`));
   showFit();
 }
 
@@ -308,7 +329,7 @@ async function upload(fileList) {
   list.prepend(item);
   const r = await fetch("/api/upload", {method: "POST", headers: headers(), body: form});
   const j = await r.json().catch(() => ({error: r.statusText}));
-  if (j.error) { item.textContent = "upload refused: " + j.error; item.className = "bad"; return; }
+  if (j.error) { setText(item, "upload refused: " + j.error); item.className = "bad"; return; }
   item.remove();
   for (const f of j.files) {
     list.prepend(el("li", {class: f.ok ? "good upload-ok" : "bad upload-refused", "data-name": f.name},
@@ -351,7 +372,7 @@ function showLog(res, what) {
   box.className = "log " + (res.ok ? "good" : "bad");
   const lines = (res.json.log || []).map(l => `${l.level.toLowerCase()}: ${l.text}`);
   if (res.json.error) lines.push(res.json.error);
-  box.textContent = `${what}: ${res.ok ? "done" : "refused"}\n` + lines.join("\n");
+  box.textContent = [`${what}: ${res.ok ? "done" : "refused"}`, ...lines].map(shown).join("\n");  // a line per line
 }
 
 async function promote(name) {
@@ -395,8 +416,8 @@ async function loadRuns(box, withControls) {
         el("div", {class: "run-actions"}));
       box.append(card);
     }
-    card.querySelector(".run-state").textContent = `${r.state}, step ${r.step}${r.steps ? " of " + r.steps : ""}` +
-      (r.best !== null ? `, best PSNR-Y ${r.best.toFixed(2)} dB` : "");
+    setText(card.querySelector(".run-state"), `${r.state}, step ${r.step}${r.steps ? " of " + r.steps : ""}` +
+      (r.best !== null ? `, best PSNR-Y ${r.best.toFixed(2)} dB` : ""));
     const d = await getJSON("/api/runs/" + encodeURIComponent(r.name));
     runCache[r.name] = d;
     plot(card.querySelector(".run-curve"), curveSeries(d.curve).val, {empty: "no validation yet", xfmt: stepFmt});
@@ -419,7 +440,7 @@ async function loadRuns(box, withControls) {
 async function loadTrain() {
   const st = await getJSON("/api/train");
   const s = $("#train-state");
-  s.textContent = st.running ? `training: ${st.run} (${st.phase}, pid ${st.pid})` : (st.last_exit ? `last run ${st.last_exit.run}: ${st.last_exit.what}` : "no run going");
+  setText(s, st.running ? `training: ${st.run} (${st.phase}${st.pid ? ", pid " + st.pid : ""})` : (st.last_exit ? `last run ${st.last_exit.run}: ${st.last_exit.what}` : "no run going"));
   s.dataset.running = String(!!st.running);
   $("#train-start").disabled = !!st.running || READ_ONLY;
   $("#train-stop").disabled = !st.running || READ_ONLY;
