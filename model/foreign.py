@@ -15,7 +15,6 @@ tensors, and checks spandrel detects the architecture the metadata names.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import warnings
@@ -292,14 +291,6 @@ def servable(desc, where: str) -> None:
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:60] or "model"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -186,7 +186,31 @@ def test_pickle_payload_is_refused_without_running_it(tmp_path):
     config = config_for(tmp_path)
     r = cli("models", "import", str(evil), config=config)
     assert r.returncode != 0 and "refused" in r.stderr and "nothing in it was run" in r.stderr
+    assert "builtin__.exec," in r.stderr  # the global it asked for (protocol 2 names builtins so), never run
     assert not marker.exists()  # the payload never ran
+    assert not list((tmp_path / "models").glob("*.safetensors"))  # nothing imported
+
+
+def test_files_that_are_not_checkpoints_exit_2_with_a_message(tmp_path):
+    """Issue 23: an empty .pth crashed the error handler (IndexError), a zip whose central
+    directory is damaged crashed in the TorchScript check (NotImplementedError), and random
+    bytes were called a pickle that could run code."""
+    config = config_for(tmp_path)
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "random.pth").write_bytes(np.random.default_rng(7).integers(0, 256, 4096, np.uint8).tobytes())
+    torch.save({"conv_first.weight": torch.zeros(8, 3, 3, 3)}, tmp_path / "whole.pth")
+    data = bytearray((tmp_path / "whole.pth").read_bytes())
+    entry = data.find(b"PK\x01\x02")  # the first central directory entry ...
+    data[entry + 6] = 0xFF  # ... needs zip version 25.5 to extract: zipfile raises NotImplementedError
+    (tmp_path / "damaged.pth").write_bytes(bytes(data))
+    cases = {"empty.pth": "an empty file (0 bytes), not a checkpoint",
+             "random.pth": "not a checkpoint: neither a PyTorch archive nor a pickle",
+             "damaged.pth": "a damaged zip archive (zip file version 25.5)"}
+    for name, words in cases.items():
+        r = cli("models", "import", str(tmp_path / name), config=config)
+        assert r.returncode == 2, (name, r.returncode, r.stderr[-2000:])
+        assert words in r.stderr and "Traceback" not in r.stderr, (name, r.stderr[-2000:])
+        assert "could run code" not in r.stderr, (name, r.stderr[-2000:])
     assert not list((tmp_path / "models").glob("*.safetensors"))  # nothing imported
 
 

@@ -162,7 +162,7 @@ def cmd_import(cfg: Config, file: Path, name: str | None, val: Path | None, lice
     """Convert a checkpoint trained elsewhere into upscaled's format, in the models folder (not
     served until promoted). The one place a foreign file is read: see model/foreign.py."""
     from model.checkpoint import CheckpointInfo, new_version, write_checkpoint
-    from model.foreign import FOREIGN_ARCH, ForeignSpec, detect, read_foreign_weights, servable, sha256_file, slug
+    from model.foreign import FOREIGN_ARCH, ForeignSpec, detect, read_foreign_weights, servable, slug
 
     if not file.is_file():
         raise CheckpointError(f"{file}: no such file")
@@ -171,7 +171,7 @@ def cmd_import(cfg: Config, file: Path, name: str | None, val: Path | None, lice
     state = read_foreign_weights(file)
     desc = detect(state, str(file))
     servable(desc, str(file))
-    source = {"file": file.name, "sha256": sha256_file(file), **({"licence": licence} if licence else {})}
+    source = {"file": file.name, "sha256": store.sha256_of(file), **({"licence": licence} if licence else {})}
     spec = ForeignSpec.of(desc, source)
     weights = {k: v.detach().to("cpu").contiguous() for k, v in desc.model.state_dict().items()}
     version, created = new_version(weights, slug(name or f"{file.stem}"))
