@@ -35,7 +35,7 @@ from typing import Any
 from loguru import logger
 
 from model.errors import CheckpointError
-from model.store import CURRENT, verified_current
+from model.store import CURRENT, current_checkpoint, verified_current
 from upscaled.config import Config
 
 Key = tuple  # identity of a candidate: (path, size, mtime_ns), or a problem marker
@@ -170,8 +170,11 @@ class ModelSlot:
         # checkpoint dropped into the folder any other way is refused before it is loaded.
         try:
             published = verified_current(self.models_dir)
-        except (ValueError, CheckpointError) as e:  # CheckpointError: Untrusted
-            return Wanted("published", None, ("invalid", str(e), _key_of(self.models_dir / CURRENT)), str(e))
+        except CheckpointError as e:  # Untrusted: named in the status, never loaded
+            named = current_checkpoint(self.models_dir)
+            return Wanted("published", named, ("untrusted", str(e), _key_of(self.models_dir / CURRENT)), str(e))
+        except ValueError as e:
+            return Wanted("published", None, ("invalid", str(e)), str(e))
         except OSError as e:
             return Wanted("published", None, ("unreadable", str(e)), f"{self.models_dir / CURRENT}: cannot read: {e.strerror or e}")
         if published is None:

@@ -18,6 +18,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -476,3 +478,202 @@ def test_previews_line_up_and_never_send_the_whole_output(tmp_path):
     assert crop_a.size == crop_b.size == (512, 512)  # clamped to the image: x 688..1200
     assert (crop_a.convert("RGB").getpixel((0, 0)), crop_a.size) == (big.crop((688, 100, 689, 101)).getpixel((0, 0)), (512, 512))
     assert len(list((tmp_path / "cache").rglob("*.bin"))) == 4  # cached: made once
+
+
+# -- issue 23: hostile names, Retry through links, details, models nobody promoted --------------
+
+
+def _files(site) -> dict:
+    r = httpx.get(site["base"] + "/api/files")
+    assert r.status_code == 200, r.text[:500]
+    return r.json()
+
+
+def test_retry_and_the_list_agree_on_a_255_byte_name(site):
+    """Issue 23 (9): the daemon clips a record's name to fit (244 bytes + .error.json); the list
+    paired record and file by cutting the suffix off, and Retry looked for NAME.error.json
+    (266 bytes: ENAMETOOLONG, a 500)."""
+    root = site["root"]
+    name = "long-" + "n" * 246 + ".png"
+    assert len(name.encode()) == 255
+    (root / "inbox" / name).write_bytes(b"\x00 not an image, and a name as long as Linux allows")
+    record = root / "failed" / (name[:244] + ".error.json")
+    wait_for(lambda: record.exists() and (root / "failed" / name).exists(), 30, 0.2, "the daemon to fail it")
+    rows = [r for r in _files(site)["failed"] if r["file"].startswith("long-")]
+    assert [(r["file"], r["exists"]) for r in rows] == [(name, True)], rows
+    assert "not an image" in rows[0]["reason"]
+    r = httpx.post(site["base"] + "/api/retry", json={"file": name}, headers=PAGE)
+    assert r.status_code == 200 and r.json()["inbox"] == name, r.text
+    assert not (root / "failed" / name).exists() and not record.exists()
+    wait_for(lambda: (root / "failed" / name).exists() and record.exists(), 30, 0.2, "the daemon to fail it again")
+
+
+HOSTILE_NAME = "ctl\n\x1b]0;pwned\x07<b>bold</b>\u202egnp.png"  # a forged line, an OSC title, HTML, a bidi override
+
+
+def test_hostile_names_are_listed_escaped_on_the_page_and_retried_as_they_are(site, chrome):
+    """Issue 23 (3, 6 on the page): a name that is not UTF-8 made /api/files answer 500 (UTF-8
+    cannot encode it); names with control characters were shown raw."""
+    root = site["root"]
+    undecodable = os.fsencode(root / "inbox") + b"/bad\xff.png"
+    with open(undecodable, "wb") as f:
+        f.write(b"\x00 not an image")
+    (root / "inbox" / HOSTILE_NAME).write_bytes(b"\x00 not an image either")
+    wait_for(lambda: {"bad\udcff.png", HOSTILE_NAME} <= {r["file"] for r in _files(site)["failed"]}, 30, 0.2,
+             "the daemon to fail both")
+    r = httpx.post(site["base"] + "/api/retry", json={"file": "bad\udcff.png"}, headers=PAGE)
+    assert r.status_code == 200 and r.json()["inbox"] == "bad\udcff.png", r.text  # the very file, its bytes kept
+    wait_for(lambda: "bad\udcff.png" in {r["file"] for r in _files(site)["failed"]}, 30, 0.2, "it to fail again")
+    view(chrome, site, "files")
+    cells = until(chrome, lambda d: [c for c in d.execute_script(
+        "return [...document.querySelectorAll('#files-failed td')].map(td => td.textContent);")
+        if c.startswith(("ctl", "bad"))], what="both rows")
+    assert "ctl\\n\\x1b]0;pwned\\x07<b>bold</b>\\u202egnp.png" in cells, cells  # escaped, text, not HTML
+    assert "bad\\xff.png" in cells, cells
+    assert not chrome.find_elements("css selector", "#files-failed b")
+
+
+def test_retry_never_writes_through_a_link_and_the_daemon_serves_only_what_promote_signed(tmp_path):
+    """Issue 23 (2), the chain as it was reproduced: a checkpoint and a `current` dropped into the
+    inbox fail; their folder is swapped for a link to the models folder; two Retries moved them
+    there and the daemon served the dropped model, past promote's gates. Now Retry refuses the
+    link, and a `current` or checkpoint put in the models folder any other way is refused by the
+    daemon, while the trainer's gate (trainer/publish.py) still publishes what the daemon serves."""
+    from model import store
+    from trainer.publish import publish_if_better
+    from trainer.validation import ValidationSet
+
+    root = tmp_path
+    served = tiny_checkpoint(root / "a.safetensors")
+    evil = root / "evil-src.safetensors"
+    save_checkpoint(evil, Generator(TINY).eval(), step=666)
+    models = root / "models"
+    store.publish(models, served)
+    cfg, config = make_config(root, served, model={"path": None})
+    daemon = serve(config, log=root / "serve.log", env={"OMP_NUM_THREADS": "1"})
+    port = free_port()
+    page = web(config, f"127.0.0.1:{port}", log=root / "web.log")
+    base = f"http://127.0.0.1:{port}"
+
+    def status() -> dict:
+        try:
+            return json.loads(cfg.path("status").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def refused(name: str, words: str) -> dict:
+        st = wait_for(lambda: (s := status()).get("model", {}).get("refused") and words in s["model"]["refused"]["reason"]
+                      and s, 30, 0.2, f"{name} refused ({words})")
+        assert st["model"]["refused"]["file"] == name and st["model_version"] == v1, st["model"]
+        return st
+
+    v1 = read_info(served).version
+    try:
+        wait_for(lambda: status().get("model_version") == v1, 60, 0.2, "the daemon to serve the published model")
+        wait_up(base, page, root / "web.log")
+        drop = root / "inbox" / "evil"
+        drop.mkdir()
+        (drop / "evil.safetensors").write_bytes(evil.read_bytes())
+        (drop / "current").write_text("evil.safetensors\n")
+        failed = root / "failed" / "evil"
+        wait_for(lambda: (failed / "current.error.json").exists() and (failed / "evil.safetensors.error.json").exists(),
+                 30, 0.2, "the daemon to fail both drops")
+        pointer = (models / "current").read_bytes()
+        import shutil
+
+        shutil.rmtree(drop, ignore_errors=True)
+        drop.symlink_to(models, target_is_directory=True)
+        for name in ("evil/evil.safetensors", "evil/current"):
+            r = httpx.post(base + "/api/retry", json={"file": name}, headers=PAGE)
+            assert r.status_code == 409 and "symbolic link" in r.json()["error"], (name, r.status_code, r.text)
+        assert (models / "current").read_bytes() == pointer and not (models / "evil.safetensors").exists()
+        assert (failed / "current").is_file() and (failed / "current.error.json").is_file()  # left as they were
+        # A link to a folder outside every configured one: refused the same way, nothing written there.
+        outside = root / "elsewhere"
+        outside.mkdir()
+        drop.unlink()
+        drop.symlink_to(outside, target_is_directory=True)
+        assert httpx.post(base + "/api/retry", json={"file": "evil/current"}, headers=PAGE).status_code == 409
+        assert list(outside.iterdir()) == []
+
+        # Put there some other way: a pointer without promote's record is refused, the old model serves.
+        shutil.copyfile(evil, models / "evil.safetensors")
+        (models / "current").write_text("evil.safetensors\n")
+        refused("evil.safetensors", "without a publishing record")
+        # A record with a digest but an HMAC made without the key.
+        digest = store.sha256_of(models / "evil.safetensors")
+        (models / "current").write_text(f"evil.safetensors sha256:{digest} hmac-sha256:{'0' * 64}\n")
+        refused("evil.safetensors", "did not sign")
+        # The published file's bytes swapped under a valid record.
+        (models / "current").write_bytes(pointer)
+        time.sleep(0.5)
+        shutil.copyfile(evil, models / f"{v1}.safetensors.swap")
+        os.replace(models / f"{v1}.safetensors.swap", models / f"{v1}.safetensors")
+        refused(f"{v1}.safetensors", "not the checkpoint that was published")
+        assert httpx.post(base + "/api/rollback", json={"version": "evil.safetensors"},
+                          headers=PAGE).json()["ok"] is False  # the page's Serve cannot sign it either
+
+        # The trainer's gate publishes a candidate (the tampered current is no bar), and it is served.
+        val = root / "val"
+        for i in range(2):
+            (val / f"v{i}.png").parent.mkdir(exist_ok=True)
+            (val / f"v{i}.png").write_bytes(png_bytes(32, 32, 40 + i))
+        cand = root / "cand.safetensors"
+        save_checkpoint(cand, Generator(TINY).eval(), step=7)
+        result = publish_if_better(cand, ValidationSet.load(val, 4), models)
+        assert result.published and result.current_origin == "untrusted", result
+        assert store.verified_current(models)[0].name == Path(result.target).name
+        wait_for(lambda: status().get("model_version") == read_info(cand).version, 60, 0.2, "the daemon to serve it")
+    finally:
+        stop(page)
+        assert stop(daemon) == 0, (root / "serve.log").read_text()[-3000:]
+
+
+def test_read_endpoints_keep_details_behind_the_token_and_hosts_are_normalised(tmp_path):
+    """Issue 23 (4): /api/overview and /api/train gave anyone the pid, the host name, errors with
+    absolute paths and a fatal traceback; the Host check took "evil@localhost"."""
+    root = tmp_path
+    cfg, config = make_config(root, tiny_checkpoint(root / "a.safetensors"))
+    inbox = cfg.path("inbox")
+    status = {"state": "stopped", "pid": 424242, "host": "secret-host-name", "started": "2026-12-04T10:00:00+00:00",
+              "updated": "2026-12-04T10:00:00+00:00",
+              "fatal": {"reason": f"PermissionError: [Errno 13] Permission denied: '{inbox}/sub/a.png'",
+                        "time": "2026-12-04T10:00:00+00:00",
+                        "traceback": 'File "/opt/upscaled/.venv/lib/python3.11/site-packages/x/y.py", line 3, in z'},
+              "last_error": {"file": "sub/a.png", "reason": f"cannot read {inbox}/sub/a.png (see /etc/upscaled/x.yaml)",
+                             "time": "2026-12-04T10:00:00+00:00"}}
+    cfg.path("status").write_text(json.dumps(status))
+    token = "read-token-of-the-test-0123456789"
+    (root / "token").write_text(token + "\n")
+    port = free_port()
+    proc = web(config, f"127.0.0.1:{port}", "--set", f"web.token_file={root / 'token'}", log=root / "web.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_up(base, proc, root / "web.log")
+        for path in ("/api/overview", "/api/train"):
+            r = httpx.get(base + path)
+            assert r.status_code == 200
+            assert "424242" not in r.text and "secret-host-name" not in r.text and "y.py" not in r.text, r.text
+            assert str(root) not in r.text and "/etc/" not in r.text and "/opt/" not in r.text, r.text
+        o = httpx.get(base + "/api/overview").json()
+        assert o["last_error"]["reason"] == "cannot read inbox/sub/a.png (see …/x.yaml)", o["last_error"]
+        assert o["daemon"]["fatal"]["reason"].endswith("Permission denied: 'inbox/sub/a.png'")
+        assert "traceback" not in o["daemon"]["fatal"] and o["access"]["details"] is False
+        assert "data" not in httpx.get(base + "/api/train").json()["defaults"]
+        full = httpx.get(base + "/api/overview", headers={"X-Upscaled-Token": token}).json()
+        assert full["daemon"]["pid"] == 424242 and full["daemon"]["host"] == "secret-host-name"
+        assert "y.py" in full["daemon"]["fatal"]["traceback"] and full["access"]["details"] is True
+        assert str(root) not in json.dumps(full)  # paths stay relative for token holders too
+        # Host names: parsed strictly and compared normalised.
+        for host in ("evil@localhost", f"evil@localhost:{port}", "localhost evil", "evil.example", ""):
+            assert httpx.get(base + "/api/overview", headers={"Host": host}).status_code == 421, host
+        assert httpx.get(base + "/api/overview", headers={"Host": f"LOCALHOST.:{port}"}).status_code == 200
+        good = {**PAGE, "X-Upscaled-Token": token, "Sec-Fetch-Site": "same-origin"}
+        r = httpx.post(base + "/api/retry", json={"file": "none.png"},
+                       headers={**good, "Host": f"LOCALHOST:{port}", "Origin": f"http://localhost:{port}"})
+        assert r.status_code == 404, r.text  # the same origin, past the guard
+        for origin in (f"http://evil@localhost:{port}", f"http://localhost:{port}/x", f"http://localhost:{port + 1}"):
+            r = httpx.post(base + "/api/retry", json={"file": "none.png"}, headers={**good, "Origin": origin})
+            assert r.status_code == 403, (origin, r.text)
+    finally:
+        stop(proc)
