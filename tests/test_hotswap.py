@@ -151,6 +151,16 @@ def load(path: Path):
     return load_generator(path)
 
 
+def signed(models: Path, name: str, digest: str | None = None) -> None:
+    """Record `name` as publish would (signed with the folder's key) and point `current` at it,
+    without publish's load check: the daemon's own verification is what these tests exercise.
+    `digest`: the sha256 to record (default: the file's own)."""
+    digest = digest or store.sha256_of(models / name)
+    rec = store.Record(name, digest, store._mac(store._key(models, create=True), name, digest))
+    store._write_records(models, {**store.records(models), name: rec})
+    atomic_write_text(models / store.CURRENT, rec.line() + "\n")
+
+
 def wrong_arch(path: Path) -> None:
     """A well-formed safetensors whose upscaled metadata names an unknown architecture."""
     from safetensors.torch import save_file
@@ -186,9 +196,9 @@ def test_bad_candidates_are_refused_and_the_old_model_keeps_serving(tmp_path):
     try:
         for i, (name, words) in enumerate(cases):
             if (models / name).exists():
-                store.set_current(models, name)  # bypasses promote's checks
-            else:
-                atomic_write_text(models / "current", name + "\n")
+                signed(models, name)  # bypasses promote's checks
+            else:  # recorded as the good model it will become (below), but not there yet
+                signed(models, name, store.sha256_of(tmp_path / "good.safetensors"))
             st = wait_for(lambda: (s := status(root)).get("model", {}).get("refused") and
                           s["model"]["refused"]["file"] == name and s, 15, what=f"{name} refused")
             reason = st["model"]["refused"]["reason"].replace(str(models / name), "")  # not the file name
@@ -297,7 +307,7 @@ def test_a_bad_current_at_start_up_falls_back_to_the_bundled_default(tmp_path):
     root, svc = in_process(tmp_path, tmp_path / "v1.safetensors")
     (root / "models").mkdir()
     checkpoint(root / "models" / "nan.safetensors", seed=4, nan=True)
-    store.set_current(root / "models", "nan.safetensors")
+    signed(root / "models", "nan.safetensors")
     try:
         svc.startup()
         assert svc.upscaler.version == read_info(BUNDLED_DEFAULT).version
