@@ -508,7 +508,7 @@ def test_retry_and_the_list_agree_on_a_255_byte_name(site):
     wait_for(lambda: (root / "failed" / name).exists() and record.exists(), 30, 0.2, "the daemon to fail it again")
 
 
-HOSTILE_NAME = "ctl\n\x1b]0;pwned\x07<b>bold</b>\u202egnp.png"  # a forged line, an OSC title, HTML, a bidi override
+HOSTILE_NAME = "ctl\n\x1b]0;pwned\x07<b>bold<img src=x>\u202egnp.png"  # a forged line, an OSC title, HTML, a bidi override
 
 
 def test_hostile_names_are_listed_escaped_on_the_page_and_retried_as_they_are(site, chrome):
@@ -521,16 +521,18 @@ def test_hostile_names_are_listed_escaped_on_the_page_and_retried_as_they_are(si
     (root / "inbox" / HOSTILE_NAME).write_bytes(b"\x00 not an image either")
     wait_for(lambda: {"bad\udcff.png", HOSTILE_NAME} <= {r["file"] for r in _files(site)["failed"]}, 30, 0.2,
              "the daemon to fail both")
-    r = httpx.post(site["base"] + "/api/retry", json={"file": "bad\udcff.png"}, headers=PAGE)
+    # As the page's JSON.stringify sends it: the lone surrogate as a \udcff escape.
+    r = httpx.post(site["base"] + "/api/retry", content=json.dumps({"file": "bad\udcff.png"}),
+                   headers={**PAGE, "Content-Type": "application/json"})
     assert r.status_code == 200 and r.json()["inbox"] == "bad\udcff.png", r.text  # the very file, its bytes kept
     wait_for(lambda: "bad\udcff.png" in {r["file"] for r in _files(site)["failed"]}, 30, 0.2, "it to fail again")
     view(chrome, site, "files")
     cells = until(chrome, lambda d: [c for c in d.execute_script(
         "return [...document.querySelectorAll('#files-failed td')].map(td => td.textContent);")
         if c.startswith(("ctl", "bad"))], what="both rows")
-    assert "ctl\\n\\x1b]0;pwned\\x07<b>bold</b>\\u202egnp.png" in cells, cells  # escaped, text, not HTML
+    assert "ctl\\n\\x1b]0;pwned\\x07<b>bold<img src=x>\\u202egnp.png" in cells, cells  # escaped, text, not HTML
     assert "bad\\xff.png" in cells, cells
-    assert not chrome.find_elements("css selector", "#files-failed b")
+    assert not chrome.find_elements("css selector", "#files-failed b, #files-failed img")
 
 
 def test_retry_never_writes_through_a_link_and_the_daemon_serves_only_what_promote_signed(tmp_path):
