@@ -342,7 +342,8 @@ def test_writes_need_the_page_the_same_origin_and_the_token(site, tmp_path):
     base = f"http://127.0.0.1:{port}"
     try:
         wait_up(base, proc, tmp_path / "web.log")
-        assert httpx.get(base + "/api/overview").json()["access"] == {"read_only": False, "token_required": True}
+        assert httpx.get(base + "/api/overview").json()["access"] == {"read_only": False, "token_required": True,
+                                                                      "details": False}  # no token sent
         retry = base + "/api/retry"
         body = {"file": "nothing.png"}
         assert httpx.post(retry, json=body).status_code == 403  # not from the page
