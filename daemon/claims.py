@@ -275,6 +275,8 @@ class Claims:
     def clear_deaths(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.work / DEATHS / self._key(rel)).unlink()
+            with contextlib.suppress(OSError):
+                (self.work / DEATHS).rmdir()  # only when empty
 
     def _count_deaths(self, owner: Path) -> None:
         """The inputs a dead owner was running: one more death each."""
@@ -493,6 +495,8 @@ class Claims:
         if back:
             logger.warning("gave {} file(s) claimed by dead daemons back to the inbox", len(back))
         self._sweep_written()
+        with contextlib.suppress(OSError):
+            (self.work / DEATHS).rmdir()  # only when empty: no input has a death on record
         return back
 
     def _sweep_written(self) -> None:
