@@ -18,6 +18,12 @@ folders on the way one at a time with O_NOFOLLOW and renames relative to the las
 (model.atomic.folder_of), so a link anywhere under the inbox is never passed through, however
 the swap is timed.
 
+An input being decoded, upscaled or encoded has a marker in `work/<owner>/running/`. When a
+dead owner is recovered, each of its markers adds one to that input's count in `work/deaths/`
+(keyed by path, size and mtime); an input whose count reaches POISON (it was running when the
+daemon died twice in a row: killed for memory, a crash in a decoder) goes to failed/ as poison
+at its next claim instead of killing the daemon again. A finished input's count is removed.
+
 With `daemon.originals: keep`, processed originals are renamed back into the inbox and recorded
 in `work/kept.jsonl` (relative path, size, mtime): a file matching an entry is not processed
 again; a changed file (new size or mtime) is.
@@ -49,6 +55,9 @@ FILES = "files"
 ADOPTED = "adopted"
 KEPT_LEDGER = "kept.jsonl"
 WRITTEN = "written"  # work/written/: outputs already durable for inputs not yet moved to done/
+RUNNING = "running"  # work/<owner>/running/: inputs being decoded, upscaled or encoded right now
+DEATHS = "deaths"  # work/deaths/: inputs that were running when their daemon died, and how often
+POISON = 2  # an input running when its daemon died this many times in a row goes to failed/
 STALE_LEASES = 6  # a lease this many intervals old belongs to a dead (or hopelessly stuck) owner
 
 # ---------------------------------------------------------------------------------------------
@@ -237,6 +246,67 @@ class Claims:
                 return cand
         return None
 
+    # -- inputs running when their daemon died ------------------------------------------------------
+
+    @staticmethod
+    def _key(rel: str) -> str:
+        return hashlib.sha1(os.fsencode(rel)).hexdigest() + ".json"
+
+    def running(self, rel: str, source: os.stat_result) -> None:
+        """`rel` is about to be decoded: a marker its death would leave behind. Not fsynced: a
+        process that dies leaves the page cache behind, and that is the death that counts."""
+        d = self.folder / RUNNING
+        d.mkdir(exist_ok=True)
+        (d / self._key(rel)).write_text(json.dumps({"file": rel, "size": source.st_size, "mtime_ns": source.st_mtime_ns}))
+
+    def not_running(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.folder / RUNNING / self._key(rel)).unlink()
+
+    def deaths(self, rel: str, source: os.stat_result) -> int:
+        """How many times in a row a daemon died while this very input (same size and mtime) ran."""
+        try:
+            e = json.loads((self.work / DEATHS / self._key(rel)).read_text())
+        except (OSError, ValueError):
+            return 0
+        same = (e.get("file"), e.get("size"), e.get("mtime_ns")) == (rel, source.st_size, source.st_mtime_ns)
+        return int(e.get("deaths", 0)) if same else 0
+
+    def clear_deaths(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.work / DEATHS / self._key(rel)).unlink()
+            with contextlib.suppress(OSError):
+                (self.work / DEATHS).rmdir()  # only when empty
+
+    def _count_deaths(self, owner: Path) -> None:
+        """The inputs a dead owner was running: one more death each."""
+        folder = owner / RUNNING
+        if not folder.is_dir():
+            return
+        (self.work / DEATHS).mkdir(exist_ok=True)
+        for m in folder.iterdir():
+            try:
+                e = json.loads(m.read_text())
+                rel, size, mtime_ns = e["file"], e["size"], e["mtime_ns"]
+            except (OSError, ValueError, KeyError, TypeError):
+                rel = None
+            if isinstance(rel, str):
+                n = 0
+                record = self.work / DEATHS / m.name
+                try:
+                    old = json.loads(record.read_text())
+                    if (old.get("file"), old.get("size"), old.get("mtime_ns")) == (rel, size, mtime_ns):
+                        n = int(old.get("deaths", 0))
+                except (OSError, ValueError, TypeError):
+                    pass
+                atomic_write_text(record, json.dumps({"file": rel, "size": size, "mtime_ns": mtime_ns, "deaths": n + 1}))
+                logger.warning("{} was being processed when daemon {} died ({} time(s) in a row{})", shown(rel), owner.name,
+                               n + 1, "; it goes to failed/ as poison" if n + 1 >= POISON else "")
+            with contextlib.suppress(OSError):
+                m.unlink()
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
     def clear_written(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._marker(rel).unlink()
@@ -295,6 +365,7 @@ class Claims:
         or a folder on its way is a symbolic link (then it stays claimed, and is recovered on the
         next start)."""
         src = self.files / rel
+        self.not_running(rel)
         try:
             self._into_inbox(src, rel)
         except FileExistsError:
@@ -395,7 +466,7 @@ class Claims:
         """Give back the claims of dead owners; returns the relative paths put back in the inbox."""
         try:
             owners = [p for p in self.work.iterdir()
-                      if p.is_dir() and p.name not in (self.name, WRITTEN) and not p.is_symlink()]
+                      if p.is_dir() and p.name not in (self.name, WRITTEN, DEATHS) and not p.is_symlink()]
         except FileNotFoundError:
             return []
         back: list[str] = []
@@ -424,13 +495,15 @@ class Claims:
         if back:
             logger.warning("gave {} file(s) claimed by dead daemons back to the inbox", len(back))
         self._sweep_written()
+        with contextlib.suppress(OSError):
+            (self.work / DEATHS).rmdir()  # only when empty: no input has a death on record
         return back
 
     def _sweep_written(self) -> None:
         """Remove markers whose input is nowhere any more: a daemon killed after moving the original
         to done/ but before removing the marker leaves one behind, which must not outlive it (a
         later file of that name, size and mtime would otherwise replace this output)."""
-        for m in (self.work / WRITTEN).glob("*.json"):
+        for m in [*(self.work / WRITTEN).glob("*.json"), *(self.work / DEATHS).glob("*.json")]:
             try:
                 rel = json.loads(m.read_text())["file"]
             except (OSError, ValueError, KeyError, TypeError):
@@ -451,6 +524,7 @@ class Claims:
 
     def _give_back(self, owner: Path) -> list[str]:
         back: list[str] = []
+        self._count_deaths(owner)
         files = owner / FILES
         left = False
 

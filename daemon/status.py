@@ -38,6 +38,7 @@ REASON_CLASSES = (
     ("not a readable image", "unreadable"),
     ("animated/multi-page", "animated"),
     ("too large to process", "too_large"),
+    ("poison:", "poison"),
     ("already exists in the outbox", "output_exists"),
     ("file name is too long", "name_too_long"),
     ("path is too long", "name_too_long"),

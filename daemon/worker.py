@@ -36,10 +36,11 @@ from typing import Callable
 
 from loguru import logger
 
-from daemon.claims import Claims, place
+from daemon import memory
+from daemon.claims import POISON, Claims, place
 from daemon.job import STAGE_OF, TERMINAL, Failure, Job, JobState, Stage
 from model.atomic import atomic_open, atomic_write_text, sidecar
-from model.images import PILLOW_READS_RGBX, ImageError, decode, encode_to, output_name
+from model.images import PILLOW_READS_RGBX, ImageError, decode, encode_to, output_name, read_header
 from upscaled import outscale
 from upscaled.config import Config
 
@@ -107,6 +108,7 @@ class Worker:
         self.claims = claims
         self.on_progress: Callable[[int, int], None] | None = None  # tile progress of the running upscale
         self.folders = Folders(cfg.path("inbox"), cfg.path("outbox"), cfg.path("done"), cfg.path("failed"))
+        self.baseline = memory.resident()  # the daemon with its model loaded
 
     @property
     def model_version(self) -> str:
@@ -123,7 +125,14 @@ class Worker:
                 job.state = job.resume  # the back-off is over
             elif state is JobState.CLAIMED:
                 job.output, fmt = self._out(job)
-                job.input_bytes = job.claimed.stat().st_size
+                st = job.claimed.stat()
+                job.input_bytes = st.st_size
+                deaths = self.claims.deaths(job.rel, st)
+                if deaths >= POISON:
+                    raise ImageError(f"poison: the daemon died {deaths} times in a row while processing this file "
+                                     "(killed for memory, or a crash in a decoder); it is not tried again")
+                self._check_fits(job, fmt)
+                self.claims.running(job.rel, st)
                 job.decoded = decode(job.claimed)
                 job.size = job.decoded.size
                 job.timings["decode"] = time.perf_counter() - t0
@@ -181,10 +190,12 @@ class Worker:
                 with job.lock:
                     self._dispose_original(job)
                     self.claims.clear_written(job.rel)
+                    self.claims.clear_deaths(job.rel)
                     job.state = JobState.DONE
             elif state is JobState.REJECTED:
                 with job.lock:
                     self._to_failed(job)
+                    self.claims.clear_deaths(job.rel)
                     job.state = JobState.FAILED
             else:
                 raise AssertionError(f"no transition from {state}")
@@ -213,7 +224,29 @@ class Worker:
                 exc = "".join(traceback.format_exception_only(type(e), e)).strip()
                 job.failure = Failure(STAGE_OF[state], reason, exc)
                 job.state = JobState.REJECTED
+        if job.state not in (JobState.DECODED, JobState.UPSCALED) and state in (JobState.CLAIMED, JobState.DECODED,
+                                                                                 JobState.UPSCALED):
+            with contextlib.suppress(OSError):
+                self.claims.not_running(job.rel)  # out of decode, upscale and encode: a death now is not its fault
         return job
+
+    def _check_fits(self, job: Job, fmt: str) -> None:
+        """Refuse, before decoding, an image whose estimated peak memory the budget cannot hold."""
+        header = read_header(job.claimed)
+        if header is None:
+            return  # not an image we read: decode says why
+        up = self.upscaler
+        model_scale = getattr(up, "scale", self.cfg.model.scale)
+        scale = outscale.factor(self.cfg.output, (header.width, header.height), model_scale)
+        tiles = up.working_set((header.width, header.height)) if hasattr(up, "working_set") else 0
+        need = memory.peak_bytes(header, model_scale, scale, fmt, self.cfg.output.png_strategy == "fast", tiles)
+        budget = memory.budget(self.cfg.daemon.memory_budget_mb)  # read each time: SIGHUP may change it
+        if need > budget.bytes - self.baseline:
+            raise ImageError(
+                f"too large to process within the memory budget: a {header.width}x{header.height} image upscaled "
+                f"x{outscale.label(max(model_scale, scale))} is {memory.out_size(header, max(model_scale, scale))} and "
+                f"needs about {memory.describe(need)}; the budget is {memory.describe(budget.bytes)} "
+                f"({budget.source}), {memory.describe(self.baseline)} of it held by the daemon and its model")
 
     def model_for(self, job: Job):
         """The served model, or model.for_jpeg's for a JPEG compressed harder than

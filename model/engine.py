@@ -249,6 +249,16 @@ class Upscaler:
             batch = max(1, min(8 if self.device.type == "cuda" else 1, budget // max(per, 1)))
         return tile, batch
 
+    def working_set(self, size: tuple[int, int]) -> int:
+        """Bytes the forward passes over an image of `size` = (W, H) hold at once (a batch of
+        tiles; the whole image for a model that cannot be tiled), beside its input and output."""
+        w, h = size
+        if self.tiling == "internal":
+            return w * h * self.scale**2 * self._bytes_per_out_px
+        tile, batch = self.tile_and_batch()
+        tw, th = min(w, tile) + 2 * self.overlap, min(h, tile) + 2 * self.overlap
+        return min(self.memory_budget(), tw * th * self.scale**2 * self._bytes_per_out_px * batch)
+
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """N x 3 x H x W float in [0, 1] (any device) -> clamped float32 output on the CPU."""

@@ -123,6 +123,37 @@ def jpeg_quality(im: Image.Image) -> int | None:
     return int(min(100, max(1, round(q))))
 
 
+@dataclass(frozen=True)
+class Header:
+    """What an image file's header says, read without decoding its pixels."""
+
+    width: int
+    height: int
+    bits: int  # 8 or 16
+    alpha: bool
+    gray: bool
+
+
+def read_header(path: str | os.PathLike) -> Header | None:
+    """The size and sample layout an image file declares, from its header alone (no pixel is
+    decoded); None when it is not an image we read (decode then says why)."""
+    try:
+        with Image.open(path, formats=READ_FORMATS) as im:
+            w, h = im.size
+            mode = im.mode
+            ihdr = _png_ihdr(_head(path)) if im.format == "PNG" else None
+            deep = mode.startswith("I") or mode == "F" or (ihdr is not None and ihdr[0] == 16)
+            alpha = "A" in mode or "a" in mode or (mode == "P" and "transparency" in im.info)
+            return Header(w, h, 16 if deep else 8, alpha, mode in ("1", "L", "LA", "La") or mode.startswith("I") or mode == "F")
+    except Exception:  # noqa: BLE001 - not an image, a bomb, a damaged header: decode reports it
+        return None
+
+
+def _head(path: str | os.PathLike) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(32)
+
+
 def decode(source: str | os.PathLike | bytes) -> Decoded:
     """Read an image file into float RGB (+ alpha) plus its colour metadata."""
     data = source if isinstance(source, bytes) else Path(source).read_bytes()

@@ -169,8 +169,10 @@ class DaemonConfig:
     status_interval: float = 2.0  # seconds between status-file updates while busy
     lease_interval: float = 10.0  # seconds between claim-lease heartbeats; 6 missed = owner presumed dead
     allow_root: bool = False  # run as root anyway (a daemon reading files anyone can drop should not)
+    memory_budget_mb: int = 0  # images whose estimated peak exceeds this go to failed/; 0 = the cgroup's limit, else RAM
 
     def __post_init__(self) -> None:
+        _need(self.memory_budget_mb >= 0, "memory_budget_mb", "0 (auto) or megabytes", self.memory_budget_mb)
         _need(self.lease_interval > 0, "lease_interval", "seconds > 0", self.lease_interval)
         _need(self.io_workers == "auto" or self.io_workers >= 1, "io_workers", "auto or an integer >= 1", self.io_workers)
         _need(self.io_nice in ("auto", "idle") or 0 <= self.io_nice <= 19, "io_nice", "auto, idle or an integer 0..19", self.io_nice)
