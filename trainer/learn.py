@@ -195,7 +195,7 @@ def teacher_boxes(path: Path, lr_side: int, rng_seed: str) -> list[tuple[int, in
         elif len(kept.corners):
             y, x = kept.corners[int(rng.integers(len(kept.corners)))]
             out.append((int(y), int(x)))
-    return out
+    return list(dict.fromkeys(out))  # a box drawn twice is labelled (and trained on) once
 
 
 def label(teacher: str, files: list[str], lr_side: int, cache: str, cpu_seconds: float) -> None:
