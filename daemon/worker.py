@@ -38,6 +38,7 @@ from loguru import logger
 
 from daemon import memory
 from daemon.claims import POISON, Claims, place
+from daemon.keep import keep_quietly
 from daemon.job import STAGE_OF, TERMINAL, Failure, Job, JobState, Stage
 from model.atomic import atomic_open, atomic_write_text, sidecar
 from model.images import PILLOW_READS_RGBX, ImageError, decode, encode_to, output_name, read_header
@@ -188,6 +189,8 @@ class Worker:
                 job.timings["write"] = time.perf_counter() - t0
             elif state is JobState.WRITTEN:
                 with job.lock:
+                    learn = self.cfg.learn  # material for `upscaled learn`, before the original moves on
+                    keep_quietly(job.claimed, self.cfg.path("learn"), learn.keep_mb, learn.keep_days)
                     self._dispose_original(job)
                     self.claims.clear_written(job.rel)
                     self.claims.clear_deaths(job.rel)

@@ -29,6 +29,7 @@ THRESHOLDS = {
     "daemon-gpu": 0.7,
     "trainer-cpu": 0.5,
     "trainer-gpu": 0.7,
+    "learner-cpu": 0.5,  # upscaled-learn.service: the trainer's sandbox
     "web": 1.3,  # measured 1.1: it must have the network (AF_INET, AF_INET6), loopback peers only
 }
 VARIANTS = {  # name: (the service, its drop-ins (installed as SERVICE.d/gpu.conf), other units verified with it)
@@ -36,6 +37,7 @@ VARIANTS = {  # name: (the service, its drop-ins (installed as SERVICE.d/gpu.con
     "daemon-gpu": ("upscaled.service", ["upscaled-gpu.conf"], []),
     "trainer-cpu": ("upscaled-train.service", [], ["upscaled-train.timer"]),
     "trainer-gpu": ("upscaled-train.service", ["upscaled-train-gpu.conf"], ["upscaled-train.timer"]),
+    "learner-cpu": ("upscaled-learn.service", [], ["upscaled-learn.timer"]),
     "web": ("upscaled-web.service", [], []),
 }
 

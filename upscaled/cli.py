@@ -123,6 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser(
+        "learn", help="fine-tune the served model on the images the daemon kept (learn.keep_mb)",
+        description="Fine-tune the served model on the folder's own images (kept in paths.learn while learn.keep_mb "
+        "> 0), mixed with trainer.data; publish the result only if it gains learn.min_gain_db on a held-out slice of "
+        "them and loses at most learn.max_regression_db on trainer.val. The running daemon swaps it in. Prints served "
+        "vs candidate on both. Too little material: says so and exits 0.",
+    )
+    p.add_argument("--minutes", type=float, metavar="N", help="wall-clock budget, measuring included (default: learn.minutes)")
+    p.add_argument("--teacher", metavar="MODEL", help="an imported model (a `models list` version or a file) whose x4 "
+                   "of crops at their own size are extra targets (default: learn.teacher)")
+    p.add_argument("--no-publish", action="store_true", help="train and measure, never publish")
+    _common(p)
+
+    p = sub.add_parser(
         "eval", help="measure a model against bicubic and Lanczos",
         description="PSNR/SSIM on the Y channel (BT.601, scale-pixel border shaved, 8-bit outputs) "
         "on a folder of HR images, downscaled with antialiased bicubic.",
@@ -217,6 +230,10 @@ def _run(args: argparse.Namespace) -> int:
         from trainer.train import main as train
 
         return train(cfg, args)
+    if args.command == "learn":
+        from trainer.learn import main as learn
+
+        return learn(cfg, args)
     if args.command == "eval":
         from trainer.evaluate import main as evaluate
 

@@ -56,6 +56,7 @@ class PathsConfig:
     models: str = "data/models"
     status: str = "data/status.json"
     runs: str = "runs"
+    learn: str = "data/learn"  # originals kept for `upscaled learn` (learn.keep_mb > 0); the daemon's own copies
 
 
 @dataclass(frozen=True)
@@ -269,6 +270,41 @@ class TrainerConfig:
               "paired_lr and paired_hr set together", (self.paired_lr, self.paired_hr))
 
 
+@dataclass(frozen=True)
+class LearnConfig:
+    """`upscaled learn`: fine-tune the served model on the images that passed through the inbox."""
+
+    keep_mb: int = 0  # megabytes of finished originals kept in paths.learn; 0 = keep nothing (off)
+    keep_days: float = 30.0  # a kept original older than this is deleted
+    minutes: float = 20.0  # wall-clock budget of one run (measuring included)
+    min_images: int = 8  # fewer usable kept images than this: say so and do not train
+    holdout: float = 0.2  # share of kept images (by a hash of the name) never trained on: the gate's slice
+    base_ratio: float = 0.5  # share of each batch's crops from trainer.data (no forgetting)
+    min_gain_db: float = 0.05  # publish only if PSNR-Y on the slice gains at least this ...
+    max_regression_db: float = 0.1  # ... and PSNR-Y on trainer.val (and val_extra) loses at most this
+    lr: float = 5e-5  # fine-tuning rate (cosine to 1% over the run)
+    batch: int = 8
+    crop: int = 96  # HR crop side
+    slice_max_side: int = 512  # slice images are centre-cropped to this side for measuring (time)
+    teacher: str | None = None  # an imported model (models list version or file) labelling crops at their own size
+    teacher_share: float = 0.25  # share of the folder's crops that are teacher pairs, when there is a teacher
+    teacher_cpu_seconds: float = 600.0  # CPU-seconds budget per run for new teacher labels (cached across runs)
+
+    def __post_init__(self) -> None:
+        _need(self.keep_mb >= 0, "keep_mb", "megabytes >= 0 (0 = keep nothing)", self.keep_mb)
+        _need(self.keep_days > 0, "keep_days", "days > 0", self.keep_days)
+        _need(self.minutes > 0, "minutes", "minutes > 0", self.minutes)
+        _need(self.min_images >= 2, "min_images", "an integer >= 2", self.min_images)
+        _need(0 < self.holdout < 1, "holdout", "a share in (0, 1)", self.holdout)
+        for k in ("base_ratio", "teacher_share"):
+            _need(0 <= getattr(self, k) < 1, k, "a share in [0, 1)", getattr(self, k))
+        _need(self.lr > 0, "lr", "a learning rate > 0", self.lr)
+        _need(self.batch >= 1, "batch", "a positive integer", self.batch)
+        _need(self.crop >= 16, "crop", "pixels >= 16", self.crop)
+        _need(self.slice_max_side >= 32, "slice_max_side", "pixels >= 32", self.slice_max_side)
+        _need(self.teacher_cpu_seconds >= 0, "teacher_cpu_seconds", "seconds >= 0", self.teacher_cpu_seconds)
+
+
 def split_listen(listen: str) -> tuple[str, int]:
     """`HOST:PORT` (`[::1]:PORT` for IPv6) as (host, port); ValueError when it is not one."""
     host, sep, port = listen.rpartition(":")
@@ -314,6 +350,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    learn: LearnConfig = field(default_factory=LearnConfig)
     web: WebConfig = field(default_factory=WebConfig)
     base_dir: str = "."  # folder of the config file; not a YAML key
 
@@ -402,6 +439,8 @@ def _cross_checks(cfg: Config) -> None:
         for b, pb in folders.items():
             if a != b and (pa == pb or (a == "inbox" and pb.is_relative_to(pa))):
                 raise ConfigError(f"paths.{b}", f"a folder outside paths.{a} ({pa})", str(pb))
+    if cfg.path("learn").is_relative_to(folders["inbox"]):  # the daemon would upscale what it keeps
+        raise ConfigError("paths.learn", f"a folder outside paths.inbox ({folders['inbox']})", str(cfg.path("learn")))
 
 
 def default_path() -> Path | None:

@@ -43,6 +43,14 @@ def _metrics_text(info: CheckpointInfo) -> str:
     return f"PSNR-Y {m['psnr_y']:.2f} dB{gain}{ssim}{where}{jpeg}"
 
 
+def _learn_text(lr: dict) -> str:
+    """`upscaled learn`'s gate figures, kept in the checkpoint's metadata."""
+    loss = lr.get("standard_loss_db")
+    std = f", standard set {-loss:+.2f} dB" if loss is not None else ""
+    return (f"learn: slice {lr['slice_gain_db']:+.2f} dB on {lr.get('slice_images', '?')} held-out images{std} "
+            f"({lr.get('steps', '?')} steps from {lr.get('served', '?')}): {lr.get('decision', '?')}")
+
+
 def find_version(models_dir: Path, version: str) -> Path:
     """A published version by id or file name, or a bundled model by name."""
     if version in BUNDLED_NAMES:
@@ -70,6 +78,8 @@ def cmd_list(cfg: Config, as_json: bool) -> int:
         name = f"{r['version']} ({r['bundled']}, bundled)" if r["bundled"] else r["version"]
         kind = f"  {info.foreign['architecture']} (imported)" if info.foreign else ""
         print(f"{mark} {name}  step {r['step']:>7}  x{r['scale']}{kind}  {_metrics_text(info)}")
+        if info.extra.get("learn"):
+            print(f"      {_learn_text(info.extra['learn'])}")
     if current is None:
         print(f"(* nothing published is current: the daemon serves the bundled default, {BUNDLED_DEFAULT.stem})")
     return 0
