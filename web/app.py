@@ -145,16 +145,8 @@ def create_app(site: Site) -> Starlette:
     def _output_and_original(request: Request) -> tuple[Path, Path | None, dict[str, Any]]:
         rel = request.query_params.get("out", "")
         output = resolve_under(folders.outbox, rel)
-        st = files_mod.status(folders) or {}
-        entry = next((e for e in st.get("recent") or [] if files_mod.rel_to(folders.outbox, e.get("output")) == rel), {})
-        orig_rel = files_mod.original_of(folders, entry.get("file"), rel)
-        base = folders.inbox if folders.originals == "keep" else folders.done
-        original = None
-        if orig_rel is not None:
-            try:
-                original = resolve_under(base, orig_rel)
-            except Refused:
-                original = None
+        entry = files_mod.record_of(folders, files_mod.status(folders), rel)
+        orig_rel, original = files_mod.paired_original(folders, entry, rel)
         return output, original, {"output": rel, "original": orig_rel, "file": entry.get("file"),
                                   "model_version": entry.get("model_version"), "seconds": entry.get("seconds")}
 

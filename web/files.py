@@ -1,7 +1,8 @@
 """What the daemon's folders hold, for the Files and Compare views, and Retry.
 
-Everything here is read from what the daemon already writes: the status file's `recent` list
-(the last files done, with sizes, stage times and the model that made them), the outbox, done/,
+Everything here is read from what the daemon already writes: its history file and the status
+file's `recent` list (each input done: where its original went, its output, sizes, stage times
+and the model that made it; daemon/history.py), the outbox, done/,
 failed/ with each `NAME.error.json`, and the inbox (files waiting). The only write is Retry:
 a failed file renamed back into the inbox, where the daemon takes it like any new file.
 """
@@ -21,6 +22,7 @@ from typing import Any
 
 from loguru import logger
 
+from daemon import history
 from daemon.status import read as read_status
 from daemon.status import reason_class
 from model.atomic import atomic_open, fsync_dir, numbered, rename_noreplace
@@ -147,13 +149,62 @@ def original_of(folders: Folders, input_rel: str | None, output_rel: str) -> str
     return max(found)[1].relative_to(base).as_posix()
 
 
+_history: dict[str, Any] = {"key": None, "records": []}
+
+
+def records(folders: Folders, st: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """What the daemon recorded for each input it finished, newest first: its history file in
+    the work folder (kept across restarts, daemon/history.py) and the status's recent list."""
+    path = history.path_in(folders.work)
+    try:
+        s = path.stat()
+        key = (s.st_ino, s.st_size, s.st_mtime_ns)
+    except OSError:
+        key = None
+    if key != _history["key"]:
+        _history.update(key=key, records=history.read(path) if key else [])
+    merged: dict[tuple, dict[str, Any]] = {}
+    for e in [*_history["records"], *((st or {}).get("recent") or [])]:
+        merged.setdefault((e.get("time"), e.get("file"), e.get("output")), e)
+    return sorted(merged.values(), key=lambda e: str(e.get("time") or ""), reverse=True)
+
+
+def record_of(folders: Folders, st: dict[str, Any] | None, out_rel: str) -> dict[str, Any]:
+    """The newest record of the input that made outbox/out_rel ({} when none is left)."""
+    return next((e for e in records(folders, st) if rel_to(folders.outbox, e.get("output")) == out_rel), {})
+
+
+def paired_original(folders: Folders, entry: dict[str, Any], out_rel: str) -> tuple[str | None, Path | None]:
+    """(shown name, path) of the original that made outbox/out_rel: where the daemon's record
+    says it put it (so `p.png` is paired with done/p.png even when a later p.png went to
+    done/p-1.png); by name only for an output with no record. (None, None) when not kept."""
+    if folders.originals == "delete":
+        return None, None
+    recorded = entry.get("original")
+    if recorded:
+        for base in (folders.done, folders.inbox):  # daemon.originals: keep leaves it in the inbox
+            rel = rel_to(base, recorded)
+            if rel is not None:
+                with contextlib.suppress(Refused):
+                    return rel, resolve_under(base, rel)
+        return None, None  # recorded, but moved away or deleted since: no other file stands in
+    rel = original_of(folders, entry.get("file"), out_rel)
+    if rel is None:
+        return None, None
+    with contextlib.suppress(Refused):
+        return rel, resolve_under(folders.inbox if folders.originals == "keep" else folders.done, rel)
+    return None, None
+
+
 def done_rows(folders: Folders, st: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The files done, newest first: the status's recent list (with stage times and model), then
     other outputs in the outbox by modification time."""
     rows: list[dict[str, Any]] = []
     listed: set[str] = set()
-    for e in reversed((st or {}).get("recent") or []):
+    for e in records(folders, st):
         out = rel_to(folders.outbox, e.get("output"))
+        if out in listed:
+            continue  # an output replaced later (output.on_conflict: overwrite): its newest record only
         size = e.get("size") or []
         row = {
             "file": e.get("file"), "state": "done", "time": e.get("time"), "model_version": e.get("model_version"),
@@ -165,9 +216,11 @@ def done_rows(folders: Folders, st: dict[str, Any] | None) -> list[dict[str, Any
         }
         if out:
             listed.add(out)
-            row["original"] = original_of(folders, e.get("file"), out)
+            row["original"] = paired_original(folders, e, out)[0]
             row["in_outbox"] = row["output_bytes"] is not None
         rows.append(row)
+        if len(rows) >= LIST_LIMIT:
+            break
     older = sorted(((s.st_mtime, rel, s.st_size) for rel, s in _walk(folders.outbox) if rel not in listed), reverse=True)
     for mtime, rel, nbytes in older[: max(0, LIST_LIMIT - len(rows))]:
         rows.append({"file": None, "state": "done", "time": _iso(mtime), "model_version": None, "output": rel,
