@@ -262,6 +262,14 @@ def is_running(st: dict[str, Any], stale_after: float) -> bool:
     return time.time() - updated <= stale_after
 
 
+def running_status(cfg: Config) -> dict[str, Any] | None:
+    """The status of the daemon that runs with this config's status file; None when none runs."""
+    st = read(cfg.path("status"))
+    if not st or not is_running(st, max(3 * cfg.daemon.status_interval, 4 * IDLE_REFRESH)):
+        return None
+    return st
+
+
 def render(st: dict[str, Any]) -> str:
     t = st.get("throughput") or {}
     lines = [

@@ -101,7 +101,7 @@ def test_models_cli_promote_list_show_rollback(tmp_path: Path) -> None:
     assert [v["version"] for v in published] == [ia.version, ib.version]
     assert [v["current"] for v in listing["versions"]] == [False] * (len(listing["versions"]) - 1) + [True]
     text = run_cli("models", "list", "--config", str(cfg)).stdout
-    assert f"* {ib.version}" in text and "PSNR-Y 30.00 dB, SSIM 0.9000" in text
+    assert f"*  {ib.version}" in text and "PSNR-Y 30.00 dB, SSIM 0.9000" in text  # current; no daemon serves it
 
     shown = json.loads(run_cli("models", "show", ia.version, "--config", str(cfg)).stdout)
     assert shown["step"] == 10 and shown["validation"]["metrics"]["psnr_y"] == 30.0

@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         "up every change of the current model by itself.",
     )
     msub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
-    q = msub.add_parser("list", help="the bundled models, then the published versions, newest last; * marks what is served")
+    q = msub.add_parser("list", help="the bundled models, then the published versions, newest last; * marks the current one, > what the running daemon serves")
     q.add_argument("--json", action="store_true", help="machine-readable output")
     _common(q)
     q = msub.add_parser("show", help="one version's metadata as JSON (a version, or bundled / fidelity / gan)")

@@ -181,8 +181,10 @@ def create_app(site: Site) -> Starlette:
         return Response(data, media_type=media, headers={"cache-control": "private, max-age=300"})
 
     def models(request: Request):
-        st = files_mod.status(folders) or {}
-        return JSONResponse(models_mod.listing(cfg, st.get("model_version")))
+        from upscaled.models_cmd import daemon_model
+
+        daemon = daemon_model(cfg) or {}  # what a running daemon serves, apart from the `current` pointer
+        return JSONResponse(models_mod.listing(cfg, daemon.get("version"), daemon.get("refused")))
 
     def runs(request: Request):
         return JSONResponse({"runs": site.training.list_runs(), "training": site.training.state()})

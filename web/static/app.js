@@ -324,6 +324,12 @@ drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove
 
 // -- models ----------------------------------------------------------------------------------
 
+// The `current` pointer says what the daemon should serve; whether it does is its own word.
+function currentNote(r, running) {
+  if (r.refused) return el("span", {class: "loss", title: r.refused.time || ""}, "current, refused by the daemon: " + r.refused.reason);
+  return el("span", {class: "dim"}, r.served || !running ? "current" : "current (not served yet)");
+}
+
 async function loadModels() {
   const j = await getJSON("/api/models");
   const tb = $("#models-table tbody");
@@ -331,7 +337,7 @@ async function loadModels() {
     const f = r.figures || {};
     const action = READ_ONLY || r.problem ? "" : r.origin === "run"
       ? el("button", {type: "button", class: "promote-btn", onclick: () => promote(r.name)}, "Promote")
-      : r.current ? el("span", {class: "dim"}, "current") : el("button", {type: "button", class: "serve-btn", onclick: () => rollback(r.origin === "bundled" ? r.name : r.version)}, "Serve");
+      : r.current ? currentNote(r, j.daemon_running) : el("button", {type: "button", class: "serve-btn", onclick: () => rollback(r.origin === "bundled" ? r.name : r.version)}, "Serve");
     return el("tr", {"data-name": r.name, "data-version": r.version || "", class: r.served ? "served" : ""},
       el("td", {title: r.version || ""}, (r.served ? "▶ " : "") + (r.origin === "published" ? short(r.version) : r.name)),
       el("td", {}, r.origin), el("td", {}, r.step ?? ""),
