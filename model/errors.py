@@ -3,3 +3,8 @@
 
 class CheckpointError(ValueError):
     """A file that cannot be used as a generator checkpoint; the message says why."""
+
+
+class UsageError(ValueError):
+    """A command-line argument that cannot work (a missing folder, say), found before any work
+    starts; the CLI prints the message on one line and exits 2."""

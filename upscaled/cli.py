@@ -197,6 +197,13 @@ def _run(args: argparse.Namespace) -> int:
         try:
             cfg = config_mod.load_file(config_path, args.set)
         except config_mod.ConfigError as e:
+            if args.set:  # a wrong --set is an error, as for every command; only a broken file is read past
+                try:
+                    config_mod.load_file(config_path)
+                except config_mod.ConfigError:
+                    config_mod.load_file(None, args.set)  # the file is broken: check the --set on its own
+                else:
+                    raise
             path = config_mod.status_path_despite(config_path)
             logger.warning("the config is invalid ({}); reading the daemon's status from {}", e, path)
             return status(None, as_json=args.json, path=path)
@@ -237,11 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     from upscaled.runtime import setup_logging
 
     setup_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
-    from model.errors import CheckpointError  # no torch import: `upscaled status` stays instant
+    from model.errors import CheckpointError, UsageError  # no torch import: `upscaled status` stays instant
     from upscaled.config import ConfigError
 
     try:
         return _run(args)
+    except UsageError as e:
+        logger.error("{}", e)
+        return EXIT_USAGE
     except ConfigError as e:
         logger.error("config error: {}", e)
         return EXIT_USAGE

@@ -242,8 +242,18 @@ def cmd_import(cfg: Config, file: Path, name: str | None, val: Path | None, lice
     from model.checkpoint import CheckpointInfo, new_version, write_checkpoint
     from model.foreign import FOREIGN_ARCH, ForeignSpec, detect, read_foreign_weights, servable, sha256_file, slug
 
+    from model.errors import UsageError
+    from trainer.data import DataError, list_images
+
+    # Arguments first: a wrong --val must not cost reading (and converting) the checkpoint.
     if not file.is_file():
-        raise CheckpointError(f"{file}: no such file")
+        raise UsageError(f"{file}: no such file")
+    if val is not None:
+        try:
+            if not list_images(val):
+                raise DataError(str(val), [f"{val} holds no image files"])
+        except DataError as e:
+            raise UsageError(f"--val {val}: {'; '.join(e.problems)} (a folder of high-resolution images)") from None
     if licence and Path(licence).is_file():
         licence = Path(licence).read_text(errors="replace")
     state = read_foreign_weights(file)
@@ -259,7 +269,10 @@ def cmd_import(cfg: Config, file: Path, name: str | None, val: Path | None, lice
         from model.foreign import ForeignNet
         from trainer.validation import ValidationSet, score
 
-        vs = ValidationSet.load(val, spec.scale)
+        try:
+            vs = ValidationSet.load(val, spec.scale)
+        except DataError as e:
+            raise UsageError(f"--val {val}: {'; '.join(e.problems)}") from None
         logger.info("validating on {} images from {} (fingerprint {})", len(vs.images), val, vs.fingerprint)
         report = score(ForeignNet(desc, spec), vs, cfg.inference.device if cfg.inference.device != "auto" else "cpu")
         validation = {**vs.describe(), "metrics": report.metrics()}
