@@ -25,7 +25,7 @@ from loguru import logger
 from daemon import history
 from daemon.status import read as read_status
 from daemon.status import reason_class
-from model.atomic import atomic_open, fsync_dir, numbered, rename_noreplace
+from model.atomic import atomic_open, fsync_dir, numbered, rename_noreplace, sidecar
 from upscaled.config import Config
 from web.security import Refused, clean_relative, resolve_under
 
@@ -324,3 +324,97 @@ def throughput_history(samples: list[tuple[float, int]], st: dict[str, Any] | No
     while samples and now - samples[0][0] > keep:
         samples.pop(0)
     return samples
+
+
+# -- downloads and upload progress (the Files and Make views) -------------------------------------
+
+ZIP_LIMIT = 1000  # outputs per zip
+
+
+def output_file(folders: Folders, rel: str) -> Path:
+    """An output to download: a regular file that really lies in the outbox (web.security)."""
+    return resolve_under(folders.outbox, rel)
+
+
+def zip_stream(folders: Folders, rels: list[str]):
+    """A zip of these outputs, made as it is sent (nothing spooled): each member under its path
+    in the outbox. Images are compressed already, so members are stored, not deflated."""
+    import zipfile
+
+    if not rels or len(rels) > ZIP_LIMIT:
+        raise Refused(400, f"name 1 to {ZIP_LIMIT} outputs (out=…)")
+    paths = [(rel, output_file(folders, rel)) for rel in dict.fromkeys(rels)]  # every name checked first
+
+    class _Sink:  # a write-only stream: zipfile writes, the response takes what is there
+        def __init__(self) -> None:
+            self.chunks: list[bytes] = []
+            self.pos = 0
+
+        def write(self, b) -> int:
+            self.chunks.append(bytes(b))
+            self.pos += len(b)
+            return len(b)
+
+        def tell(self) -> int:
+            return self.pos
+
+        def flush(self) -> None:
+            pass
+
+        def take(self) -> bytes:
+            out, self.chunks = b"".join(self.chunks), []
+            return out
+
+    def gen():
+        sink = _Sink()
+        with zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED) as zf:  # type: ignore[arg-type]
+            for rel, path in paths:
+                try:
+                    src = open(path, "rb")
+                except OSError as e:  # gone since the check: left out, said in the log
+                    logger.warning("zip: {} left out ({})", rel, e.strerror or e)
+                    continue
+                with src, zf.open(zipfile.ZipInfo.from_file(path, rel), "w", force_zip64=True) as dst:
+                    while chunk := src.read(1 << 20):
+                        dst.write(chunk)
+                        yield sink.take()
+                yield sink.take()
+        yield sink.take()
+
+    return gen()
+
+
+def clean_zip_name(name: str) -> str:
+    """A download's file name from the page: letters, digits, - _ . only."""
+    return "".join(c if c.isalnum() and c.isascii() or c in "-_." else "-" for c in name)[:80].strip(".") or "upscaled"
+
+
+def failed_count(folders: Folders) -> int:
+    """Files in failed/ now (each with its NAME.error.json), whichever daemon run put them there."""
+    return sum(1 for _ in _walk(folders.failed, suffixes=(ERROR_SUFFIX,)))
+
+
+def progress(folders: Folders, st: dict[str, Any] | None, names: list[str], since: str) -> list[dict[str, Any]]:
+    """What became of files dropped into the inbox (as saved there) at or after `since` (ISO):
+    queued (still in the inbox), working (the daemon has it), done (with its output) or failed
+    (with the reason), from the daemon's own records."""
+    recs = records(folders, st)
+    out = []
+    for name in names[:ZIP_LIMIT]:
+        row: dict[str, Any] = {"file": name, "state": "working"}
+        done = next((e for e in recs if e.get("file") == name and str(e.get("time") or "") >= since), None)
+        err = sidecar(folders.failed / name, ERROR_SUFFIX)
+        if done is not None:
+            out_rel = rel_to(folders.outbox, done.get("output"))
+            row.update(state="done", output=out_rel, in_outbox=bool(out_rel) and (folders.outbox / out_rel).is_file())
+        elif err.is_file() and _iso(err.stat().st_mtime) >= since:
+            try:
+                reason = json.loads(err.read_text()).get("reason")
+            except (OSError, ValueError):
+                reason = None
+            row.update(state="failed", reason=reason or "unknown (unreadable error record)")
+        elif (folders.inbox / name).is_file():
+            row["state"] = "queued"
+        out.append(row)
+    return out
+
