@@ -172,7 +172,7 @@ def test_listing_signs_the_gain_over_bicubic_either_way(tmp_path: Path) -> None:
                             validation={"metrics": {"psnr_y": 12.0, "bicubic_psnr_y": 32.64}})
     better = save_checkpoint(tmp_path / "b.safetensors", tiny_generator(seed=5),
                              validation={"metrics": {"psnr_y": 34.0, "bicubic_psnr_y": 32.0}})
-    assert "(\u221220.64 dB over bicubic)" in _metrics_text(worse) and "+-" not in _metrics_text(worse)
+    assert "(20.64 dB below bicubic)" in _metrics_text(worse) and "\u2212" not in _metrics_text(worse)
     assert "(+2.00 dB over bicubic)" in _metrics_text(better)
 
 

@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the upscaled images")
-    p.add_argument("--model", metavar="PATH", help="checkpoint file, or `fidelity` / `gan` for a bundled model "
-                   "(default: the configured, published or bundled fidelity one)")
+    p.add_argument("--model", metavar="PATH", help="checkpoint file, a bundled model (fidelity, gan, real), or a version from "
+                   "`upscaled models list` (imported ones too) (default: the configured, published or bundled fidelity one)")
     p.add_argument("--format", choices=["png", "jpg", "webp"], help="output format (default: the input's own)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     size = p.add_mutually_exclusive_group()
@@ -128,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         "on a folder of HR images, downscaled with antialiased bicubic.",
     )
     p.add_argument("--data", required=True, metavar="DIR", help="folder of high-resolution images")
-    p.add_argument("--model", metavar="PATH", help="checkpoint file, or `fidelity` / `gan` for a bundled model "
-                   "(default: the configured, published or bundled fidelity one)")
+    p.add_argument("--model", metavar="PATH", help="checkpoint file, a bundled model (fidelity, gan, real), or a version from "
+                   "`upscaled models list` (imported ones too) (default: the configured, published or bundled fidelity one)")
     p.add_argument("--max-images", type=int, default=0, metavar="N", help="only the first N images (sorted by path)")
     p.add_argument("--peer", action="append", choices=["span"], help="also measure another upscaler in the same run: "
                    "span = SPAN x4 (NTIRE 2024 efficient-SR winner) through ncnn; needs pip install -e '.[peers]'")

@@ -50,7 +50,8 @@ def _metrics_text(info: CheckpointInfo) -> str:
     m = info.metrics
     if "psnr_y" not in m:
         return "no validation metrics"
-    gain = f" ({m['psnr_y'] - m['bicubic_psnr_y']:+.2f} dB over bicubic)".replace("-", "\u2212") if "bicubic_psnr_y" in m else ""
+    d = m["psnr_y"] - m["bicubic_psnr_y"] if "bicubic_psnr_y" in m else None
+    gain = "" if d is None else f" (+{d:.2f} dB over bicubic)" if d >= 0 else f" ({-d:.2f} dB below bicubic)"
     ssim = f", SSIM {m['ssim_y']:.4f}" if "ssim_y" in m else ""
     # Figures are only comparable on one validation set: say which (its name and fingerprint).
     v = info.validation
