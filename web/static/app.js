@@ -306,12 +306,15 @@ function slide() {
   $("#cmp-handle").style.left = v + "%";
 }
 // The divider itself can be dragged, on the image (the slider below does the same).
+let dragged = false;
 $("#cmp-handle").addEventListener("pointerdown", (e) => {
   e.preventDefault(); e.stopPropagation();
   const h = e.currentTarget;
+  dragged = false;
   h.setPointerCapture(e.pointerId);
   const move = (ev) => {
     const r = $("#cmp-stage").getBoundingClientRect();
+    dragged = true;
     $("#cmp-slider").value = String(Math.max(0, Math.min(100, (ev.clientX - r.left) / r.width * 100)));
     slide();
   };
@@ -319,7 +322,7 @@ $("#cmp-handle").addEventListener("pointerdown", (e) => {
   h.addEventListener("pointermove", move);
   h.addEventListener("pointerup", up);
 });
-$("#cmp-handle").addEventListener("click", (e) => e.stopPropagation());  // a drag is not a zoom click
+$("#cmp-handle").addEventListener("click", (e) => { if (dragged) e.stopPropagation(); dragged = false; });  // a drag is not a zoom click; a plain click is
 $("#cmp-slider").addEventListener("input", slide);
 $("#cmp-fit").addEventListener("click", showFit);
 
