@@ -43,3 +43,17 @@ def test_import_checks_val_before_reading_the_checkpoint(tmp_path: Path) -> None
     (tmp_path / "empty").mkdir()
     r = run_cli("models", "import", str(ckpt), "--val", str(tmp_path / "empty"), cwd=tmp_path)
     assert r.returncode == 2 and "holds no image files" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_models_show_is_readable_for_an_imported_model() -> None:
+    from upscaled.models_cmd import LICENCE_SHOWN, readable
+
+    licence = "MIT License\n\n" + "Permission is hereby granted, free of charge, " * 40
+    row = {"version": "x", "imported": {"architecture": "SPAN", "hyperparameters": {
+        "act": "<class 'torch.nn.modules.activation.GELU'>", "norm": ["<class 'LayerNorm'>"], "n": 3},
+        "source": {"file": "m.pth", "licence": licence}}}
+    shown = readable(row)
+    assert shown["imported"]["hyperparameters"] == {"act": "GELU", "norm": ["LayerNorm"], "n": 3}
+    assert shown["imported"]["source"]["licence"].startswith("MIT License")
+    assert len(shown["imported"]["source"]["licence"]) < LICENCE_SHOWN + 80 and "--json" in shown["imported"]["source"]["licence"]
+    assert row["imported"]["source"]["licence"] == licence  # the stored row is untouched

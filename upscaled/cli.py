@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(q)
     q = msub.add_parser("show", help="one version's metadata as JSON (a version, or bundled / fidelity / gan)")
     q.add_argument("version", help="version id or file name")
+    q.add_argument("--json", action="store_true", help="everything as stored: the whole licence, raw hyperparameters")
     _common(q)
     q = msub.add_parser("promote", help="verify a checkpoint and make it the current model",
                         description="Verify PATH with the same checks the daemon makes, then publish it as the current model.")

@@ -107,12 +107,37 @@ def cmd_list(cfg: Config, as_json: bool) -> int:
     return 0
 
 
-def cmd_show(cfg: Config, version: str) -> int:
+LICENCE_SHOWN = 400  # characters of an imported model's licence `models show` prints
+
+
+def readable(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as people read it: class reprs spandrel stored as hyperparameters ("<class
+    'torch.nn.modules.activation.GELU'>") by their names (GELU), a long licence cut short."""
+    import re
+
+    def tidy(v: Any) -> Any:
+        if isinstance(v, str):
+            return re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", v)
+        if isinstance(v, dict):
+            return {k: tidy(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [tidy(x) for x in v]
+        return v
+
+    out = tidy(row)
+    src = (out.get("imported") or {}).get("source") or {}
+    text = src.get("licence")
+    if isinstance(text, str) and len(text) > LICENCE_SHOWN:
+        src["licence"] = f"{text[:LICENCE_SHOWN].rstrip()} … ({len(text) - LICENCE_SHOWN} more characters: `--json` prints it all)"
+    return out
+
+
+def cmd_show(cfg: Config, version: str, full: bool = False) -> int:
     models_dir = cfg.path("models")
     path = find_version(models_dir, version)
     bundled = next((n for n, p in BUNDLED.items() if p == path), None)
     row = _row(path, read_info(path), store.current_checkpoint(models_dir), bundled)
-    print(json.dumps(row, indent=2))
+    print(json.dumps(row if full else readable(row), indent=2))
     return 0
 
 
@@ -296,7 +321,7 @@ def main(cfg: Config, args) -> int:
     if args.models_command == "list":
         return cmd_list(cfg, args.json)
     if args.models_command == "show":
-        return cmd_show(cfg, args.version)
+        return cmd_show(cfg, args.version, full=args.json)
     if args.models_command == "promote":
         return cmd_promote(cfg, Path(args.path), Path(args.gate) if args.gate else None, force=args.force)
     if args.models_command == "rollback":
