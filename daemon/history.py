@@ -1,11 +1,10 @@
-"""The daemon's record of what it made: one JSON line per finished input, in the work folder.
+"""The daemon's record of what it made: one JSON line per finished input, beside the status file.
 
 Each line says which input (its inbox path), where its original went (done/ path, with the
 `-1` a name clash gave it), which output it made, sizes, stage times and the model. The status
 file's `recent` list goes with the daemon; this file stays, so the web page can pair an output
 with its own original (never by guessing from names) and show an older output's details after a
-restart. Lines are appended (O_APPEND: whole lines, also from several daemons sharing the work
-folder); a reader skips a torn last line. Past MAX_BYTES the newest half is kept (temp file,
+restart. Lines are appended (O_APPEND: whole lines); a reader skips a torn last line. Past MAX_BYTES the newest half is kept (temp file,
 fsync, rename).
 """
 
@@ -20,12 +19,13 @@ from loguru import logger
 
 from model.atomic import atomic_write_bytes
 
-NAME = "history.jsonl"
 MAX_BYTES = 2_000_000  # ~8000 lines
 
 
-def path_in(work: Path) -> Path:
-    return work / NAME
+def path_for(status: Path) -> Path:
+    """Beside the status file (data/status.json -> data/status-history.jsonl): the daemon's own
+    folder, not the inbox's work folder, which must hold nothing once the inbox is done."""
+    return status.with_name(f"{status.stem}-history.jsonl")
 
 
 def append(path: Path, entry: dict[str, Any]) -> None:

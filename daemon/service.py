@@ -438,7 +438,7 @@ class Service:
                                            size=job.size, scale=job.scale or native, model_scale=native,
                                            original=job.original)
             if entry is not None:
-                history.append(history.path_in(self.claims.work), entry)
+                history.append(history.path_for(self.cfg.path("status")), entry)
             t = job.timings
             logger.info(
                 "done {}: {}x{} {} -> {} {}x{} (x{}, model x{}); decode {:.0f} ms, upscale {:.0f} ms, "

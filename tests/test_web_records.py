@@ -86,7 +86,7 @@ def test_outputs_from_before_a_restart_keep_their_size_times_and_model(site):
 def test_history_keeps_the_newest_half_past_its_limit_and_skips_a_torn_line(tmp_path, monkeypatch):
     from daemon import history
 
-    path = history.path_in(tmp_path)
+    path = history.path_for(tmp_path / "status.json")
     monkeypatch.setattr(history, "MAX_BYTES", 2000)
     for i in range(100):
         history.append(path, {"file": f"a{i}.png", "output": f"/o/a{i}.png"})

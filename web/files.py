@@ -154,8 +154,8 @@ _history: dict[str, Any] = {"key": None, "records": []}
 
 def records(folders: Folders, st: dict[str, Any] | None) -> list[dict[str, Any]]:
     """What the daemon recorded for each input it finished, newest first: its history file in
-    the work folder (kept across restarts, daemon/history.py) and the status's recent list."""
-    path = history.path_in(folders.work)
+    the status file's folder (kept across restarts, daemon/history.py) and the status's recent list."""
+    path = history.path_for(folders.status)
     try:
         s = path.stat()
         key = (s.st_ino, s.st_size, s.st_mtime_ns)
