@@ -78,6 +78,7 @@ class Job:
     input_bytes: int = 0
     size: tuple[int, int] = (0, 0)
     output: Path | None = None
+    original: Path | None = None  # where the original went once DONE (done/NAME-1.ext after a clash); None: deleted
     model_version: str = ""  # the model that upscaled it (set by the inference thread)
     model_scale: int = 0  # that model's native scale
     scale: float = 0.0  # the output's scale relative to the input (output.scale, long_side, or the model's)

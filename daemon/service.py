@@ -32,6 +32,7 @@ from pathlib import Path
 
 from loguru import logger
 
+from daemon import history
 from daemon.claims import Claims, NameTooLong
 from daemon.job import Failure, Job, JobState, Stage
 from daemon.models import ModelSlot
@@ -454,9 +455,12 @@ class Service:
         if job.state is JobState.DONE:
             native = job.model_scale or self.cfg.model.scale
             ow, oh = job.out_size if job.out_size[0] else (w * native, h * native)
-            self.board.record_done(ow * oh / 1e6, now, file=job.rel, model_version=job.model_version,
-                                   timings=job.timings, input_bytes=job.input_bytes, output=job.output, size=job.size,
-                                   scale=job.scale or native, model_scale=native)
+            entry = self.board.record_done(ow * oh / 1e6, now, file=job.rel, model_version=job.model_version,
+                                           timings=job.timings, input_bytes=job.input_bytes, output=job.output,
+                                           size=job.size, scale=job.scale or native, model_scale=native,
+                                           original=job.original)
+            if entry is not None:
+                history.append(history.path_for(self.cfg.path("status")), entry)
             t = job.timings
             logger.info(
                 "done {}: {}x{} {} -> {} {}x{} (x{}, model x{}); decode {:.0f} ms, upscale {:.0f} ms, "

@@ -105,8 +105,11 @@ class StatusBoard:
                     model_version: str | None = None, timings: dict[str, float] | None = None,
                     input_bytes: int | None = None, output: str | os.PathLike | None = None,
                     size: tuple[int, int] | None = None, scale: float | None = None,
-                    model_scale: int | None = None) -> None:
+                    model_scale: int | None = None, original: str | os.PathLike | None = None) -> dict[str, Any] | None:
+        """Count a finished input; with `file`, also list it (and return that entry, which the
+        service also keeps in the history file, daemon/history.py)."""
         self.processed += 1
+        entry: dict[str, Any] | None = None
         self.output_mp += output_mp
         if file is not None:
             entry: dict[str, Any] = {"file": file, "model_version": model_version or "", "time": _now_iso()}
@@ -115,6 +118,8 @@ class StatusBoard:
             if output is not None:  # what the web page lists: size in -> out, per-stage times
                 entry.update(output=str(output), input_bytes=input_bytes, size=list(size or ()),
                              seconds={STAGES.get(k, k): round(v, 4) for k, v in (timings or {}).items()})
+            if original is not None:  # where the daemon put this input's original: the web pairs by it
+                entry["original"] = str(original)
             self.recent.append(entry)
         for key, seconds in (timings or {}).items():
             stage = STAGES.get(key)
@@ -126,6 +131,7 @@ class StatusBoard:
             self.by_model[model_version] = self.by_model.get(model_version, 0) + 1
         self._done.append((time.monotonic() if now is None else now, output_mp))
         self._dirty = True
+        return entry
 
     def record_failed(self, file: str, reason: str) -> None:
         self.failed += 1
@@ -257,6 +263,14 @@ def is_running(st: dict[str, Any], stale_after: float) -> bool:
     except (KeyError, TypeError, ValueError):
         return False
     return time.time() - updated <= stale_after
+
+
+def running_status(cfg: Config) -> dict[str, Any] | None:
+    """The status of the daemon that runs with this config's status file; None when none runs."""
+    st = read(cfg.path("status"))
+    if not st or not is_running(st, max(3 * cfg.daemon.status_interval, 4 * IDLE_REFRESH)):
+        return None
+    return st
 
 
 def render(st: dict[str, Any]) -> str:

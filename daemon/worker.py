@@ -272,10 +272,12 @@ class Worker:
         if originals == "delete":
             os.unlink(job.claimed)
         elif originals == "keep":
-            if not self.claims.keep(rel):
-                place(job.claimed, self.folders.done / rel)  # a new file took its name in the inbox
+            if self.claims.keep(rel):
+                job.original = self.folders.inbox / rel
+            else:
+                job.original = place(job.claimed, self.folders.done / rel)  # a new file took its name in the inbox
         else:
-            place(job.claimed, self.folders.done / rel)
+            job.original = place(job.claimed, self.folders.done / rel)
         self.claims.forget(job.claimed)
 
     def advance_together(self, jobs: list[Job]) -> list[Job]:

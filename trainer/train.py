@@ -318,9 +318,12 @@ def train(
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
     if master:
         logger.info(
-            "generator {} ({:.2f} M params), discriminator width {}, device {}, {}, {} process(es) x {} crops of {} px, {} steps ({} pre-training)",
+            "generator {} ({:.2f} M params), discriminator width {}, device {}, {}, {} process(es) x {} crops of {} px, {} steps ({})",
             gcfg, sum(p.numel() for p in g.parameters()) / 1e6, tc.discriminator_width, device,
-            f"{amp} autocast".replace("torch.", "") if amp else "fp32", world, tc.batch, data.crop, tc.steps, tc.pretrain_steps,
+            f"{amp} autocast".replace("torch.", "") if amp else "fp32", world, tc.batch, data.crop, tc.steps,
+            # A run shorter than trainer.pretrain_steps never reaches the GAN: say that, not "20 steps (10000 pre-training)".
+            "all pre-training (L1), no GAN phase" if tc.steps <= tc.pretrain_steps
+            else f"{tc.pretrain_steps} pre-training, then {tc.steps - tc.pretrain_steps} GAN",
         )
 
     log = MetricsLog(run_dir / "metrics.jsonl", master)

@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the upscaled images")
-    p.add_argument("--model", metavar="PATH", help="checkpoint file, or `fidelity` / `gan` for a bundled model "
-                   "(default: the configured, published or bundled fidelity one)")
+    p.add_argument("--model", metavar="PATH", help="checkpoint file, a bundled model (fidelity, gan, real), or a version from "
+                   "`upscaled models list` (imported ones too) (default: the configured, published or bundled fidelity one)")
     p.add_argument("--format", choices=["png", "jpg", "webp"], help="output format (default: the input's own)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     size = p.add_mutually_exclusive_group()
@@ -141,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         "on a folder of HR images, downscaled with antialiased bicubic.",
     )
     p.add_argument("--data", required=True, metavar="DIR", help="folder of high-resolution images")
-    p.add_argument("--model", metavar="PATH", help="checkpoint file, or `fidelity` / `gan` for a bundled model "
-                   "(default: the configured, published or bundled fidelity one)")
+    p.add_argument("--model", metavar="PATH", help="checkpoint file, a bundled model (fidelity, gan, real), or a version from "
+                   "`upscaled models list` (imported ones too) (default: the configured, published or bundled fidelity one)")
     p.add_argument("--max-images", type=int, default=0, metavar="N", help="only the first N images (sorted by path)")
     p.add_argument("--peer", action="append", choices=["span"], help="also measure another upscaler in the same run: "
                    "span = SPAN x4 (NTIRE 2024 efficient-SR winner) through ncnn; needs pip install -e '.[peers]'")
@@ -168,11 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
         "up every change of the current model by itself.",
     )
     msub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
-    q = msub.add_parser("list", help="the bundled models, then the published versions, newest last; * marks what is served")
+    q = msub.add_parser("list", help="the bundled models, then the published versions, newest last; * marks the current one, > what the running daemon serves")
     q.add_argument("--json", action="store_true", help="machine-readable output")
     _common(q)
     q = msub.add_parser("show", help="one version's metadata as JSON (a version, or bundled / fidelity / gan)")
     q.add_argument("version", help="version id or file name")
+    q.add_argument("--json", action="store_true", help="everything as stored: the whole licence, raw hyperparameters")
     _common(q)
     q = msub.add_parser("promote", help="verify a checkpoint and make it the current model",
                         description="Verify PATH with the same checks the daemon makes, then publish it as the current model.")
@@ -210,6 +211,13 @@ def _run(args: argparse.Namespace) -> int:
         try:
             cfg = config_mod.load_file(config_path, args.set)
         except config_mod.ConfigError as e:
+            if args.set:  # a wrong --set is an error, as for every command; only a broken file is read past
+                try:
+                    config_mod.load_file(config_path)
+                except config_mod.ConfigError:
+                    config_mod.load_file(None, args.set)  # the file is broken: check the --set on its own
+                else:
+                    raise
             path = config_mod.status_path_despite(config_path)
             logger.warning("the config is invalid ({}); reading the daemon's status from {}", e, path)
             return status(None, as_json=args.json, path=path)
@@ -254,11 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     from upscaled.runtime import setup_logging
 
     setup_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
-    from model.errors import CheckpointError  # no torch import: `upscaled status` stays instant
+    from model.errors import CheckpointError, UsageError  # no torch import: `upscaled status` stays instant
     from upscaled.config import ConfigError
 
     try:
         return _run(args)
+    except UsageError as e:
+        logger.error("{}", e)
+        return EXIT_USAGE
     except ConfigError as e:
         logger.error("config error: {}", e)
         return EXIT_USAGE

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import time
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from loguru import logger
 
@@ -12,6 +15,19 @@ from model.checkpoint import BUNDLED, BUNDLED_DEFAULT, CheckpointError, Checkpoi
 from upscaled.config import Config
 
 BUNDLED_NAMES = ("bundled", *BUNDLED)  # `bundled` = the default a fresh install serves
+VERDICT_WAIT = 60.0  # seconds promote waits for a running daemon to load or refuse the new model
+
+
+def daemon_model(cfg: Config) -> dict[str, Any] | None:
+    """What the running daemon reports about its model (its status file): `version` served,
+    `refused` (the last candidate it refused, with the reason), `watching`; None when no daemon
+    runs. The `current` pointer only says what it should serve."""
+    from daemon.status import running_status
+
+    st = running_status(cfg)
+    if st is None:
+        return None
+    return {**(st.get("model") or {}), "version": st.get("model_version")}
 
 
 def _row(path: Path, info: CheckpointInfo, current: Path | None, bundled: str | None = None) -> dict:
@@ -34,7 +50,8 @@ def _metrics_text(info: CheckpointInfo) -> str:
     m = info.metrics
     if "psnr_y" not in m:
         return "no validation metrics"
-    gain = f" ({m['psnr_y'] - m['bicubic_psnr_y']:+.2f} dB over bicubic)".replace("-", "\u2212") if "bicubic_psnr_y" in m else ""
+    d = m["psnr_y"] - m["bicubic_psnr_y"] if "bicubic_psnr_y" in m else None
+    gain = "" if d is None else f" (+{d:.2f} dB over bicubic)" if d >= 0 else f" ({-d:.2f} dB below bicubic)"
     ssim = f", SSIM {m['ssim_y']:.4f}" if "ssim_y" in m else ""
     # Figures are only comparable on one validation set: say which (its name and fingerprint).
     v = info.validation
@@ -69,28 +86,68 @@ def cmd_list(cfg: Config, as_json: bool) -> int:
     entries = [(p, read_info(p), name) for name, p in BUNDLED.items()]
     entries += [(p, i, None) for p, i in store.published(models_dir)]
     rows = [_row(p, i, current, b) for p, i, b in entries]
+    daemon = daemon_model(cfg)
+    served = daemon.get("version") if daemon else None
+    refused = (daemon or {}).get("refused") or None
+    current_name = current.name if current else None
+    for r in rows:
+        r["served"] = bool(served) and r["version"] == served
     if as_json:
-        print(json.dumps({"models": str(models_dir), "current": current.name if current else "bundled",
-                          "bundled": str(BUNDLED_DEFAULT), "versions": rows}, indent=2))
+        print(json.dumps({"models": str(models_dir), "current": current_name or "bundled",
+                          "bundled": str(BUNDLED_DEFAULT), "daemon_running": daemon is not None, "served": served,
+                          "refused": refused, "versions": rows}, indent=2))
         return 0
     for r, (_, info, _b) in zip(rows, entries):
-        mark = "*" if r["current"] else " "
+        mark = ("*" if r["current"] else " ") + (">" if r["served"] else " ")
         name = f"{r['version']} ({r['bundled']}, bundled)" if r["bundled"] else r["version"]
         kind = f"  {info.foreign['architecture']} (imported)" if info.foreign else ""
         print(f"{mark} {name}  step {r['step']:>7}  x{r['scale']}{kind}  {_metrics_text(info)}")
         if info.extra.get("learn"):
             print(f"      {_learn_text(info.extra['learn'])}")
-    if current is None:
-        print(f"(* nothing published is current: the daemon serves the bundled default, {BUNDLED_DEFAULT.stem})")
+    print(f"* current ({current_name or 'nothing published: the bundled default, ' + BUNDLED_DEFAULT.stem}), "
+          "what the daemon is told to serve")
+    if daemon is None:
+        print("> no daemon is running (a daemon started now serves the * model)")
+    else:
+        print(f"> what the running daemon serves: {served or 'nothing yet'}" + (
+            "" if daemon.get("watching", True) else " (it does not watch the models folder: model.path pins it)"))
+        if refused and refused.get("file") == current_name:
+            print(f"! the daemon refused the current model {refused.get('version') or refused.get('file')} at "
+                  f"{refused.get('time')}: {refused.get('reason')}")
     return 0
 
 
-def cmd_show(cfg: Config, version: str) -> int:
+LICENCE_SHOWN = 400  # characters of an imported model's licence `models show` prints
+
+
+def readable(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as people read it: class reprs spandrel stored as hyperparameters ("<class
+    'torch.nn.modules.activation.GELU'>") by their names (GELU), a long licence cut short."""
+    import re
+
+    def tidy(v: Any) -> Any:
+        if isinstance(v, str):
+            return re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", v)
+        if isinstance(v, dict):
+            return {k: tidy(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [tidy(x) for x in v]
+        return v
+
+    out = tidy(row)
+    src = (out.get("imported") or {}).get("source") or {}
+    text = src.get("licence")
+    if isinstance(text, str) and len(text) > LICENCE_SHOWN:
+        src["licence"] = f"{text[:LICENCE_SHOWN].rstrip()} … ({len(text) - LICENCE_SHOWN} more characters: `--json` prints it all)"
+    return out
+
+
+def cmd_show(cfg: Config, version: str, full: bool = False) -> int:
     models_dir = cfg.path("models")
     path = find_version(models_dir, version)
     bundled = next((n for n, p in BUNDLED.items() if p == path), None)
     row = _row(path, read_info(path), store.current_checkpoint(models_dir), bundled)
-    print(json.dumps(row, indent=2))
+    print(json.dumps(row if full else readable(row), indent=2))
     return 0
 
 
@@ -143,9 +200,56 @@ def cmd_promote(cfg: Config, path: Path, gate: Path | None, force: bool = False)
             return 1
         logger.info("gate passed: {}", result.reason)
         return 0
+    since = datetime.now(timezone.utc).replace(microsecond=0).isoformat(timespec="seconds")
     target = store.publish(cfg.path("models"), path, keep=cfg.models.keep)
     logger.info("published {} as {}; it is now current", info.version, target)
-    return 0
+    return await_verdict(cfg, info.version, target, since)
+
+
+def _refused_it(refused: dict[str, Any], target: Path, since: str) -> bool:
+    """Whether the daemon's last refusal is its verdict on `target`: made since we published,
+    or made on this very file before (the daemon does not try an unchanged refused file again)."""
+    if refused.get("file") != target.name:
+        return False
+    when = str(refused.get("time") or "")
+    if when >= since:
+        return True
+    try:
+        return datetime.fromisoformat(when).timestamp() >= int(target.stat().st_mtime)
+    except (OSError, ValueError):
+        return False
+
+
+def await_verdict(cfg: Config, version: str, target: Path, since: str, wait: float = VERDICT_WAIT) -> int:
+    """After publishing: wait for a running daemon to serve `version` (0) or refuse `target` (1,
+    with its reason); no daemon, or one that does not watch the models folder, is said so (0)."""
+    daemon = daemon_model(cfg)
+    if daemon is None:
+        logger.info("no daemon is running; it serves {} when started", version)
+        return 0
+    if not daemon.get("watching", True):
+        logger.warning("the running daemon does not watch the models folder (model.path pins it): it keeps serving {}",
+                       daemon.get("version"))
+        return 0
+    deadline = time.monotonic() + wait
+    while True:
+        if daemon is None:
+            logger.warning("the daemon stopped before taking {}; it serves it when started again", version)
+            return 0
+        if daemon.get("version") == version:
+            logger.info("the running daemon now serves {}", version)
+            return 0
+        r = daemon.get("refused") or {}
+        if _refused_it(r, target, since):
+            logger.error("the running daemon refused {}: {}; it still serves {} (back to that one: upscaled models "
+                         "rollback)", version, r.get("reason"), daemon.get("version"))
+            return 1
+        if time.monotonic() > deadline:
+            logger.warning("the running daemon has not taken {} within {:.0f} s (it still serves {}); see "
+                           "`upscaled status`", version, wait, daemon.get("version"))
+            return 0
+        time.sleep(0.2)
+        daemon = daemon_model(cfg)
 
 
 def cmd_rollback(cfg: Config, version: str | None) -> int:
@@ -174,8 +278,18 @@ def cmd_import(cfg: Config, file: Path, name: str | None, val: Path | None, lice
     from model.checkpoint import CheckpointInfo, new_version, write_checkpoint
     from model.foreign import FOREIGN_ARCH, ForeignSpec, detect, read_foreign_weights, servable, slug
 
+    from model.errors import UsageError
+    from trainer.data import DataError, list_images
+
+    # Arguments first: a wrong --val must not cost reading (and converting) the checkpoint.
     if not file.is_file():
-        raise CheckpointError(f"{file}: no such file")
+        raise UsageError(f"{file}: no such file")
+    if val is not None:
+        try:
+            if not list_images(val):
+                raise DataError(str(val), [f"{val} holds no image files"])
+        except DataError as e:
+            raise UsageError(f"--val {val}: {'; '.join(e.problems)} (a folder of high-resolution images)") from None
     if licence and Path(licence).is_file():
         licence = Path(licence).read_text(errors="replace")
     state = read_foreign_weights(file)
@@ -191,7 +305,10 @@ def cmd_import(cfg: Config, file: Path, name: str | None, val: Path | None, lice
         from model.foreign import ForeignNet
         from trainer.validation import ValidationSet, score
 
-        vs = ValidationSet.load(val, spec.scale)
+        try:
+            vs = ValidationSet.load(val, spec.scale)
+        except DataError as e:
+            raise UsageError(f"--val {val}: {'; '.join(e.problems)}") from None
         logger.info("validating on {} images from {} (fingerprint {})", len(vs.images), val, vs.fingerprint)
         report = score(ForeignNet(desc, spec), vs, cfg.inference.device if cfg.inference.device != "auto" else "cpu")
         validation = {**vs.describe(), "metrics": report.metrics()}
@@ -214,7 +331,7 @@ def main(cfg: Config, args) -> int:
     if args.models_command == "list":
         return cmd_list(cfg, args.json)
     if args.models_command == "show":
-        return cmd_show(cfg, args.version)
+        return cmd_show(cfg, args.version, full=args.json)
     if args.models_command == "promote":
         return cmd_promote(cfg, Path(args.path), Path(args.gate) if args.gate else None, force=args.force)
     if args.models_command == "rollback":

@@ -22,8 +22,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
+from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.responses import JSONResponse as _JSONResponse
-from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -158,7 +158,7 @@ def create_app(site: Site) -> Starlette:
                       "loading": m.get("loading"), "refused": m.get("refused"), "watching": m.get("watching"),
                       "figures": models_mod.served_figures(cfg, st)},
             "counts": {k: st.get(k) for k in ("queued", "in_flight", "processed", "failed")}
-            | {"retrying": len(st.get("retrying") or [])},
+            | {"retrying": len(st.get("retrying") or []), "failed_folder": files_mod.failed_count(folders)},
             "throughput": st.get("throughput") or {},
             "history": site.history,
             "last_error": st.get("last_error"), "last_failed": st.get("last_failed"),
@@ -175,16 +175,8 @@ def create_app(site: Site) -> Starlette:
     def _output_and_original(request: Request) -> tuple[Path, Path | None, dict[str, Any]]:
         rel = request.query_params.get("out", "")
         output = resolve_under(folders.outbox, rel)
-        st = files_mod.status(folders) or {}
-        entry = next((e for e in st.get("recent") or [] if files_mod.rel_to(folders.outbox, e.get("output")) == rel), {})
-        orig_rel = files_mod.original_of(folders, entry.get("file"), rel)
-        base = folders.inbox if folders.originals == "keep" else folders.done
-        original = None
-        if orig_rel is not None:
-            try:
-                original = resolve_under(base, orig_rel)
-            except Refused:
-                original = None
+        entry = files_mod.record_of(folders, files_mod.status(folders), rel)
+        orig_rel, original = files_mod.paired_original(folders, entry, rel)
         return output, original, {"output": rel, "original": orig_rel, "file": entry.get("file"),
                                   "model_version": entry.get("model_version"), "seconds": entry.get("seconds")}
 
@@ -219,8 +211,11 @@ def create_app(site: Site) -> Starlette:
         return Response(data, media_type=media, headers={"cache-control": "private, max-age=300"})
 
     def models(request: Request):
-        st = files_mod.status(folders) or {}
-        return JSONResponse(files_mod.relative_paths(models_mod.listing(cfg, st.get("model_version")), folders))
+        from upscaled.models_cmd import daemon_model
+
+        daemon = daemon_model(cfg) or {}  # what a running daemon serves, apart from the `current` pointer
+        return JSONResponse(files_mod.relative_paths(models_mod.listing(cfg, daemon.get("version"), daemon.get("refused")),
+                                                     folders))
 
     def _training(request: Request) -> dict[str, Any]:
         state = site.training.state()
@@ -252,6 +247,36 @@ def create_app(site: Site) -> Starlette:
                          "data_root": cfg.web.data_root and str(cfg.resolve(cfg.web.data_root))}
         return JSONResponse(files_mod.relative_paths({**_training(request), "defaults": defaults}, folders)
                             if not site.details(request) else {**_training(request), "defaults": defaults})
+
+    def train_estimate(request: Request):
+        """Seconds per training step here, measured by a short probe at the form's batch and crop."""
+        from web.training import probe_step_seconds
+
+        batch, crop = _int(request, "batch", cfg.trainer.batch), _int(request, "crop", cfg.trainer.crop)
+        if not (1 <= batch <= 64 and 4 * cfg.model.scale <= crop <= 1024):
+            raise Refused(400, "batch 1..64 and crop up to 1024 px for an estimate")
+        return JSONResponse(probe_step_seconds(cfg, batch, crop))
+
+    # -- downloads and upload progress ------------------------------------------------------------
+
+    def download(request: Request):
+        """One output, streamed, under its own name."""
+        path = files_mod.output_file(folders, request.query_params.get("out", ""))
+        # A name that is not UTF-8 (names are bytes) gets U+FFFD where it cannot be said.
+        return FileResponse(path, filename=path.name.encode("utf-8", "replace").decode(), content_disposition_type="attachment")
+
+    def download_zip(request: Request):
+        """Several outputs (out=… repeated: a selection, or one upload batch) as one zip, streamed."""
+        outs = request.query_params.getlist("out")
+        name = files_mod.clean_zip_name(request.query_params.get("name") or "upscaled")
+        return StreamingResponse(files_mod.zip_stream(folders, outs), media_type="application/zip",
+                                 headers={"content-disposition": f'attachment; filename="{name}.zip"'})
+
+    def upload_progress(request: Request):
+        """Where each file of an upload batch is: queued, working, done (with its output), failed."""
+        names = request.query_params.getlist("file")
+        since = request.query_params.get("since", "")
+        return JSONResponse({"files": files_mod.progress(folders, files_mod.status(folders), names, since)})
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -317,12 +342,16 @@ def create_app(site: Site) -> Starlette:
         Route("/api/overview", overview),
         Route("/api/files", files),
         Route("/api/compare", compare),
+        Route("/api/download", download),
+        Route("/api/download.zip", download_zip),
+        Route("/api/upload/progress", upload_progress),
         Route("/api/preview", preview),
         Route("/api/models", models),
         Route("/api/runs", runs),
         Route("/api/runs/{name}", run_detail),
         Route("/api/sample", sample),
         Route("/api/train", train_state),
+        Route("/api/train/estimate", train_estimate),
         Route("/api/upload", upload, methods=["POST"]),
         Route("/api/retry", retry, methods=["POST"]),
         Route("/api/promote", promote, methods=["POST"]),

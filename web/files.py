@@ -1,7 +1,8 @@
 """What the daemon's folders hold, for the Files and Compare views, and Retry.
 
-Everything here is read from what the daemon already writes: the status file's `recent` list
-(the last files done, with sizes, stage times and the model that made them), the outbox, done/,
+Everything here is read from what the daemon already writes: its history file and the status
+file's `recent` list (each input done: where its original went, its output, sizes, stage times
+and the model that made it; daemon/history.py), the outbox, done/,
 failed/ with each `NAME.error.json`, and the inbox (files waiting). The only write is Retry:
 a failed file renamed back into the inbox, where the daemon takes it like any new file.
 """
@@ -23,12 +24,13 @@ from typing import Any
 
 from loguru import logger
 
+from daemon import history
 from daemon.status import read as read_status
 from daemon.status import reason_class
 from model.atomic import NAME_MAX, clip_name, folder_of, numbered, rename_noreplace, sidecar
 from model.names import shown
 from upscaled.config import Config
-from web.security import Refused, clean_relative
+from web.security import Refused, clean_relative, resolve_under
 
 ERROR_SUFFIX = ".error.json"
 LIST_LIMIT = 200  # rows per list on the page
@@ -181,13 +183,62 @@ def original_of(folders: Folders, input_rel: str | None, output_rel: str) -> str
     return max(found)[1].relative_to(base).as_posix()
 
 
+_history: dict[str, Any] = {"key": None, "records": []}
+
+
+def records(folders: Folders, st: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """What the daemon recorded for each input it finished, newest first: its history file in
+    the status file's folder (kept across restarts, daemon/history.py) and the status's recent list."""
+    path = history.path_for(folders.status)
+    try:
+        s = path.stat()
+        key = (s.st_ino, s.st_size, s.st_mtime_ns)
+    except OSError:
+        key = None
+    if key != _history["key"]:
+        _history.update(key=key, records=history.read(path) if key else [])
+    merged: dict[tuple, dict[str, Any]] = {}
+    for e in [*_history["records"], *((st or {}).get("recent") or [])]:
+        merged.setdefault((e.get("time"), e.get("file"), e.get("output")), e)
+    return sorted(merged.values(), key=lambda e: str(e.get("time") or ""), reverse=True)
+
+
+def record_of(folders: Folders, st: dict[str, Any] | None, out_rel: str) -> dict[str, Any]:
+    """The newest record of the input that made outbox/out_rel ({} when none is left)."""
+    return next((e for e in records(folders, st) if rel_to(folders.outbox, e.get("output")) == out_rel), {})
+
+
+def paired_original(folders: Folders, entry: dict[str, Any], out_rel: str) -> tuple[str | None, Path | None]:
+    """(shown name, path) of the original that made outbox/out_rel: where the daemon's record
+    says it put it (so `p.png` is paired with done/p.png even when a later p.png went to
+    done/p-1.png); by name only for an output with no record. (None, None) when not kept."""
+    if folders.originals == "delete":
+        return None, None
+    recorded = entry.get("original")
+    if recorded:
+        for base in (folders.done, folders.inbox):  # daemon.originals: keep leaves it in the inbox
+            rel = rel_to(base, recorded)
+            if rel is not None:
+                with contextlib.suppress(Refused):
+                    return rel, resolve_under(base, rel)
+        return None, None  # recorded, but moved away or deleted since: no other file stands in
+    rel = original_of(folders, entry.get("file"), out_rel)
+    if rel is None:
+        return None, None
+    with contextlib.suppress(Refused):
+        return rel, resolve_under(folders.inbox if folders.originals == "keep" else folders.done, rel)
+    return None, None
+
+
 def done_rows(folders: Folders, st: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The files done, newest first: the status's recent list (with stage times and model), then
     other outputs in the outbox by modification time."""
     rows: list[dict[str, Any]] = []
     listed: set[str] = set()
-    for e in reversed((st or {}).get("recent") or []):
+    for e in records(folders, st):
         out = rel_to(folders.outbox, e.get("output"))
+        if out in listed:
+            continue  # an output replaced later (output.on_conflict: overwrite): its newest record only
         size = e.get("size") or []
         row = {
             "file": e.get("file"), "state": "done", "time": e.get("time"), "model_version": e.get("model_version"),
@@ -199,9 +250,11 @@ def done_rows(folders: Folders, st: dict[str, Any] | None) -> list[dict[str, Any
         }
         if out:
             listed.add(out)
-            row["original"] = original_of(folders, e.get("file"), out)
+            row["original"] = paired_original(folders, e, out)[0]
             row["in_outbox"] = row["output_bytes"] is not None
         rows.append(row)
+        if len(rows) >= LIST_LIMIT:
+            break
     older = sorted(((s.st_mtime, rel, s.st_size) for rel, s in _walk(folders.outbox) if rel not in listed), reverse=True)
     for mtime, rel, nbytes in older[: max(0, LIST_LIMIT - len(rows))]:
         rows.append({"file": None, "state": "done", "time": _iso(mtime), "model_version": None, "output": rel,
@@ -387,3 +440,97 @@ def throughput_history(samples: list[tuple[float, int]], st: dict[str, Any] | No
     while samples and now - samples[0][0] > keep:
         samples.pop(0)
     return samples
+
+
+# -- downloads and upload progress (the Files and Make views) -------------------------------------
+
+ZIP_LIMIT = 1000  # outputs per zip
+
+
+def output_file(folders: Folders, rel: str) -> Path:
+    """An output to download: a regular file that really lies in the outbox (web.security)."""
+    return resolve_under(folders.outbox, rel)
+
+
+def zip_stream(folders: Folders, rels: list[str]):
+    """A zip of these outputs, made as it is sent (nothing spooled): each member under its path
+    in the outbox. Images are compressed already, so members are stored, not deflated."""
+    import zipfile
+
+    if not rels or len(rels) > ZIP_LIMIT:
+        raise Refused(400, f"name 1 to {ZIP_LIMIT} outputs (out=…)")
+    paths = [(rel, output_file(folders, rel)) for rel in dict.fromkeys(rels)]  # every name checked first
+
+    class _Sink:  # a write-only stream: zipfile writes, the response takes what is there
+        def __init__(self) -> None:
+            self.chunks: list[bytes] = []
+            self.pos = 0
+
+        def write(self, b) -> int:
+            self.chunks.append(bytes(b))
+            self.pos += len(b)
+            return len(b)
+
+        def tell(self) -> int:
+            return self.pos
+
+        def flush(self) -> None:
+            pass
+
+        def take(self) -> bytes:
+            out, self.chunks = b"".join(self.chunks), []
+            return out
+
+    def gen():
+        sink = _Sink()
+        with zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED) as zf:  # type: ignore[arg-type]
+            for rel, path in paths:
+                try:
+                    src = open(path, "rb")
+                except OSError as e:  # gone since the check: left out, said in the log
+                    logger.warning("zip: {} left out ({})", rel, e.strerror or e)
+                    continue
+                with src, zf.open(zipfile.ZipInfo.from_file(path, rel), "w", force_zip64=True) as dst:
+                    while chunk := src.read(1 << 20):
+                        dst.write(chunk)
+                        yield sink.take()
+                yield sink.take()
+        yield sink.take()
+
+    return gen()
+
+
+def clean_zip_name(name: str) -> str:
+    """A download's file name from the page: letters, digits, - _ . only."""
+    return "".join(c if c.isalnum() and c.isascii() or c in "-_." else "-" for c in name)[:80].strip(".") or "upscaled"
+
+
+def failed_count(folders: Folders) -> int:
+    """Files in failed/ now (each with its NAME.error.json), whichever daemon run put them there."""
+    return sum(1 for _ in _walk(folders.failed, suffixes=(ERROR_SUFFIX,)))
+
+
+def progress(folders: Folders, st: dict[str, Any] | None, names: list[str], since: str) -> list[dict[str, Any]]:
+    """What became of files dropped into the inbox (as saved there) at or after `since` (ISO):
+    queued (still in the inbox), working (the daemon has it), done (with its output) or failed
+    (with the reason), from the daemon's own records."""
+    recs = records(folders, st)
+    out = []
+    for name in names[:ZIP_LIMIT]:
+        row: dict[str, Any] = {"file": name, "state": "working"}
+        done = next((e for e in recs if e.get("file") == name and str(e.get("time") or "") >= since), None)
+        err = sidecar(folders.failed / name, ERROR_SUFFIX)
+        if done is not None:
+            out_rel = rel_to(folders.outbox, done.get("output"))
+            row.update(state="done", output=out_rel, in_outbox=bool(out_rel) and (folders.outbox / out_rel).is_file())
+        elif err.is_file() and _iso(err.stat().st_mtime) >= since:
+            try:
+                reason = json.loads(err.read_text()).get("reason")
+            except (OSError, ValueError):
+                reason = None
+            row.update(state="failed", reason=reason or "unknown (unreadable error record)")
+        elif (folders.inbox / name).is_file():
+            row["state"] = "queued"
+        out.append(row)
+    return out
+

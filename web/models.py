@@ -58,8 +58,10 @@ def _row(path: Path, origin: str, name: str, current: bool) -> dict[str, Any]:
             "step": info.step, "current": current, "figures": _figures(info)}
 
 
-def listing(cfg: Config, served_version: str | None) -> dict[str, Any]:
-    """Bundled models, published versions (newest last) and the checkpoints of training runs."""
+def listing(cfg: Config, served_version: str | None, refused: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Bundled models, published versions (newest last) and the checkpoints of training runs.
+    `served_version`: what the running daemon serves (None: no daemon runs); `refused`: the
+    last candidate it refused, from its status, shown on that row with the reason."""
     from model import store
     from model.checkpoint import BUNDLED, BUNDLED_DEFAULT
 
@@ -83,7 +85,10 @@ def listing(cfg: Config, served_version: str | None) -> dict[str, Any]:
     for r in rows:  # figures are only comparable on one validation set
         r["served"] = bool(served_version) and r.get("version") == served_version
         r["same_set"] = bool(fp) and r.get("figures", {}).get("fingerprint") == fp
+        if refused and r.get("origin") == "published" and r.get("file") == refused.get("file"):
+            r["refused"] = {"reason": refused.get("reason"), "time": refused.get("time")}
     return {"pinned": bool(cfg.model.path), "current": cur.name if cur else "bundled", "models": rows,
+            "daemon_running": served_version is not None, "served": served_version,
             "history": store.history(models_dir) if models_dir.is_dir() else []}
 
 

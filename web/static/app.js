@@ -103,28 +103,49 @@ function plot(canvas, series, opts) {
   ctx.fillStyle = "#8a94a6";
   ctx.font = "11px sans-serif";
   if (!pts.length) { ctx.fillText((opts && opts.empty) || "no data yet", pad, H / 2); return; }
-  let [x0, x1] = [Math.min(...pts.map(p => p[0])), Math.max(...pts.map(p => p[0]))];
-  let [y0, y1] = [Math.min(...pts.map(p => p[1])), Math.max(...pts.map(p => p[1]))];
-  if (x1 === x0) x1 = x0 + 1;
-  if (y1 === y0) { y1 += 0.5; y0 -= 0.5; }
+  let [x0, x1, y0, y1] = axes(pts);
+  canvas.dataset.axes = [x0, x1, y0, y1].join(",");  // what the axes span, for people reading the DOM (and tests)
+  canvas.dataset.series = series.map(s => `${s.label}:${s.points.filter(p => Number.isFinite(p[1])).length}`).join(",");
   const X = x => pad + (x - x0) / (x1 - x0) * (W - pad - 8);
   const Y = y => H - 18 - (y - y0) / (y1 - y0) * (H - 30);
   ctx.strokeStyle = "#cfd5df";
   ctx.beginPath(); ctx.moveTo(pad, 8); ctx.lineTo(pad, H - 18); ctx.lineTo(W - 8, H - 18); ctx.stroke();
   ctx.fillText(fmt(y1), 2, 14); ctx.fillText(fmt(y0), 2, H - 20);
-  ctx.fillText(opts && opts.xfmt ? opts.xfmt(x0) : fmt(x0), pad, H - 4);
-  const xl = opts && opts.xfmt ? opts.xfmt(x1) : fmt(x1);
-  ctx.fillText(xl, W - 8 - ctx.measureText(xl).width, H - 4);
+  const xf = opts && opts.xfmt ? opts.xfmt : fmt;
+  if (x1 - x0 === 2 && pts.every(p => p[0] === x0 + 1)) {  // one x: its label under it, no made-up ends
+    const l = xf(x0 + 1);
+    ctx.fillText(l, X(x0 + 1) - ctx.measureText(l).width / 2, H - 4);
+  } else {
+    ctx.fillText(xf(x0), pad, H - 4);
+    const xl = xf(x1);
+    ctx.fillText(xl, W - 8 - ctx.measureText(xl).width, H - 4);
+  }
   let lx = pad + 8;
   for (const s of series) {
     ctx.strokeStyle = s.color; ctx.fillStyle = s.color; ctx.lineWidth = 2;
+    ctx.setLineDash(s.dash || []);
     ctx.beginPath();
     s.points.filter(p => Number.isFinite(p[1])).forEach((p, i) => i ? ctx.lineTo(X(p[0]), Y(p[1])) : ctx.moveTo(X(p[0]), Y(p[1])));
     ctx.stroke();
     if (s.points.length === 1) { ctx.beginPath(); ctx.arc(X(s.points[0][0]), Y(s.points[0][1]), 3, 0, 7); ctx.fill(); }
+    ctx.setLineDash([]);
     ctx.fillText(s.label, lx, 12); lx += ctx.measureText(s.label).width + 14;
     ctx.lineWidth = 1;
   }
+}
+
+// Axis ranges with room around the data: the lowest line (bicubic, under the model's) must not lie
+// on the x axis, one point gets a range around it, and values that cannot be negative (a loss,
+// PSNR) get no negative axis.
+function axes(pts) {
+  let [x0, x1] = [Math.min(...pts.map(p => p[0])), Math.max(...pts.map(p => p[0]))];
+  let [y0, y1] = [Math.min(...pts.map(p => p[1])), Math.max(...pts.map(p => p[1]))];
+  if (x1 === x0) { x0 -= 1; x1 += 1; }
+  const nonneg = y0 >= 0;
+  const room = y1 > y0 ? (y1 - y0) * 0.08 : (Math.abs(y0) * 0.1 || 1);
+  y0 -= room; y1 += room;
+  if (nonneg && y0 < 0) y0 = 0;
+  return [x0, x1, y0, y1];
 }
 const stepFmt = (x) => "step " + Math.round(x);
 function fmt(v) { return Math.abs(v) >= 100 ? v.toFixed(0) : Math.abs(v) >= 1 ? v.toFixed(2) : v.toPrecision(3); }
@@ -153,6 +174,7 @@ async function refresh(now) {
     renderOverview(overview);
     const v = current();
     if (v === "files" || v === "compare") await loadFiles();
+    if (v === "make") await trackBatches();
     if (v === "models") await loadModels();
     if (v === "train") await loadTrain();
   } catch (e) {
@@ -192,6 +214,7 @@ function renderOverview(o) {
   $("#ov-inflight").textContent = c.in_flight ?? "—";
   $("#ov-processed").textContent = c.processed ?? "—";
   $("#ov-failed").textContent = c.failed ?? "—";
+  $("#ov-failed-folder").textContent = c.failed_folder ?? "—";
   $("#ov-retrying").textContent = c.retrying ?? "—";
   const t = o.throughput || {};
   $("#ov-throughput").textContent = `${(t.images_per_min || 0).toFixed(1)} images/min · ${(t.output_mp_per_s || 0).toFixed(2)} output MP/s`;
@@ -216,13 +239,16 @@ async function loadFiles() {
   files = await getJSON("/api/files");
   const done = $("#files-done tbody");
   done.replaceChildren(...files.done.map(r => el("tr", {"data-output": r.output || "", "data-file": r.file || ""},
+    el("td", {}, r.output && r.in_outbox !== false ? pickBox(r.output) : ""),
     el("td", {}, r.file || r.output || ""),
     el("td", {class: "state done"}, r.in_outbox === false ? "done (moved out)" : "done"),
     el("td", {}, `${px(r.size_in)} ${bytes(r.input_bytes)} → ${px(r.size_out)} ${bytes(r.output_bytes)}`),
     el("td", {}, ms(r.seconds.decode)), el("td", {}, ms(r.seconds.upscale)), el("td", {}, ms(r.seconds.encode)),
     el("td", {title: r.model_version || ""}, short(r.model_version)),
     el("td", {}, when(r.time)),
-    el("td", {}, r.output && r.in_outbox !== false ? el("a", {class: "compare-btn", href: "#compare?out=" + encodeURIComponent(r.output)}, "compare") : ""))));
+    el("td", {}, r.output && r.in_outbox !== false ? [el("a", {class: "compare-btn", href: "#compare?out=" + encodeURIComponent(r.output)}, "compare"), " ",
+                                                      downloadLink(r.output)] : ""))));
+  showPicked();
   const failed = $("#files-failed tbody");
   failed.replaceChildren(...files.failed.map(r => el("tr", {"data-file": r.file},
     el("td", {}, r.file), el("td", {class: "reason"}, r.reason), el("td", {}, r.stage || ""),
@@ -275,8 +301,12 @@ function showFit() {
   $("#cmp-mode").textContent = "fit";
   const stage = $("#cmp-stage");
   stage.classList.remove("zoomed");
-  // As wide as the page allows (small previews enlarged up to 2x, both images alike).
-  const w = Math.min(1000, stage.parentElement.clientWidth - 4, 2 * g.fit_width);
+  // As large as the window allows, width and height (a portrait output fits too, slider in
+  // view); small previews enlarged up to 2x, both images alike.
+  const top = stage.getBoundingClientRect().top + window.scrollY;
+  const room = Math.max(160, window.innerHeight - (top - window.scrollY) - 48);
+  let w = Math.min(1000, stage.parentElement.clientWidth - 4, 2 * g.fit_width);
+  if (w * g.fit_height / g.fit_width > room) w = Math.floor(room * g.fit_width / g.fit_height);
   setStage(w, Math.round(w * g.fit_height / g.fit_width), q("before"), q("after"), g.before_available);
 }
 
@@ -291,7 +321,29 @@ function setStage(w, h, before, after, hasBefore) {
   slide();
 }
 
-function slide() { $("#cmp-after-wrap").style.clipPath = `inset(0 0 0 ${$("#cmp-slider").value}%)`; }
+function slide() {
+  const v = $("#cmp-slider").value;
+  $("#cmp-after-wrap").style.clipPath = `inset(0 0 0 ${v}%)`;
+  $("#cmp-handle").style.left = v + "%";
+}
+// The divider itself can be dragged, on the image (the slider below does the same).
+let dragged = false;
+$("#cmp-handle").addEventListener("pointerdown", (e) => {
+  e.preventDefault(); e.stopPropagation();
+  const h = e.currentTarget;
+  dragged = false;
+  h.setPointerCapture(e.pointerId);
+  const move = (ev) => {
+    const r = $("#cmp-stage").getBoundingClientRect();
+    dragged = true;
+    $("#cmp-slider").value = String(Math.max(0, Math.min(100, (ev.clientX - r.left) / r.width * 100)));
+    slide();
+  };
+  const up = () => { h.removeEventListener("pointermove", move); h.removeEventListener("pointerup", up); };
+  h.addEventListener("pointermove", move);
+  h.addEventListener("pointerup", up);
+});
+$("#cmp-handle").addEventListener("click", (e) => { if (dragged) e.stopPropagation(); dragged = false; });  // a drag is not a zoom click; a plain click is
 $("#cmp-slider").addEventListener("input", slide);
 $("#cmp-fit").addEventListener("click", showFit);
 
@@ -326,15 +378,13 @@ async function upload(fileList) {
   }
   if (!n) return;
   const item = el("li", {}, `uploading ${n} file(s)…`);
+  const since = new Date(Date.now() - 2000).toISOString().replace(/\.\d+Z$/, "+00:00");  // the daemon's clock, to the second
   list.prepend(item);
   const r = await fetch("/api/upload", {method: "POST", headers: headers(), body: form});
   const j = await r.json().catch(() => ({error: r.statusText}));
   if (j.error) { setText(item, "upload refused: " + j.error); item.className = "bad"; return; }
   item.remove();
-  for (const f of j.files) {
-    list.prepend(el("li", {class: f.ok ? "good upload-ok" : "bad upload-refused", "data-name": f.name},
-      f.ok ? `${f.name}: in the inbox as ${f.saved_as}; it appears under Files when done` : `${f.name}: refused: ${f.reason}`));
-  }
+  startBatch(j.files, since);
   refresh();
 }
 $("#make-input").addEventListener("change", (e) => { upload(e.target.files); e.target.value = ""; });
@@ -343,7 +393,71 @@ drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.ad
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); upload(e.dataTransfer.files); });
 
+// -- downloads and upload batches --------------------------------------------------------------
+
+const dl = (out) => "/api/download?out=" + encodeURIComponent(out);
+const zipOf = (outs, name) => "/api/download.zip?" + outs.map(o => "out=" + encodeURIComponent(o)).join("&") + "&name=" + encodeURIComponent(name);
+function downloadLink(out) { return el("a", {class: "download-btn", href: dl(out), download: ""}, "download"); }
+
+// Files: outputs ticked for one zip; the ticks outlive the table's refreshes.
+const picked = new Set();
+function pickBox(out) {
+  return el("input", {type: "checkbox", class: "pick", checked: picked.has(out), "aria-label": "select " + out,
+                      onchange: (e) => { e.target.checked ? picked.add(out) : picked.delete(out); showPicked(); }});
+}
+function showPicked() {
+  const live = new Set((files ? files.done : []).map(r => r.output));
+  for (const o of [...picked]) if (!live.has(o)) picked.delete(o);
+  const a = $("#files-zip");
+  a.hidden = picked.size === 0;
+  a.textContent = `download ${picked.size} selected (.zip)`;
+  a.href = zipOf([...picked], "upscaled-selection");
+}
+
+// Make: each upload is a batch; each file goes queued → working → done (or failed), from the
+// daemon's records, with a link to its output, and the batch's outputs as one zip.
+const batches = [];
+function startBatch(results, since) {
+  const b = {since, files: results, box: el("li", {class: "batch"}), states: {}};
+  batches.unshift(b);
+  $("#make-list").prepend(b.box);
+  drawBatch(b);
+}
+function drawBatch(b) {
+  const ok = b.files.filter(f => f.ok);
+  const outs = ok.map(f => (b.states[f.saved_as] || {}).output).filter(Boolean);
+  const finished = ok.every(f => ["done", "failed"].includes((b.states[f.saved_as] || {}).state));
+  const head = el("div", {class: "batch-head"}, `${when(b.since)}: ${ok.length} file(s) ${finished ? "finished" : "in the inbox"}`,
+    outs.length ? [" · ", el("a", {class: "batch-zip", href: zipOf(outs, "upscaled-batch"), download: ""}, `download ${outs.length} output(s) (.zip)`)] : "");
+  const rows = b.files.map(f => {
+    if (!f.ok) return el("li", {class: "bad upload-refused", "data-name": f.name}, `${f.name}: refused: ${f.reason}`);
+    const s = b.states[f.saved_as] || {state: "queued"};
+    const text = s.state === "done" ? `${f.name}: done → ${s.output}` : s.state === "failed" ? `${f.name}: failed: ${s.reason}`
+      : s.state === "working" ? `${f.name}: being upscaled` : `${f.name}: queued in the inbox` + (f.saved_as !== f.name ? ` as ${f.saved_as}` : "");
+    return el("li", {class: "upload-ok state-" + s.state + (s.state === "failed" ? " bad" : " good"), "data-name": f.name, "data-state": s.state},
+      text, s.state === "done" && s.in_outbox ? [" ", downloadLink(s.output)] : "");
+  });
+  b.box.replaceChildren(head, el("ul", {class: "plain"}, ...rows));
+  b.finished = finished;
+}
+async function trackBatches() {
+  for (const b of batches) {
+    if (b.finished) continue;
+    const names = b.files.filter(f => f.ok).map(f => f.saved_as);
+    if (!names.length) { b.finished = true; continue; }
+    const j = await getJSON("/api/upload/progress?since=" + encodeURIComponent(b.since) + "&" + names.map(n => "file=" + encodeURIComponent(n)).join("&"));
+    for (const s of j.files) b.states[s.file] = s;
+    drawBatch(b);
+  }
+}
+
 // -- models ----------------------------------------------------------------------------------
+
+// The `current` pointer says what the daemon should serve; whether it does is its own word.
+function currentNote(r, running) {
+  if (r.refused) return el("span", {class: "loss", title: r.refused.time || ""}, "current, refused by the daemon: " + r.refused.reason);
+  return el("span", {class: "dim"}, r.served || !running ? "current" : "current (not served yet)");
+}
 
 async function loadModels() {
   const j = await getJSON("/api/models");
@@ -352,7 +466,7 @@ async function loadModels() {
     const f = r.figures || {};
     const action = READ_ONLY || r.problem ? "" : r.origin === "run"
       ? el("button", {type: "button", class: "promote-btn", onclick: () => promote(r.name)}, "Promote")
-      : r.current ? el("span", {class: "dim"}, "current") : el("button", {type: "button", class: "serve-btn", onclick: () => rollback(r.origin === "bundled" ? r.name : r.version)}, "Serve");
+      : r.current ? currentNote(r, j.daemon_running) : el("button", {type: "button", class: "serve-btn", onclick: () => rollback(r.origin === "bundled" ? r.name : r.version)}, "Serve");
     return el("tr", {"data-name": r.name, "data-version": r.version || "", class: r.served ? "served" : ""},
       el("td", {title: r.version || ""}, (r.served ? "▶ " : "") + (r.origin === "published" ? short(r.version) : r.name)),
       el("td", {}, r.origin), el("td", {}, r.step ?? ""),
@@ -397,7 +511,7 @@ function curveSeries(c) {
     loss: [{label: "L1", color: "#2f6fdf", points: c.train.map(p => [p.step, p.l1])},
            {label: "generator loss", color: "#d9822b", points: c.train.filter(p => p.loss_g !== p.l1).map(p => [p.step, p.loss_g])}],
     val: [{label: "model", color: "#2f9d5a", points: c.val.map(p => [p.step, p.psnr_y])},
-          {label: "bicubic", color: "#8a94a6", points: c.val.map(p => [p.step, p.bicubic_psnr_y])}],
+          {label: "bicubic", color: "#d9822b", dash: [6, 4], points: c.val.map(p => [p.step, p.bicubic_psnr_y])}],
   };
 }
 
@@ -422,7 +536,8 @@ async function loadRuns(box, withControls) {
     runCache[r.name] = d;
     plot(card.querySelector(".run-curve"), curveSeries(d.curve).val, {empty: "no validation yet", xfmt: stepFmt});
     const img = card.querySelector(".run-sample");
-    if (r.samples.length) {
+    if (withControls) img.hidden = true;  // the Train view shows the run's sheet once, under "Latest samples"
+    else if (r.samples.length) {
       const src = `/api/sample?run=${encodeURIComponent(r.name)}&file=${encodeURIComponent(r.samples[r.samples.length - 1])}`;
       if (img.getAttribute("src") !== src) img.src = src;
       img.hidden = false;
@@ -446,6 +561,7 @@ async function loadTrain() {
   $("#train-stop").disabled = !st.running || READ_ONLY;
   const scale = st.defaults.scale;
   $("#train-crop-in").textContent = `crop in (LR): ${Math.floor(Number($("#train-crop").value) / scale)} px`;
+  trainNotes(st.defaults);  // not awaited: the first estimate measures for a few seconds
   const j = await loadRuns($("#train-runs"), true);
   const name = st.run || (j.runs[0] && j.runs[0].name);
   const d = name && runCache[name];
@@ -454,12 +570,50 @@ async function loadTrain() {
     plot($("#train-loss"), c.loss, {xfmt: stepFmt});
     plot($("#train-val-curve"), c.val, {empty: "no validation yet", xfmt: stepFmt});
     const img = $("#train-sample");
+    $("#train-sample-run").textContent = name;
     if (d.samples.length) {
       const src = `/api/sample?run=${encodeURIComponent(name)}&file=${encodeURIComponent(d.samples[d.samples.length - 1])}`;
       if (img.getAttribute("src") !== src) img.src = src;
       img.hidden = false;
+      $("#train-sample-none").hidden = true;
+    } else {  // a run just started: none of its own yet, and never the last run's
+      img.removeAttribute("src");
+      img.hidden = true;
+      $("#train-sample-none").hidden = false;
     }
   }
+}
+
+// What a run would cost here: a short probe of real training steps at the form's batch and crop
+// (measured by the page's server once per size), times the steps asked for.
+const estimates = {};
+let stepsTouched = false;
+$("#train-steps").addEventListener("input", () => { stepsTouched = true; });
+async function trainNotes(defaults) {
+  const note = $("#train-root-note");
+  note.hidden = !!defaults.data_root;
+  note.textContent = defaults.data_root ? "" : "This page trains only on the configured folders (trainer.data" +
+    (defaults.data ? ` = ${defaults.data}` : ", not set") + "; trainer.val" + (defaults.val ? ` = ${defaults.val}` : ", not set") +
+    "). To name other folders here, set web.data_root to the folder holding them — config.yaml: web: {data_root: /path/to/data}, " +
+    "or upscaled web --set web.data_root=/path/to/data — and restart upscaled web.";
+  const batch = Number($("#train-batch").value), crop = Number($("#train-crop").value);
+  const key = batch + "x" + crop;
+  if (!(key in estimates)) {
+    estimates[key] = null;  // one probe at a time per size
+    $("#train-estimate").textContent = "measuring a few training steps for an estimate…";
+    try { estimates[key] = await getJSON(`/api/train/estimate?batch=${batch}&crop=${crop}`); }
+    catch (e) { delete estimates[key]; $("#train-estimate").textContent = "no estimate: " + e.message; return; }
+  }
+  const p = estimates[key];
+  if (!p) return;
+  if (!stepsTouched && Number($("#train-steps").value) !== p.suggested_steps) $("#train-steps").value = p.suggested_steps;
+  const steps = Number($("#train-steps").value) || 0;
+  const pre = Math.min(steps, p.pretrain_steps), gan = steps - pre;
+  const secs = pre * p.pretrain_s + gan * p.gan_s;
+  const dur = secs < 5400 ? `${Math.round(secs / 60)} min` : `${(secs / 3600).toFixed(1)} h`;
+  $("#train-estimate").textContent = `≈ ${dur} for ${steps} steps on ${p.device} (${pre} pre-training at ${p.pretrain_s.toFixed(2)} s, ` +
+    `${gan} GAN at ${p.gan_s.toFixed(2)} s per step, measured here; validation adds to it)` +
+    (p.device === "cpu" ? `. On a CPU, ${p.suggested_steps} steps starting from the served model is a sensible run.` : "");
 }
 
 $("#train-form").addEventListener("submit", async (e) => {
