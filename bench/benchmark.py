@@ -486,7 +486,7 @@ def runtime_table(r: dict) -> list[str]:
             ratio = f"{t / span_t:.2f}" if span_t else "-"
             delta = "-" if n == "SPAN" else f"{st['psnr_y'][n] - ref:+.4f}"
             mark = " (auto)" if n == r["auto"] else ""
-            lines.append(f"| {name} ({st['images']} images, {st['out_mp']:.1f} MP) | {runtime}{mark} | {precision or 'fp32'} | "
+            lines.append(f"| {name} ({st['images']} images, {st['out_mp']:.1f} MP) | {runtime}{mark} | {precision or 'ncnn default'} | "
                          f"{t:.3f} | {ratio} | {st['psnr_y'][n]:.3f} | {delta} |")
     lines += ["", "ISA each runtime ran: " + "; ".join(f"{k}: {v}" for k, v in r["isa"].items()) +
               (f"; SPAN: {r['span_isa']}" if "span_isa" in r else f"; SPAN: {r.get('span_error')}")]

@@ -146,3 +146,37 @@ def test_an_onednn_isa_cap_below_bf16_means_fp32(monkeypatch) -> None:
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
     native = " avx512_bf16" in Path("/proc/cpuinfo").read_text() or " amx_bf16" in Path("/proc/cpuinfo").read_text()
     assert cpu_has_native_bf16() == native
+
+
+def test_daemon_serves_through_the_configured_runtime_and_says_so(tmp_path: Path) -> None:
+    """`inference.runtime: openvino` in config.yaml: a real daemon logs it, `upscaled status`
+    shows it, and its output is PyTorch's."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from tests.daemon_helpers import ROOT, make_config, serve, stop, tiny_checkpoint, wait_for, write_image
+
+    ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors")
+    _, config = make_config(tmp_path, ckpt, inference={"runtime": "openvino", "precision": "fp32"})
+    src = write_image(tmp_path / "staging" / "a.png", 40, 30, seed=3)
+    log = tmp_path / "daemon.log"
+    proc = serve(config, log=log)
+    try:
+        status = tmp_path / "status.json"
+        wait_for(lambda: status.exists() and json.loads(status.read_text()).get("state") == "running", 90,
+                 what=f"the daemon to be running: {log.read_text()[-2000:] if log.exists() else ''}")
+        src.rename(tmp_path / "inbox" / "a.png")
+        out = tmp_path / "outbox" / "a.png"
+        wait_for(out.exists, 60, what="the output")
+        r = subprocess.run([sys.executable, "-m", "upscaled", "status", "--config", str(config)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+        assert "via openvino fp32" in r.stdout, r.stdout + r.stderr
+        assert json.loads(status.read_text())["model"]["runtime"] == "openvino"
+    finally:
+        assert stop(proc) == 0
+    assert "runtime openvino" in log.read_text()
+    g, info = load_model(ckpt)
+    ref = engine(g, "torch", info).upscale_rgb(np.asarray(Image.open(tmp_path / "done" / "a.png").convert("RGB")))
+    assert np.abs(np.asarray(Image.open(out).convert("RGB")).astype(int) - ref.astype(int)).max() <= 1
