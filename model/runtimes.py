@@ -4,9 +4,10 @@ PyTorch runs every model: ours folded (model/fold.py), in bf16 where the CPU com
 natively, and imported ones as spandrel builds them. Our generator can also run as an exported
 graph: ONNX made in memory, at load, from the fp32 FoldedGenerator, which is itself made from the
 safetensors checkpoint. No graph is ever read from a file, so no file can smuggle one in. OpenVINO
-or ONNX Runtime then run that graph in fp32. On a CPU without native bf16 OpenVINO is faster than
-PyTorch's oneDNN path: 2.1x with the bundled model under an AVX2 cap here, and as fast as SPAN
-through ncnn (docs/performance.md, bench/runtimes.py).
+or ONNX Runtime then run that graph in fp32. On a CPU without native bf16, OpenVINO is faster than
+PyTorch's oneDNN path with the bundled model under an AVX2 cap. It is 4-35% faster on a quiet
+machine and 2-3x faster when other processes compete for the cores: PyTorch's OpenMP threads run
+in lockstep, and OpenVINO's TBB scheduler does not (docs/performance.md, bench/benchmark.py row 6).
 
 `inference.runtime: auto` picks by measuring. A short probe times every installed candidate on
 one tile-sized input, interleaved, and keeps the fastest one whose output matches PyTorch fp32.
