@@ -15,6 +15,13 @@ Rows:
      thread, and what other processes and the hypervisor took meanwhile.
   4. latency from one small file's arrival to its output being in place, minus model time (median of 5).
   5. peak RSS and seconds per output megapixel for one large image through `upscaled upscale`.
+  6. one row per inference runtime and precision (model/runtimes.py) on centre crops of
+     photos/val and mixed/val: s per output MP through the engine, PSNR-Y and its difference to
+     torch fp32, and the ratio to SPAN (ncnn) timed on the same crops in the same run, the
+     runtimes and SPAN interleaved image by image; plus what `inference.runtime: auto` picks.
+     --emulate-avx2 reruns the benchmark with oneDNN (PyTorch's and OpenVINO's) and PyTorch's own
+     kernels capped at AVX2 and fp32, as on a CPU without AVX-512 or native bf16. ONNX Runtime
+     (MLAS) and ncnn have no such cap and still use every ISA the CPU has.
 The same rows run on CUDA when a GPU is present (rows 1, 2 and 5 on the device).
 """
 
@@ -47,6 +54,10 @@ from model.engine import EngineOptions, Upscaler, cpu_has_native_bf16, reuse_fre
 from model.quality import downscale, psnr_ssim_y  # noqa: E402
 
 PHOTOS = ROOT.parent / "shared" / "data" / "photos"  # val/ and train/; --photos (a GPU machine has a carried copy)
+MIXED = ROOT.parent / "shared" / "data" / "mixed"
+# An AVX2-only CPU, emulated: oneDNN (in PyTorch and in OpenVINO) and PyTorch's own vectorised
+# kernels honour these caps, MKL the last one. ONNX Runtime's MLAS and ncnn dispatch on CPUID alone.
+AVX2_CAPS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 PHOTO_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -377,12 +388,121 @@ def large_image_row(model: Path, device: str, w: int, h: int, tmp: Path) -> dict
             "peak_rss_gb": max(peak, before) / 1e6}
 
 
+def cpu_flags() -> dict:
+    """The CPU and the flags that decide the fast paths, with any cap this process runs under."""
+    name, flags = "unknown", set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and name == "unknown":
+            name = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "avx_vnni")
+    return {"model": name, "flags": [f for f in wanted if f in flags],
+            "caps": {k: os.environ[k] for k in AVX2_CAPS if k in os.environ}}
+
+
+def runtime_isa(up: Upscaler) -> str:
+    """What ISA a runtime's convolutions really run: OpenVINO says per layer; the others by what caps them."""
+    name = up.runtime.name
+    if name == "openvino":
+        kinds = {op.get_rt_info()["primitiveType"].astype(str) for op in up.runtime.compiled.get_runtime_model().get_ordered_ops()}
+        return ", ".join(sorted(k for k in kinds if "conv" in k)) or "?"
+    if name == "onnxruntime":
+        return "MLAS, not cappable: every ISA of this CPU"
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return f"oneDNN capped at {cap}, ATen {torch.backends.cpu.get_cpu_capability()}" if cap else \
+        f"oneDNN uncapped, ATen {torch.backends.cpu.get_cpu_capability()}"
+
+
+def val_crops(folders: list[Path], side: int) -> list[tuple[str, np.ndarray]]:
+    """Centre crops (at most side x side) of every val image, named set/file."""
+    out = []
+    for folder in folders:
+        for f in sorted(folder.rglob("*.png")):
+            a = np.asarray(Image.open(f).convert("RGB"))
+            h, w = a.shape[:2]
+            sh, sw = min(side, h) // 4 * 4, min(side, w) // 4 * 4
+            out.append((f"{folder.parent.name}/{f.name}", a[(h - sh) // 2 : (h - sh) // 2 + sh, (w - sw) // 2 : (w - sw) // 2 + sw]))
+    return out
+
+
+def runtime_rows(model: Path, folders: list[Path], side: int, tmp: Path) -> dict:
+    """Row 6 (see the module docstring). Every engine runs with the tile and batch the service
+    would use; each image goes through all of them and SPAN back to back, in an order that turns
+    by one each image, so that a swing in a shared machine's speed hits all alike."""
+    from model.checkpoint import load_model
+    from model.peers import PeerUnavailable, span
+    from model.runtimes import EXPORTED, installed
+
+    gen, info = load_model(model)
+    variants = [("torch", "fp32")] + ([("torch", "bf16")] if cpu_has_native_bf16() else []) + \
+        [(r, "fp32") for r in EXPORTED if installed(r)]
+    engines = {f"{r} {p}": Upscaler(gen, info, EngineOptions(device="cpu", precision=p, runtime=r)) for r, p in variants}
+    t0 = time.perf_counter()
+    auto = Upscaler(gen, info, EngineOptions(device="cpu", runtime="auto", runtime_cache=str(tmp / "runtimes.json")))
+    chosen = f"{auto.runtime.name} {auto.runtime.precision}"
+    res = {"cpu": cpu_flags(), "model": info.version, "auto": chosen, "auto_probe_s": time.perf_counter() - t0,
+           "isa": {k: runtime_isa(up) for k, up in engines.items()}, "side": side}
+    del auto
+    try:
+        peer = span(gen.descriptor.scale)
+        res["span_isa"] = "ncnn, not cappable: every ISA of this CPU"
+    except PeerUnavailable as e:
+        peer, res["span_error"] = None, str(e)
+    names = list(engines) + (["SPAN"] if peer else [])
+    sets: dict[str, dict] = {}
+    crops = val_crops(folders, side)
+    if not crops:
+        raise SystemExit(f"no val images (*.png) under {', '.join(map(str, folders))}: see --val")
+    for i, (name, hr) in enumerate(crops):
+        s = gen.descriptor.scale
+        lr = downscale(hr, s).astype(np.float32) / 255.0
+        st = sets.setdefault(name.split("/")[0], {"mp": 0.0, "seconds": {n: 0.0 for n in names}, "psnr": {n: [] for n in names}})
+        st["mp"] += hr.shape[0] * hr.shape[1] / 1e6
+        for k in range(len(names)):
+            n = names[(i + k) % len(names)]
+            t = time.perf_counter()
+            out = peer(lr) if n == "SPAN" else engines[n].upscale_rgb(lr)
+            st["seconds"][n] += time.perf_counter() - t
+            st["psnr"][n].append(psnr_ssim_y(out, hr, s)[0])
+    res["sets"] = {k: {"images": len(v["psnr"][names[0]]), "out_mp": v["mp"],
+                       "s_per_mp": {n: v["seconds"][n] / v["mp"] for n in names},
+                       "psnr_y": {n: float(np.mean(v["psnr"][n])) for n in names}} for k, v in sets.items()}
+    return res
+
+
+def runtime_table(r: dict) -> list[str]:
+    c = r["cpu"]
+    lines = [f"inference runtimes on {c['model']} (flags: {' '.join(c['flags'])}; caps: "
+             f"{' '.join(f'{k}={v}' for k, v in c['caps'].items()) or 'none'}), centre crops of at most {r['side']} px, "
+             f"SPAN timed on the same crops in the same run; auto picks {r['auto']} (probe and build {r['auto_probe_s']:.1f} s)",
+             "", "| val set | runtime | precision | s / output MP | x SPAN | PSNR-Y dB | vs torch fp32 |", "|---|---|---|---:|---:|---:|---:|"]
+    for name, st in r["sets"].items():
+        ref = st["psnr_y"]["torch fp32"]
+        span_t = st["s_per_mp"].get("SPAN")
+        for n, t in st["s_per_mp"].items():
+            runtime, _, precision = n.partition(" ")
+            ratio = f"{t / span_t:.2f}" if span_t else "-"
+            delta = "-" if n == "SPAN" else f"{st['psnr_y'][n] - ref:+.4f}"
+            mark = " (auto)" if n == r["auto"] else ""
+            lines.append(f"| {name} ({st['images']} images, {st['out_mp']:.1f} MP) | {runtime}{mark} | {precision or 'ncnn default'} | "
+                         f"{t:.3f} | {ratio} | {st['psnr_y'][n]:.3f} | {delta} |")
+    lines += ["", "ISA each runtime ran: " + "; ".join(f"{k}: {v}" for k, v in r["isa"].items()) +
+              (f"; SPAN: {r['span_isa']}" if "span_isa" in r else f"; SPAN: {r.get('span_error')}")]
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer and smaller images (same measurements)")
     ap.add_argument("--model", default=str(BUNDLED_DEFAULT), help="checkpoint (default: the bundled model)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["generator", "quality", "daemon", "large"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["generator", "quality", "daemon", "large", "runtimes"])
+    ap.add_argument("--emulate-avx2", action="store_true", help="cap oneDNN and PyTorch's kernels at AVX2 (no AVX-512, "
+                    "no native bf16), as on an AVX2-only CPU; ONNX Runtime and ncnn (SPAN) cannot be capped")
+    ap.add_argument("--runtime-side", type=int, default=768, help="runtimes row: centre crops of at most this side (HR px)")
+    ap.add_argument("--val", nargs="*", default=[str(PHOTOS / "val"), str(MIXED / "val")], help="runtimes row: val folders")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     ap.add_argument("--content", choices=["auto", "photos", "synthetic"], default="auto",
                     help="what the daemon rows' images show: reduced crops of the training photos (auto: when "
@@ -392,6 +512,9 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="a config value for the daemon under test (for A/B runs), e.g. daemon.io_nice=0")
     args = ap.parse_args()
+    if args.emulate_avx2 and any(os.environ.get(k) != v for k, v in AVX2_CAPS.items()):
+        # The caps are read when the libraries load: start again with them in the environment.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_CAPS})
     overrides = {}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -406,7 +529,7 @@ def main() -> int:
     res: dict = {"date": time.strftime("%Y-%m-%d"), "device": device, "model": info.version,
                  "served_generator": info.generator.to_dict(), "threads": torch.get_num_threads(),
                  "cpu": platform.processor() or platform.machine(), "native_bf16": cpu_has_native_bf16(),
-                 "quick": args.quick, "daemon_config": overrides}
+                 "quick": args.quick, "daemon_config": overrides, "cpu_flags": cpu_flags()}
     if device == "cuda":
         res["gpu"] = torch.cuda.get_device_name()
     tmp = Path(tempfile.mkdtemp(prefix="upscaled-bench-"))
@@ -432,6 +555,8 @@ def main() -> int:
         if "large" not in args.skip:
             w, h = (1500, 1000) if args.quick else (6000, 4000)
             res["large"] = large_image_row(Path(args.model), device, w, h, tmp)
+        if "runtimes" not in args.skip and device == "cpu":
+            res["runtimes"] = runtime_rows(Path(args.model), [Path(v) for v in args.val], 256 if args.quick else args.runtime_side, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(table(res))
@@ -483,6 +608,8 @@ def table(r: dict) -> str:
         big = r["large"]
         lines.append(f"large image {big['input']} -> {big['out_mp']:.0f} output MP via `upscaled upscale`: "
                      f"{big['seconds']:.0f} s ({big['s_per_mp']:.2f} s per output MP), peak RSS {big['peak_rss_gb']:.2f} GB")
+    if "runtimes" in r:
+        lines += [""] + runtime_table(r["runtimes"])
     return "\n".join(lines)
 
 

@@ -62,6 +62,9 @@ class Loaded:
              "loaded_at": self.loaded_at}
         if self.probe:
             d["probe"] = self.probe
+        runtime = getattr(self.upscaler, "runtime", None)
+        if runtime is not None:  # what serves: PyTorch or an exported graph, and in what precision
+            d["runtime"], d["precision"] = runtime.name, runtime.precision
         return d
 
 
@@ -322,8 +325,9 @@ class ModelSlot:
         up = m.upscaler
         views = getattr(up, "ensemble", 1)
         info = getattr(up, "info", None)
-        logger.info("{} model {} ({} checkpoint {}), x{}, {}, on {} in {}{}{}", what, m.version, m.origin, m.path.name,
+        logger.info("{} model {} ({} checkpoint {}), x{}, {}, on {} in {}, runtime {}{}{}", what, m.version, m.origin, m.path.name,
                     getattr(up, "scale", "?"), info.describe() if info else "?", getattr(up, "device", "?"), str(getattr(up, "dtype", "?")).replace("torch.", ""),
+                    getattr(getattr(up, "runtime", None), "name", "torch"),
                     f", self-ensemble of {views} views" if views > 1 else "",
                     f"; probe {m.probe['psnr_y']:.2f} dB (bicubic {m.probe['bicubic_psnr_y']:.2f} dB)" if m.probe else "")
 

@@ -277,7 +277,7 @@ def render(st: dict[str, Any]) -> str:
     t = st.get("throughput") or {}
     lines = [
         f"upscaled daemon: {st.get('state')} (pid {st.get('pid')} on {st.get('host')}, since {st.get('started')})",
-        f"  model:       {st.get('model_version')} on {st.get('device')}" + _model_detail(st.get("model") or {}),
+        f"  model:       {st.get('model_version')} on {st.get('device')}" + _runtime(st.get("model") or {}) + _model_detail(st.get("model") or {}),
         f"  queued:      {st.get('queued')}",
         f"  in flight:   {st.get('in_flight')}",
         f"  processed:   {st.get('processed')}",
@@ -307,6 +307,11 @@ def render(st: dict[str, Any]) -> str:
     # Names come from whoever writes to the inbox: each line shown escaped, so no newline,
     # ESC or OSC sequence in a name reaches the terminal.
     return "\n".join(shown(line) for line in lines)
+
+
+def _runtime(m: dict[str, Any]) -> str:
+    """ via openvino fp32: what runs the model (model/runtimes.py), when the status says."""
+    return f" via {m['runtime']} {m.get('precision', '')}".rstrip() if m.get("runtime") else ""
 
 
 def _model_detail(m: dict[str, Any]) -> str:

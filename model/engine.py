@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -24,6 +25,7 @@ from model.fold import FoldedGenerator
 from model.foreign import DEFAULT_CONTEXT, DEFAULT_FEATHER
 from model.generator import Generator
 from model.images import Decoded, Encoded, assemble, unit_float
+from model.runtimes import ProbeCache, default_cache_path, select_runtime
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ENSEMBLES = (1, 2, 4, 8)
@@ -39,6 +41,8 @@ class EngineOptions:
     threads: int = 0  # CPU threads; 0 = all cores
     memory_budget_mb: int = 0  # 0 = a share of what the device has free
     self_ensemble: int = 1  # 1, 2, 4 or 8 flipped/transposed views averaged (see Upscaler._run)
+    runtime: str = "torch"  # torch | auto | openvino | onnxruntime (model/runtimes.py); the service config defaults to auto
+    runtime_cache: str = ""  # the probe's cache file; "" = $XDG_CACHE_HOME/upscaled/runtimes.json
 
 
 def resolve_device(name: str) -> torch.device:
@@ -51,7 +55,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AMX or AVX-512 BF16); elsewhere bf16 is emulated and slow."""
+    """True when the CPU computes bf16 natively (AMX or AVX-512 BF16); elsewhere bf16 is emulated and slow.
+
+    ONEDNN_MAX_CPU_ISA set below the bf16 ISAs (AVX2, AVX512_CORE, ...) counts as no native bf16:
+    oneDNN then has no bf16 kernels, which is how an AVX2-only CPU is emulated (bench/benchmark.py).
+    """
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if cap and cap not in ("ALL", "DEFAULT") and not any(k in cap for k in ("BF16", "AMX", "AVX10", "AVX512_CORE_FP16")):
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -213,6 +224,15 @@ class Upscaler:
                 self.dtype = torch.float32
             self.model = generator.to_dtype(self.dtype).to(self.device, memory_format=torch.channels_last)
             self._bytes_per_out_px = generator.spec.bytes_per_out_px
+        # What runs each batch: PyTorch, or our generator exported to a faster runtime where the
+        # probe measured one faster on this CPU (model/runtimes.py); an exported graph runs fp32.
+        self.runtime = select_runtime(
+            self.model, self.dtype, generator, self.device, info.version if info else None, opts.runtime,
+            torch.get_num_threads(), self.overlap * 2 + 64,
+            ProbeCache(Path(opts.runtime_cache) if opts.runtime_cache else default_cache_path()),
+            precision_auto=opts.precision == "auto")
+        if self.runtime.name != "torch":
+            self.dtype = torch.float32
         self.forward_passes = 0  # for tests and benchmarks: how the work was batched
 
     @property
@@ -275,10 +295,10 @@ class Upscaler:
         if x.dtype == torch.uint8:  # 8-bit input, converted here: a quarter of the bytes to copy and hold
             x = x.float().mul_(1 / 255.0)
         if self.ensemble == 1:
-            return self.model(x.contiguous(memory_format=torch.channels_last))
+            return self.runtime(x)
         total = None
         for k in range(self.ensemble):  # bit 0: flip left-right, bit 1: up-down, bit 2: transpose
-            y = _view(self.model(_view(x, k).contiguous(memory_format=torch.channels_last)), k, undo=True)
+            y = _view(self.runtime(_view(x, k)), k, undo=True)
             total = y if total is None else total.add_(y)
         return total.mul_(1 / self.ensemble)
 

@@ -48,6 +48,15 @@ def natural_image(h: int, w: int, seed: int = 0) -> np.ndarray:
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _runtime_cache(tmp_path_factory) -> None:
+    """The runtime probe's cache (model/runtimes.py) of every test and its subprocesses goes to a
+    temp folder, never to the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
+
+
 @pytest.fixture
 def tiny_ckpt(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.safetensors"
@@ -63,7 +72,8 @@ def write_config(folder: Path, data: dict) -> Path:
 
 @pytest.fixture
 def tiny_config(tmp_path: Path, tiny_ckpt: Path) -> Path:
-    return write_config(tmp_path, {"model": {"path": str(tiny_ckpt)}, "inference": {"device": "cpu"}})
+    # runtime torch: a fresh tiny model would be probed in every test; tests/test_runtimes.py covers auto
+    return write_config(tmp_path, {"model": {"path": str(tiny_ckpt)}, "inference": {"device": "cpu", "runtime": "torch"}})
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -32,7 +32,8 @@ def settings(root: Path, checkpoint: Path, **sections: dict) -> dict:
     """Config dict for a data folder at `root` (fast timings; override per section)."""
     data = {
         "model": {"path": str(checkpoint), "for_jpeg": None},  # one model for every file (test_daemon_e2e tests the rule)
-        "inference": {"device": "cpu", "threads": 1},
+        # runtime torch: a fresh tiny model would be probed at every start (tests/test_runtimes.py covers auto)
+        "inference": {"device": "cpu", "threads": 1, "runtime": "torch"},
         "paths": {
             "inbox": str(root / "inbox"), "outbox": str(root / "outbox"), "done": str(root / "done"),
             "failed": str(root / "failed"), "work": str(root / "inbox" / ".upscaled-work"),

@@ -64,3 +64,15 @@ def test_table_gives_the_daemon_cpu_by_thread() -> None:
     assert "daemon 20.6 (inference 19.8, io 0.7, python 0.1)" in text  # below 0.05 s is left out
     assert "steal 0.0 / 1.5 (bare / daemon)" in text
     assert "60 ms arrival-to-output (median of 3: 58-75 ms), model 30 ms, overhead 30 ms" in text
+
+
+def test_runtime_table_gives_each_runtime_its_ratio_to_span_and_marks_auto() -> None:
+    rt = {"cpu": {"model": "AMD EPYC", "flags": ["avx2", "fma"], "caps": {"ONEDNN_MAX_CPU_ISA": "AVX2"}}, "model": "m",
+          "auto": "openvino fp32", "auto_probe_s": 11.8, "side": 768, "span_isa": "ncnn",
+          "isa": {"torch fp32": "oneDNN capped at AVX2", "openvino fp32": "brgconv_avx2_f32"},
+          "sets": {"photos": {"images": 10, "out_mp": 5.0, "s_per_mp": {"torch fp32": 2.0, "openvino fp32": 0.5, "SPAN": 1.0},
+                              "psnr_y": {"torch fp32": 34.4, "openvino fp32": 34.39, "SPAN": 35.4}}}}
+    text = benchmark.table(result(runtimes=rt))
+    assert "caps: ONEDNN_MAX_CPU_ISA=AVX2" in text and "auto picks openvino fp32" in text
+    assert "| photos (10 images, 5.0 MP) | openvino (auto) | fp32 | 0.500 | 0.50 | 34.390 | -0.0100 |" in text
+    assert "| torch | fp32 | 2.000 | 2.00 |" in text and "| SPAN | ncnn default | 1.000 | 1.00 | 35.400 | - |" in text

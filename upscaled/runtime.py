@@ -40,6 +40,7 @@ def engine_options(cfg: Config):
     return EngineOptions(
         device=i.device, precision=i.precision, tile=i.tile, overlap=i.overlap, batch=i.batch,
         threads=i.threads, memory_budget_mb=i.memory_budget_mb, self_ensemble=i.self_ensemble,
+        runtime=i.runtime, runtime_cache=str(cfg.resolve(i.runtime_cache)) if i.runtime_cache else "",
     )
 
 
@@ -85,8 +86,8 @@ def build_upscaler(cfg: Config, override: str | None = None):
         )
     up = Upscaler(generator, info, engine_options(cfg))
     logger.info(
-        "model {} ({} checkpoint {}), x{}, {}, on {} in {}{}",
+        "model {} ({} checkpoint {}), x{}, {}, on {} in {}, runtime {}{}",
         info.version, origin, path.name, info.scale, info.describe(),
-        up.device, str(up.dtype).replace("torch.", ""), f", self-ensemble of {up.ensemble} views" if up.ensemble > 1 else "",
+        up.device, str(up.dtype).replace("torch.", ""), up.runtime.name, f", self-ensemble of {up.ensemble} views" if up.ensemble > 1 else "",
     )
     return up

@@ -1,0 +1,275 @@
+"""Where the engine's tile batches run: PyTorch, or an exported graph in OpenVINO or ONNX Runtime.
+
+PyTorch runs every model: ours folded (model/fold.py), in bf16 where the CPU computes it
+natively, and imported ones as spandrel builds them. Our generator can also run as an exported
+graph: ONNX made in memory, at load, from the fp32 FoldedGenerator, which is itself made from the
+safetensors checkpoint. No graph is ever read from a file, so no file can smuggle one in. OpenVINO
+or ONNX Runtime then run that graph in fp32. On a CPU without native bf16, OpenVINO is faster than
+PyTorch's oneDNN path with the bundled model under an AVX2 cap. It is 4-35% faster on a quiet
+machine and 2-3x faster when other processes compete for the cores: PyTorch's OpenMP threads run
+in lockstep, and OpenVINO's TBB scheduler does not (docs/performance.md, bench/benchmark.py row 6).
+
+`inference.runtime: auto` picks by measuring. A short probe times every installed candidate on
+one tile-sized input, interleaved, and keeps the fastest one whose output matches PyTorch fp32.
+The choice is cached per model version, CPU, thread count, precision setting and package
+versions. The cache is a JSON file written atomically, and it is only a hint: it names a runtime,
+and that runtime's graph is still built from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import io
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from loguru import logger
+from torch import nn
+
+from model.atomic import atomic_write_text
+from model.fold import FoldedGenerator
+from model.generator import Generator
+
+RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
+EXPORTED = ("openvino", "onnxruntime")  # the runtimes that take our generator as an exported graph
+# An exported graph's output may differ from PyTorch fp32 by rounding: 1e-6 measured.
+# Anything past 1e-3 (a quarter of an 8-bit level) means the graph is wrong.
+TOLERANCE = 1e-3
+PROBE_ROUNDS = 3
+CACHE_FORMAT = 1
+
+
+class Runtime:
+    """One model, ready to run: N x 3 x H x W float32 in [0, 1] (CPU) -> N x 3 x sH x sW, unclamped."""
+
+    name = "torch"
+    precision = "fp32"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.precision}"
+
+
+class TorchRuntime(Runtime):
+    def __init__(self, module: nn.Module, dtype: torch.dtype):
+        self.module = module
+        self.precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.contiguous(memory_format=torch.channels_last))
+
+
+class OpenVINORuntime(Runtime):
+    name = "openvino"
+
+    def __init__(self, graph: bytes, threads: int):
+        import openvino as ov
+
+        model = ov.convert_model(io.BytesIO(graph))
+        # f32 on every CPU: OpenVINO's bf16 would round the ends that touch pixels too (see
+        # model/fold.py), and LATENCY with one stream runs one batch on all threads, like torch.
+        self.compiled = ov.Core().compile_model(model, "CPU", {
+            "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32",
+            "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1})
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.request.infer({0: x.float().contiguous().numpy()}, share_inputs=True, share_outputs=False)[0]
+        return torch.from_numpy(y)
+
+
+class OnnxRuntimeRuntime(Runtime):
+    name = "onnxruntime"
+
+    def __init__(self, graph: bytes, threads: int):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3  # its warnings about unused initializers are noise here
+        self.session = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {"x": x.float().contiguous().numpy()})[0])
+
+
+BUILDERS = {"openvino": OpenVINORuntime, "onnxruntime": OnnxRuntimeRuntime}
+
+
+def installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def _version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "-"
+
+
+def export_graph(folded: nn.Module) -> bytes:
+    """The fp32 FoldedGenerator as an ONNX graph, in memory: batch, height and width stay free."""
+    sample = torch.rand(1, 3, 32, 32)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():  # the TorchScript-based exporter announces its deprecation
+        warnings.simplefilter("ignore")
+        torch.onnx.export(folded.float().eval(), (sample,), buf, input_names=["x"], output_names=["y"], opset_version=17,
+                          dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}, "y": {0: "n", 2: "sh", 3: "sw"}}, dynamo=False)
+    return buf.getvalue()
+
+
+def cpu_identity() -> str:
+    """The CPU as the probe result depends on it: model name and the vector/matrix ISA flags."""
+    name, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name == "unknown CPU":
+                name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    isa = sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
+    return f"{name} [{' '.join(isa)}]"
+
+
+def default_cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "upscaled" / "runtimes.json"
+
+
+@dataclass(frozen=True)
+class ProbeCache:
+    """The probe's choices, keyed by what they depend on; only ever a hint (see the module docstring)."""
+
+    path: Path
+
+    def _read(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            logger.warning("runtime probe cache {} unreadable ({}); probing again", self.path, e)
+            return {}
+        if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data.get("choices"), dict):
+            return {}
+        return data["choices"]
+
+    def get(self, key: str) -> dict | None:
+        hit = self._read().get(key)
+        return hit if isinstance(hit, dict) and hit.get("runtime") in RUNTIMES[1:] else None
+
+    def put(self, key: str, choice: dict) -> None:
+        choices = self._read()
+        choices[key] = choice
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path, json.dumps({"format": CACHE_FORMAT, "choices": choices}, indent=1, sort_keys=True))
+        except OSError as e:  # a read-only home only costs the probe at the next start
+            logger.warning("runtime probe cache {} not written: {}", self.path, e)
+
+
+def cache_key(version: str, precision: str, threads: int) -> str:
+    packages = " ".join(f"{p} {_version(p)}" for p in ("torch", *EXPORTED))
+    return f"{version} | {precision} | {threads} threads | {cpu_identity()} | {packages}"
+
+
+def _time(run: Runtime, x: torch.Tensor) -> float:
+    t = time.perf_counter()
+    run(x)
+    return time.perf_counter() - t
+
+
+def probe(candidates: dict[str, Runtime], reference: torch.Tensor, x: torch.Tensor) -> tuple[str, dict[str, float]]:
+    """The fastest candidate whose output matches `reference` (PyTorch fp32 on x), and each one's
+    best time in seconds per output MP. Rounds are interleaved, so a swing in the speed of a shared
+    machine hits every candidate alike; the best of each is the least disturbed."""
+    times: dict[str, list[float]] = {}
+    for name, run in candidates.items():
+        if name != "torch":  # torch is the reference itself (or its bf16 path, guarded by the benchmark)
+            diff = (run(x).float() - reference).abs().max().item()
+            if not diff <= TOLERANCE:
+                logger.warning("runtime {} differs from PyTorch fp32 by {:.2g} (limit {}); not used", name, diff, TOLERANCE)
+                continue
+        else:
+            run(x)  # lazy initialisation
+        times[name] = []
+    out_mp = reference.shape[-1] * reference.shape[-2] * reference.shape[0] / 1e6
+    for _ in range(PROBE_ROUNDS):
+        for name in times:
+            times[name].append(_time(candidates[name], x))
+    best = {name: min(t) / out_mp for name, t in times.items()}
+    return min(best, key=best.get), best
+
+
+def select_runtime(torch_module: nn.Module, dtype: torch.dtype, generator: nn.Module, device: torch.device,
+                   version: str | None, requested: str = "auto", threads: int = 0, probe_side: int = 64,
+                   cache: ProbeCache | None = None, precision_auto: bool = True) -> Runtime:
+    """The runtime that serves `generator` (see the module docstring).
+
+    torch_module is what PyTorch runs (the engine's folded or imported model, in `dtype`);
+    probe_side is the probe input's side in low-resolution pixels (a tile with its context).
+    An exported graph runs fp32, so with a precision other than fp32 set explicitly (not auto)
+    only PyTorch is a candidate.
+    Raises ValueError for a runtime that cannot serve as configured and RuntimeError when its
+    package is missing.
+    """
+    if requested not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {requested!r}")
+    torch_rt = TorchRuntime(torch_module, dtype)
+    ours = isinstance(generator, Generator) and device.type == "cpu"
+    if requested == "torch" or not ours:
+        if requested in EXPORTED:
+            why = "an imported model" if not isinstance(generator, Generator) else f"the device is {device}"
+            logger.info("inference.runtime {} cannot take this model ({}); PyTorch serves it", requested, why)
+        return torch_rt
+    threads = threads or torch.get_num_threads()
+    if requested in EXPORTED:
+        if not installed(requested):
+            raise RuntimeError(f"inference.runtime is {requested}, but the {requested} package is not installed: "
+                               "pip install 'upscaled[runtimes]'")
+        if dtype != torch.float32:
+            raise ValueError(f"inference.runtime {requested} runs fp32; set inference.precision to fp32 or auto")
+        return BUILDERS[requested](export_graph(FoldedGenerator(generator, torch.float32)), threads)
+    names = [n for n in EXPORTED if installed(n)]
+    if not names or (dtype != torch.float32 and not precision_auto):
+        return torch_rt
+    precision = torch_rt.precision
+    key = cache_key(version, precision, threads) if version and version != "untracked" else None
+    hit = cache.get(key) if cache and key else None
+    if hit and (hit["runtime"] == "torch" or hit["runtime"] in names):
+        logger.info("runtime {} (probe result cached in {})", hit["runtime"], cache.path)
+        if hit["runtime"] == "torch":
+            return torch_rt
+        return BUILDERS[hit["runtime"]](export_graph(FoldedGenerator(generator, torch.float32)), threads)
+    t0 = time.perf_counter()
+    folded = FoldedGenerator(generator, torch.float32)
+    graph = export_graph(folded)
+    candidates: dict[str, Runtime] = {"torch": torch_rt}
+    for n in names:
+        try:
+            candidates[n] = BUILDERS[n](graph, threads)
+        except Exception as e:  # noqa: BLE001 - a runtime that cannot build is not a candidate
+            logger.warning("runtime {} cannot build the graph ({}: {}); not used", n, type(e).__name__, e)
+    x = torch.rand(1, 3, probe_side, probe_side, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        reference = folded(x)
+        best, rates = probe(candidates, reference, x)
+    logger.info("runtime probe ({:.1f} s): {}; {} serves", time.perf_counter() - t0,
+                ", ".join(f"{n} {candidates[n].precision} {r:.3f} s/MP" for n, r in rates.items()), best)
+    if cache and key:
+        cache.put(key, {"runtime": best, "precision": candidates[best].precision,
+                        "seconds_per_mp": {n: round(r, 4) for n, r in rates.items()},
+                        "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return candidates[best]
