@@ -12,12 +12,15 @@ Rows, each on the same PNG inputs, with the same model, into an empty output fol
   - two `upscaled serve` daemons on one inbox (each its own status file, inference.threads
     splitting the cores as backfill's two workers do), the files renamed into the inbox at once.
 
-Two times per row: wall (command start to last output, start-up included: loading torch and the
-model, starting Ray and its actors) and steady (first output to last, from the outputs' mtimes:
-the pipeline's rate once it is running, which is what an archive of a million files sees).
-Overhead = steady seconds per image over the bare loop's. Ray's goal: <= 10 % at one worker, and
-near-linear with workers where there are cores to add (not on a 2-core machine: two workers
-there split the same two cores).
+Per row: the wall time for all images, and what each further image costs. For commands that
+start from nothing (`upscale`, `backfill`: loading torch and the model, starting Ray and its
+actors) that is (wall for all n - wall for one image) / (n - 1), so start-up drops out; the
+one-image wall is shown as start-up. The bare loop's clock starts with the model loaded, the
+daemons' when the files are renamed into the inbox of the running daemons: their wall / n.
+Overhead = seconds per further image over the bare loop's. Ray's goal: <= 10 % at one worker,
+and near-linear with workers where there are cores to add (not on a 2-core machine: two workers
+there split the same two cores). Other processes on the machine disturb every row: the load
+average before each row is printed beside it.
 """
 
 from __future__ import annotations
@@ -85,7 +88,8 @@ def timing(out: Path, t0_wall: float, n: int) -> dict:
     if len(files) != n:
         raise RuntimeError(f"{out}: {len(files)} outputs, expected {n}")
     mtimes = sorted(p.stat().st_mtime for p in files)
-    return {"wall": mtimes[-1] - t0_wall, "steady": (mtimes[-1] - mtimes[0]) / (n - 1) if n > 1 else float("nan"),
+    wall = mtimes[-1] - t0_wall
+    return {"wall": wall, "per_image": wall / n, "outputs_span": mtimes[-1] - mtimes[0],
             "mp_out": sum(Image.open(p).size[0] * Image.open(p).size[1] for p in files) / 1e6}
 
 
@@ -119,14 +123,26 @@ def bare_loop(src: Path, out: Path, model: str, n: int, span: bool = False) -> d
     return timing(out, t0, n)
 
 
-def command(args: list[str], out: Path, n: int, log: Path) -> dict:
-    t0 = time.time()
-    with open(log, "wb") as f:
-        r = subprocess.run([sys.executable, "-m", "upscaled", *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                           env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}, timeout=3600)
-    if r.returncode != 0:
-        raise RuntimeError(f"upscaled {' '.join(args)} exited {r.returncode}; see {log}")
-    return timing(out, t0, n)
+def command(cmd: str, flags: list[str], src: Path, out: Path, n: int, log: Path) -> dict:
+    """`upscaled CMD SRC [-o] OUT FLAGS`, twice: on one image (start-up and one image) and on all n; the
+    difference over n - 1 is what each further image costs, whatever the start-up."""
+    walls = []
+    for folder, count in ((src.parent / "one", 1), (src, n)):
+        if count == 1 and not folder.exists():
+            folder.mkdir()
+            shutil.copy(sorted(src.glob("*.png"))[0], folder)
+        dst = out.with_name(out.name + "-one") if count == 1 else out
+        t0 = time.time()
+        with open(log, "ab") as f:
+            argv = [cmd, str(folder), *(["-o"] if cmd == "upscale" else []), str(dst), *flags]
+            r = subprocess.run([sys.executable, "-m", "upscaled", *argv],
+                               cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                               env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}, timeout=3600)
+        if r.returncode != 0:
+            raise RuntimeError(f"upscaled {' '.join(argv)} exited {r.returncode}; see {log}")
+        walls.append(time.time() - t0)
+    t = timing(out, t0, n)
+    return {**t, "start": walls[0], "wall": walls[1], "per_image": (walls[1] - walls[0]) / (n - 1)}
 
 
 def two_daemons(src: Path, base: Path, model: str, n: int) -> dict:
@@ -204,12 +220,12 @@ def main() -> int:
         plan = {
             "bare": ("bare engine loop (this process)", lambda out: bare_loop(src, out, args.model, n)),
             "span": ("SPAN x4 (ncnn), bare loop", lambda out: bare_loop(src, out, args.model, n, span=True)),
-            "upscale": ("upscaled upscale", lambda out: command(["upscale", str(src), "-o", str(out), "--model", args.model],
-                                                               out, n, base / "upscale.log")),
+            "upscale": ("upscaled upscale", lambda out: command(
+                "upscale", ["--model", args.model], src, out, n, base / "upscale.log")),
             "ray1": ("upscaled backfill, local Ray, 1 worker", lambda out: command(
-                ["backfill", str(src), str(out), "--model", args.model, "--workers", "1"], out, n, base / "ray1.log")),
+                "backfill", ["--model", args.model, "--workers", "1"], src, out, n, base / "ray1.log")),
             "ray2": ("upscaled backfill, local Ray, 2 workers", lambda out: command(
-                ["backfill", str(src), str(out), "--model", args.model, "--workers", "2"], out, n, base / "ray2.log")),
+                "backfill", ["--model", args.model, "--workers", "2"], src, out, n, base / "ray2.log")),
             "daemons": ("two daemons on one inbox", lambda out: two_daemons(src, out, args.model, n)),
         }
         for key in args.only.split(","):
@@ -228,21 +244,22 @@ def main() -> int:
         keep = os.environ.get("BENCH_KEEP")
         if not keep:
             shutil.rmtree(base, ignore_errors=True)
-    bare = rows.get("bare", {}).get("steady")
     print(f"\n{args.count} PNG inputs of {w}x{h}, model {args.model}, x4; {cpu_line()}")
     print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; load average before each row in the last column "
           "(other processes share this machine)\n")
-    print(f"| way | wall s (start-up incl.) | steady s/img | img/s | output MP/s | overhead vs bare | load |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| way | start-up s | wall s, all images | s per further image | img/s | output MP/s | overhead vs bare | load |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    bare = rows.get("bare", {}).get("per_image")
     for key, r in rows.items():
         if "error" in r:
-            print(f"| {r['label']} | failed: {r['error']} | | | | | |")
+            print(f"| {r['label']} | failed: {r['error']} | | | | | | |")
             continue
-        s = r["steady"]
+        s = r["per_image"]
         over = f"{(s / bare - 1) * 100:+.0f} %" if bare and key != "bare" else "—"
-        mp_s = r["mp_out"] / n / s
+        start = f"{r['start']:.1f}" if "start" in r else "—"
         extra = f" (split {r['split'][0]}/{r['split'][1]})" if "split" in r else ""
-        print(f"| {r['label']}{extra} | {r['wall']:.1f} | {s:.3f} | {1 / s:.2f} | {mp_s:.2f} | {over} | {r['load_before']:.1f} |")
+        print(f"| {r['label']}{extra} | {start} | {r['wall']:.1f} | {s:.3f} | {1 / s:.2f} | {r['mp_out'] / n / s:.2f} | "
+              f"{over} | {r['load_before']:.1f} |")
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu_line(), "count": n, "size": [w, h], "model": args.model,
                                          "rows": rows}, indent=2) + "\n")

@@ -250,8 +250,9 @@ def publish_row(row: dict, cfg: Config) -> dict:
                                                item.fmt, cfg.output, conflict="skip")
             item.output = os.fsencode(name)
         except FileExistsError:
-            item.fail("write", ImageError(f"{dst.name} appeared in the output folder during the run; "
-                                          "it was left as it is (a backfill never overwrites)"))
+            # Another writer, or this very task's first attempt on a worker Ray lost after the rename.
+            item.fail("write", ImageError(f"{dst.name} appeared in the output folder during the run and was left "
+                                          "as it is (a backfill never overwrites); the next run counts it as done"))
         except Exception as e:  # noqa: BLE001
             item.fail("encode+write", e)
         item.seconds["write"] = time.perf_counter() - t0
