@@ -76,6 +76,27 @@ def test_pool_is_one_actor_per_gpu_else_cpu_actors_that_leave_room_for_io():
     assert pool_shape(0, [64], None).actors == 4 and pool_shape(0, [64], None).threads == 16
 
 
+def test_io_tasks_lower_their_own_thread_once():
+    import threading
+
+    from upscaled.backfill import lower_priority
+
+    seen = []
+
+    def task():
+        tid = threading.get_native_id()
+        before = os.getpriority(os.PRIO_PROCESS, tid)
+        lower_priority(3)
+        lower_priority(3)  # a further task in the same worker: not lowered again
+        seen.append((before, os.getpriority(os.PRIO_PROCESS, tid), os.getpriority(os.PRIO_PROCESS, os.getpid())))
+
+    t = threading.Thread(target=task)
+    t.start()
+    t.join()
+    before, after, main = seen[0]
+    assert after == min(19, before + 3) and main == os.getpriority(os.PRIO_PROCESS, os.getpid())
+
+
 # -- a real cluster --------------------------------------------------------------------------------
 
 

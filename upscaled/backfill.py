@@ -31,6 +31,7 @@ import math
 import os
 import re
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field, replace
@@ -186,8 +187,24 @@ class Item:
         return self
 
 
-def decode_row(row: dict) -> dict:
+_lowered: set[int] = set()
+
+
+def lower_priority(nice: int) -> None:
+    """Run this task below the model, as the daemon runs its I/O threads (daemon.io_nice): on a
+    CPU, torch's threads work in lockstep, and a decoder that preempts one stalls them all. Linux
+    schedules threads: the calling one is lowered, once (Ray reuses a task worker for further
+    tasks of this run only)."""
+    tid = threading.get_native_id()
+    if nice and tid not in _lowered:
+        _lowered.add(tid)
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+
+
+def decode_row(row: dict, nice: int = 0) -> dict:
     """Ray Data task: read and decode one input (the decoders of model/images.py, nothing else)."""
+    lower_priority(nice)
     item: Item = row["item"]
     t0 = time.perf_counter()
     try:
@@ -238,8 +255,9 @@ class Upscale:
         return {"item": np.array(out, dtype=object)}
 
 
-def publish_row(row: dict, cfg: Config) -> dict:
+def publish_row(row: dict, cfg: Config, nice: int = 0) -> dict:
     """Ray Data task: resize, label, encode and publish one output; returns only the outcome."""
+    lower_priority(nice)
     item: Item = row["item"]
     if not item.stage:
         t0 = time.perf_counter()
@@ -398,11 +416,13 @@ def _stream(ray, cfg, planned: Planned, model_path, jpeg_path, workers, failures
     rows = [{"item": Item(os.fsencode(s), os.fsencode(str(r)), os.fsencode(d), f)} for s, r, d, f in planned.todo]
     # Small blocks stream (a decoded photo is tens of MB); capped so a million files stay cheap to schedule.
     ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 10_000))
-    ds = ds.map(decode_row, num_cpus=IO_CPUS)
+    # Beside CPU actors, decoding and publishing yield to inference (daemon.io_nice; auto: nice 10).
+    nice = 0 if pool.gpus else {"auto": 10, "idle": 19}.get(cfg.daemon.io_nice, cfg.daemon.io_nice)
+    ds = ds.map(decode_row, num_cpus=IO_CPUS, fn_kwargs={"nice": nice})
     ds = ds.map_batches(Upscale, batch_size=1, batch_format="numpy", num_cpus=pool.cpus, num_gpus=pool.gpus,
                         compute=ray.data.ActorPoolStrategy(size=pool.actors),
                         fn_constructor_args=(cfg, model_path, jpeg_path, pool.threads))
-    ds = ds.map(publish_row, num_cpus=IO_CPUS, fn_kwargs={"cfg": cfg})
+    ds = ds.map(publish_row, num_cpus=IO_CPUS, fn_kwargs={"cfg": cfg, "nice": nice})
     done = 0
     mp_in = mp_out = 0.0
     last_note = time.monotonic()
