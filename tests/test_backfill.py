@@ -30,8 +30,7 @@ from upscaled.backfill import IO_CPUS, STATE_DIR, make_plan, pool_shape, read_pl
 from upscaled.config import from_dict
 from upscaled.upscale import collect
 
-ray = pytest.importorskip("ray", reason="upscaled[ray] is not installed")
-RAY = str(Path(sys.executable).with_name("ray"))
+RAY = str(Path(sys.executable).with_name("ray"))  # the `ray` command of this environment
 
 
 # -- the plan and the pool, without Ray ------------------------------------------------------------
@@ -146,7 +145,8 @@ def end(procs: list[subprocess.Popen], marker: str) -> None:
 
 @pytest.fixture
 def cluster():
-    """A head node and a worker node on this machine; yields the head's address."""
+    """A head node and a worker node on this machine; yields the head's address and the environment to join it."""
+    pytest.importorskip("ray", reason="Ray Data is not installed (pip install -e '.[ray]')")
     temp = Path(tempfile.mkdtemp(prefix="upray-", dir="/tmp"))  # Ray's socket paths must stay short
     port = free_port()
     (temp / "auth_token").write_text(secrets.token_hex(32))
