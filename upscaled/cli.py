@@ -90,6 +90,29 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser(
+        "backfill", help="upscale a whole archive on Ray (one machine or a cluster), resumably",
+        description="Upscale every image under SRC into DST (same relative paths) on Ray Data: decoding and "
+        "encoding on CPU workers, the model in an actor pool (one per GPU, else a few CPU actors). Outputs are "
+        "published like the daemon's (temp name, fsync, rename, never overwritten); a second run skips finished "
+        "outputs. Failures, with reasons, go to DST/.upscaled-backfill/failures.jsonl; exits 1 if any. "
+        "Needs pip install 'upscaled[ray]'. See docs/scaling.md.",
+    )
+    p.add_argument("src", metavar="SRC", help="folder of images (read recursively)")
+    p.add_argument("dst", metavar="DST", help="folder for the upscaled images")
+    p.add_argument("--ray", metavar="ADDRESS", help="join this Ray cluster (host:port, or auto for the one this "
+                   "machine is in); default: start a local Ray for this run")
+    p.add_argument("--workers", type=int, metavar="N", help="model actors (default: one per GPU; without GPUs, one "
+                   "per 16 cores of each node)")
+    p.add_argument("--model", metavar="PATH", help="checkpoint file, or `fidelity` / `gan` for a bundled model "
+                   "(default: the configured, published or bundled fidelity one); the same path on every node")
+    p.add_argument("--format", choices=["png", "jpg", "webp"], help="output format (default: output.format)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--outscale", type=_outscale, metavar="X", help="the output's size as a factor of the "
+                      "input's, as for upscale")
+    size.add_argument("--long-side", type=_long_side, metavar="N", help="the output's long side in pixels")
+    _common(p)
+
+    p = sub.add_parser(
         "serve", help="run the hot-folder daemon",
         description="Watch the inbox and upscale every image that lands in it into the outbox; "
         "originals go to done/ (or failed/ with a reason). SIGTERM/SIGINT stop gracefully, SIGHUP reloads.",
@@ -229,6 +252,12 @@ def _run(args: argparse.Namespace) -> int:
         from upscaled.upscale import run
 
         return run(cfg, args.inputs, Path(args.output), args.model, args.format, args.overwrite, quiet=args.quiet)
+    if args.command == "backfill":
+        from upscaled.backfill import run as backfill
+
+        if args.format:
+            cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, format=args.format))
+        return backfill(cfg, args.src, args.dst, args.model, args.ray, args.workers, quiet=args.quiet)
     if args.command == "serve":
         from daemon.service import main as serve
 

@@ -11,9 +11,9 @@ from typing import Callable
 
 from loguru import logger
 
-from model.atomic import atomic_open, numbered
-from model.images import (EXTENSIONS, PILLOW_READS_RGBX, READ_FORMATS, ImageError, decode, encode_to, is_supported,
-                          output_name)
+from model.atomic import Conflict, atomic_open, numbered
+from model.images import (EXTENSIONS, PILLOW_READS_RGBX, READ_FORMATS, Encoded, ImageError, decode, encode_to,
+                          is_supported, output_name)
 from upscaled import outscale
 from upscaled.config import Config, OutputConfig
 
@@ -52,10 +52,12 @@ def collect(inputs: list[str], outdir: Path | None = None) -> tuple[list[Job], l
 
 
 def plan(jobs: list[Job], outdir: Path, requested: str | None, template: str = "{stem}", scale: int | str = 4,
-         model: str = "", scale_of: Callable[[Job], str] | None = None) -> list[tuple[Job, Path, str]]:
+         model: str = "", scale_of: Callable[[Job], str] | None = None,
+         unavailable: Callable[[Path], bool] | None = None) -> list[tuple[Job, Path, str]]:
     """Each job's output path and format, no two the same: an input whose output name another
     input of this run already has (photo.gif and photo.png both make photo.png) gets photo-1.png,
-    as the daemon does. Outputs that existed before the run are --overwrite's business.
+    as the daemon does. Outputs that existed before the run are --overwrite's business, unless
+    `unavailable(path)` says a name may not be used (backfill: never overwrite, never reuse).
     {scale} is `scale`, or `scale_of(job)` where it differs from image to image (output.long_side)."""
     taken: set[Path] = set()
     out = []
@@ -63,10 +65,11 @@ def plan(jobs: list[Job], outdir: Path, requested: str | None, template: str = "
         name, fmt = output_name(job.rel, requested, template, scale_of(job) if scale_of else scale, model)
         dst = outdir / name
         n = 0
-        while numbered(dst, n) in taken:
+        while numbered(dst, n) in taken or (unavailable is not None and unavailable(numbered(dst, n))):
             n += 1
         if n:
-            logger.info("{}: {} is another input's output in this run; writing {}", job.src, dst.name, numbered(dst, n).name)
+            logger.info("{}: {} is taken (another input's output in this run, or already there); writing {}",
+                        job.src, dst.name, numbered(dst, n).name)
         taken.add(numbered(dst, n))
         out.append((job, numbered(dst, n), fmt))
     return out
@@ -119,6 +122,21 @@ def tile_bar(files_bar, name: str):
     return progress
 
 
+def write_output(enc: Encoded, size: tuple[int, int], native: int, model_version: str, dst: Path, fmt: str,
+                 out: OutputConfig, conflict: Conflict = "replace", png_threads: int = 1) -> tuple[Path, tuple[int, int]]:
+    """The model's output `enc` for an input of `size`, finished as output.scale / long_side say
+    (resized when that differs from the model's scale, labelled with its provenance) and encoded
+    into `dst` by temp name, fsync and rename (`conflict`: model/atomic.py). `enc` is consumed.
+    Returns the name it got and the output's (W, H). `upscaled upscale` and `upscaled backfill`
+    both publish through here; the daemon's worker does the same steps between its states."""
+    enc, _ = outscale.finish(enc, size, native, model_version, out)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    h, w = enc.pixels.shape[:2]
+    with atomic_open(dst, "wb", conflict=conflict) as f:
+        encode_to(f, enc, fmt, consume=True, png_threads=png_threads, **out.encode_options())
+    return f.published, (w, h)
+
+
 def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: str | None, overwrite: bool,
         quiet: bool = False) -> int:
     from tqdm import tqdm
@@ -166,14 +184,9 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
                 enc = u.upscale_decoded(dec, tile_bar(bar, job.rel.name), for_pillow=out_fmt in PILLOW_READS_RGBX)
                 size = dec.size
                 del dec  # free the input before encoding
-                # output.scale / long_side: resized (when they differ from the model's scale) and labelled
-                enc, _ = outscale.finish(enc, size, u.scale, u.version, cfg.output)
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                h, w = enc.pixels.shape[:2]
-                with atomic_open(dst, "wb") as f:
-                    # The model is idle while its output is encoded: the PNG writer takes its threads.
-                    encode_to(f, enc, out_fmt, consume=True, png_threads=torch.get_num_threads(),
-                              **cfg.output.encode_options())
+                # The model is idle while its output is encoded: the PNG writer takes its threads.
+                _, (w, h) = write_output(enc, size, u.scale, u.version, dst, out_fmt, cfg.output,
+                                         png_threads=torch.get_num_threads())
                 del enc
                 done += 1
                 mp_in += size[0] * size[1] / 1e6
