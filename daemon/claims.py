@@ -35,7 +35,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from model.atomic import NAME_MAX, atomic_write_text, clip_name, fsync_dir, numbered, rename_noreplace
+from core.atomic import NAME_MAX, atomic_write_text, clip_name, fsync_dir, numbered, rename_noreplace
 
 LEASE = "lease.json"
 FILES = "files"

@@ -15,9 +15,9 @@ from typing import Any
 
 from loguru import logger
 
+from core.atomic import atomic_write_text
+from core.config import Config
 from daemon.claims import proc_start as _proc_start
-from model.atomic import atomic_write_text
-from upscaled.config import Config
 
 EXIT_RUNNING = 0
 EXIT_NOT_RUNNING = 3  # as `systemctl status` says for an inactive unit
@@ -29,7 +29,7 @@ RECENT = 20  # last finished files listed in the status, each with the model ver
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 STAGES = {"decode": "decode", "upscale": "upscale", "write": "encode"}
 # Failure reasons in a few classes (a metric label must not be free text): a phrase of the
-# reason the worker wrote (model/images.py, daemon/worker.py) -> its class; else "other".
+# reason the worker wrote (imaging/images.py, daemon/worker.py) -> its class; else "other".
 REASON_CLASSES = (
     ("not a supported image type", "unsupported_type"),
     ("not an image", "not_an_image"),

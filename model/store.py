@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from model.atomic import atomic_open, atomic_write_text
+from core.atomic import atomic_open, atomic_write_text
 from model.checkpoint import BUNDLED_DEFAULT, CheckpointInfo, load_checkpoint, read_info
 
 CURRENT = "current"

@@ -11,11 +11,11 @@ from typing import Callable
 
 from loguru import logger
 
-from model.atomic import atomic_open, numbered
-from model.images import (EXTENSIONS, PILLOW_READS_RGBX, READ_FORMATS, ImageError, decode, encode_to, is_supported,
-                          output_name)
-from upscaled import outscale
-from upscaled.config import Config, OutputConfig
+from core.atomic import numbered
+from core.config import Config, OutputConfig
+from imaging import outscale
+from imaging.images import EXTENSIONS, READ_FORMATS, ImageError, is_supported, output_name
+from model import pipeline
 
 
 @dataclass(frozen=True)
@@ -125,8 +125,7 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
 
     import torch
 
-    from daemon.worker import compressed
-    from upscaled.runtime import build_upscaler, config_model
+    from model.runtime import build_upscaler, config_model
 
     missing = [raw for raw in inputs if not Path(raw).exists()]
     if missing:  # a mistyped path is a usage error (exit 2), before anything is loaded or written
@@ -158,22 +157,19 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
                     logger.warning("skipped {}: {} exists (use --overwrite)", job.src, dst)
                     skipped += 1
                     continue
-                dec = decode(job.src)
+                dec = pipeline.decode(job.src)
                 if out_fmt == "JPEG" and dec.alpha is not None:
                     logger.warning("{}: JPEG has no alpha; transparent pixels flattened onto {} (output.jpeg_background)",
                                    job.src, cfg.output.jpeg_background)
-                u = up_jpeg if up_jpeg is not None and compressed(dec, cfg) else up
-                enc = u.upscale_decoded(dec, tile_bar(bar, job.rel.name), for_pillow=out_fmt in PILLOW_READS_RGBX)
+                u = pipeline.model_for(dec, cfg, up, up_jpeg)
+                enc = pipeline.upscale(u, dec, out_fmt, tile_bar(bar, job.rel.name))
                 size = dec.size
                 del dec  # free the input before encoding
                 # output.scale / long_side: resized (when they differ from the model's scale) and labelled
-                enc, _ = outscale.finish(enc, size, u.scale, u.version, cfg.output)
-                dst.parent.mkdir(parents=True, exist_ok=True)
+                enc, _ = pipeline.output_scale(enc, size, u.scale, u.version, cfg.output)
                 h, w = enc.pixels.shape[:2]
-                with atomic_open(dst, "wb") as f:
-                    # The model is idle while its output is encoded: the PNG writer takes its threads.
-                    encode_to(f, enc, out_fmt, consume=True, png_threads=torch.get_num_threads(),
-                              **cfg.output.encode_options())
+                # The model is idle while its output is encoded: the PNG writer takes its threads.
+                pipeline.publish(enc, dst, out_fmt, cfg.output, png_threads=torch.get_num_threads())
                 del enc
                 done += 1
                 mp_in += size[0] * size[1] / 1e6

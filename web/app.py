@@ -25,8 +25,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from upscaled import __version__
-from upscaled.config import Config
+from core import __version__
+from core.config import Config
 from web import files as files_mod
 from web import models as models_mod
 from web.metrics import StatusCollector, heartbeat_age, readiness, stale_after

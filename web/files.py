@@ -21,10 +21,10 @@ from typing import Any
 
 from loguru import logger
 
+from core.atomic import atomic_open, fsync_dir, numbered, rename_noreplace
+from core.config import Config
 from daemon.status import read as read_status
 from daemon.status import reason_class
-from model.atomic import atomic_open, fsync_dir, numbered, rename_noreplace
-from upscaled.config import Config
 from web.security import Refused, clean_relative, resolve_under
 
 ERROR_SUFFIX = ".error.json"
@@ -110,7 +110,7 @@ def _dims(path: Path) -> list[int] | None:
     if key not in _dims_cache:
         from PIL import Image
 
-        from model.images import READ_FORMATS
+        from imaging.images import READ_FORMATS
 
         try:
             with Image.open(path, formats=READ_FORMATS) as im:

@@ -16,7 +16,7 @@ from typing import Any
 
 from loguru import logger
 
-from upscaled.config import Config, ConfigError
+from core.config import Config, ConfigError
 from web.security import Refused, clean_relative, resolve_under
 
 CHECKPOINTS_IN_RUN = ("best.safetensors", "last.safetensors")
@@ -107,7 +107,7 @@ def served_figures(cfg: Config, st: dict[str, Any] | None) -> dict[str, Any] | N
 
 def _captured(fn, *args) -> tuple[int, list[dict[str, str]]]:
     """Run a models_cmd function, returning its exit code and its log lines (this thread's only)."""
-    from model.errors import CheckpointError
+    from core.errors import CheckpointError
 
     lines: list[dict[str, str]] = []
     me = threading.get_ident()
@@ -133,7 +133,7 @@ def run_checkpoint(cfg: Config, name: str) -> Path:
 
 
 def promote(cfg: Config, path: Path, force: bool) -> tuple[int, list[dict[str, str]]]:
-    from upscaled.models_cmd import cmd_promote
+    from model.promote import cmd_promote
 
     if cfg.model.path:
         raise Refused(409, "model.path pins the daemon to one file: promoting would change nothing it serves")
@@ -143,7 +143,7 @@ def promote(cfg: Config, path: Path, force: bool) -> tuple[int, list[dict[str, s
 
 
 def rollback(cfg: Config, version: str | None) -> tuple[int, list[dict[str, str]]]:
-    from upscaled.models_cmd import cmd_rollback
+    from model.promote import cmd_rollback
 
     if cfg.model.path:
         raise Refused(409, "model.path pins the daemon to one file: rolling back would change nothing it serves")
