@@ -1,6 +1,6 @@
 """The Models view: what can be served, with its validation figures; promote and roll back.
 
-Promote and rollback call the command line's own functions (upscaled/models_cmd.py), so the page
+Promote and rollback call the functions `upscaled models` runs (model/promote.py), so the page
 applies exactly the checks `upscaled models promote` does (the daemon's verification, the probe
 against bicubic and against the served model, `--force` to override the last two). Their log
 lines, which say why a model was refused, are captured from the calling thread and shown.
@@ -106,7 +106,7 @@ def served_figures(cfg: Config, st: dict[str, Any] | None) -> dict[str, Any] | N
 
 
 def _captured(fn, *args) -> tuple[int, list[dict[str, str]]]:
-    """Run a models_cmd function, returning its exit code and its log lines (this thread's only)."""
+    """Run a model.promote function, returning its exit code and its log lines (this thread's only)."""
     from core.errors import CheckpointError
 
     lines: list[dict[str, str]] = []
