@@ -253,7 +253,7 @@ class Worker:
         up = self.model_for(live[0])  # one model for the whole group
         t0 = time.perf_counter()
         try:
-            encoded = up.upscale_decoded_many([j.decoded for j in live])
+            encoded = pipeline.upscale_many(up, [j.decoded for j in live])
         except Exception:  # noqa: BLE001 - retried one by one below, where errors are sorted
             return [self.advance(j) for j in jobs]
         per = (time.perf_counter() - t0) / len(live)

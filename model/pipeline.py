@@ -17,7 +17,7 @@ from core.config import Config, OutputConfig
 from imaging import outscale
 from imaging.images import PILLOW_READS_RGBX, Decoded, Encoded, decode, encode_to
 
-__all__ = ["compressed", "decode", "model_for", "output_scale", "publish", "upscale"]
+__all__ = ["compressed", "decode", "model_for", "output_scale", "publish", "upscale", "upscale_many"]
 
 
 def compressed(dec, cfg: Config) -> bool:
@@ -39,6 +39,12 @@ def upscale(up, dec: Decoded, fmt: str, progress: Callable[[int, int], None] | N
     return up.upscale_decoded(dec, progress, for_pillow=fmt in PILLOW_READS_RGBX)
 
 
+def upscale_many(up, decs: list[Decoded]) -> list[Encoded]:
+    """Equal-size images in one forward pass (the daemon's batches on a GPU; see
+    Upscaler.upscale_decoded_many)."""
+    return up.upscale_decoded_many(decs)
+
+
 def output_scale(enc: Encoded, size: tuple[int, int], native: int, model_version: str,
                  out: OutputConfig) -> tuple[Encoded, float]:
     """output.scale / output.long_side: resized unless that is the model's own size, and labelled
@@ -49,13 +55,13 @@ def output_scale(enc: Encoded, size: tuple[int, int], native: int, model_version
 def publish(enc: Encoded, dst: Path, fmt: str, out: OutputConfig, *, conflict: Conflict = "replace",
             png_threads: int = 1, sealed: Callable[[IO[bytes]], None] | None = None) -> Path:
     """Encode `enc` (consumed) straight into a temp file beside `dst` and rename it into place
-    (output.on_conflict's `conflict`, see core.atomic.publish_as); returns the name it got.
+    (output.on_conflict's `conflict`, see core.atomic.publish_as) in its folder, which the
+    caller has made; returns the name it got.
 
     A huge PNG never sits in memory as bytes. `sealed(f)` runs once the image is encoded into
     the temp file, before it is synced and renamed: a caller records or locks there, and an
     exception it raises removes the temp file and publishes nothing.
     """
-    dst.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(dst, "wb", conflict=conflict) as f:
         encode_to(f, enc, fmt, consume=True, png_threads=png_threads, **out.encode_options())
         del enc

@@ -167,6 +167,7 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
                 del dec  # free the input before encoding
                 # output.scale / long_side: resized (when they differ from the model's scale) and labelled
                 enc, _ = pipeline.output_scale(enc, size, u.scale, u.version, cfg.output)
+                dst.parent.mkdir(parents=True, exist_ok=True)
                 h, w = enc.pixels.shape[:2]
                 # The model is idle while its output is encoded: the PNG writer takes its threads.
                 pipeline.publish(enc, dst, out_fmt, cfg.output, png_threads=torch.get_num_threads())
