@@ -74,7 +74,7 @@ def cpu_seconds_per_step(settings: dict, steps: int = 6) -> float:
 
     from model.generator import Generator, GeneratorConfig
     from trainer.train import autocast_dtype, ema_update
-    from upscaled.config import TrainerConfig
+    from core.config import TrainerConfig
 
     tc = TrainerConfig(**{k: v for k, v in settings.items() if k in TrainerConfig.__dataclass_fields__})
     g = Generator(GeneratorConfig(scale=4, channels=tc.generator_channels, blocks=tc.generator_blocks,

@@ -97,14 +97,14 @@ def timing(out: Path, t0_wall: float, n: int) -> dict:
 def bare_loop(src: Path, out: Path, model: str, n: int, span: bool = False) -> dict:
     import torch
 
-    from model.images import decode
-    from upscaled.config import from_dict
-    from upscaled.runtime import build_upscaler
+    from imaging.images import decode
+    from core.config import from_dict
+    from model.runtime import build_upscaler
     from upscaled.upscale import write_output
 
     cfg = from_dict({})
     if span:
-        from model.images import Encoded, unit_float
+        from imaging.images import Encoded, unit_float
         from model.peers import span as load_span
 
         up_span = load_span(4)

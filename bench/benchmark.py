@@ -48,10 +48,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from imaging.quality import downscale, psnr_ssim_y  # noqa: E402
 from model.checkpoint import BUNDLED_DEFAULT, load_generator  # noqa: E402
-from model.generator import Generator, GeneratorConfig  # noqa: E402
 from model.engine import EngineOptions, Upscaler, cpu_has_native_bf16, reuse_freed_memory  # noqa: E402
-from model.quality import downscale, psnr_ssim_y  # noqa: E402
+from model.generator import Generator, GeneratorConfig  # noqa: E402
 
 PHOTOS = ROOT.parent / "shared" / "data" / "photos"  # val/ and train/; --photos (a GPU machine has a carried copy)
 MIXED = ROOT.parent / "shared" / "data" / "mixed"
@@ -303,7 +303,7 @@ def daemon_rows(model: Path, device: str, up: Upscaler, n_small: int, n_large: i
     say where a gap comes from: the model's threads working longer (contention), other threads'
     work (decode, encode, watcher), or other processes and the hypervisor (noise).
     """
-    from model.images import decode
+    from imaging.images import decode
 
     specs = [(1024, 768, 1000 + i) for i in range(n_large)] + [(256, 256, i) for i in range(n_small)]
     staged = write_images(tmp / "staged", specs, photos)

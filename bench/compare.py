@@ -22,9 +22,9 @@ from PIL import Image, ImageDraw, PngImagePlugin
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from imaging.quality import crop_to_multiple, downscale, laplacian_y, resize_up
 from model.checkpoint import BUNDLED, load_generator
 from model.engine import EngineOptions, Upscaler
-from model.quality import crop_to_multiple, downscale, laplacian_y, resize_up
 from trainer.data import load_validation
 
 LABEL_H = 16

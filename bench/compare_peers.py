@@ -26,13 +26,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from compare import label, most_textured, side_by_side  # noqa: E402
 
+from core.config import from_dict  # noqa: E402
+from imaging.quality import crop_to_multiple, downscale, jpeg, psnr_ssim_y, resize_up  # noqa: E402
 from model.checkpoint import load_generator  # noqa: E402
 from model.engine import EngineOptions, Upscaler  # noqa: E402
 from model.peers import span  # noqa: E402
-from model.quality import crop_to_multiple, downscale, jpeg, psnr_ssim_y, resize_up  # noqa: E402
+from model.runtime import checkpoint_for  # noqa: E402
 from trainer.data import load_validation  # noqa: E402
-from upscaled.runtime import checkpoint_for  # noqa: E402
-from upscaled.config import from_dict  # noqa: E402
 
 
 def pick(spec: str) -> tuple[str, np.ndarray]:

@@ -25,9 +25,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from imaging.quality import detail, downscale, laplacian_y  # noqa: E402
 from model.checkpoint import bundled_checkpoint, load_generator  # noqa: E402
 from model.engine import EngineOptions, Upscaler  # noqa: E402
-from model.quality import detail, downscale, laplacian_y  # noqa: E402
 from trainer.data import load_validation  # noqa: E402
 from trainer.train import cpu_name  # noqa: E402
 

@@ -47,8 +47,8 @@ from pathlib import Path
 
 from loguru import logger
 
-from model.atomic import NAME_MAX, atomic_write_text, clip_name, folder_of, fsync_dir, numbered, rename_noreplace, sidecar
-from model.names import fits, shown
+from core.atomic import NAME_MAX, atomic_write_text, clip_name, folder_of, fsync_dir, numbered, rename_noreplace, sidecar
+from core.names import fits, shown
 
 LEASE = "lease.json"
 FILES = "files"

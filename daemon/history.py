@@ -17,7 +17,7 @@ from typing import Any
 
 from loguru import logger
 
-from model.atomic import atomic_write_bytes
+from core.atomic import atomic_write_bytes
 
 MAX_BYTES = 2_000_000  # ~8000 lines
 

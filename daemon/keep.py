@@ -26,8 +26,8 @@ from pathlib import Path
 
 from loguru import logger
 
-from model.atomic import atomic_open, fsync_dir
-from model.images import EXTENSIONS
+from core.atomic import atomic_open, fsync_dir
+from imaging.images import EXTENSIONS
 
 NAME = re.compile(r"^(\d{8}T\d{6}\d{6}Z)-([0-9a-f]{20})(\.[a-z0-9]+)$")
 STAMP = "%Y%m%dT%H%M%S%fZ"

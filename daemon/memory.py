@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.images import Header
+from imaging.images import Header
 
 GIB = 1 << 30
 UNLIMITED = 1 << 60  # cgroup v1 says "no limit" with a number near 2**63

@@ -34,9 +34,9 @@ from typing import Any
 
 from loguru import logger
 
-from model.errors import CheckpointError
+from core.errors import CheckpointError
 from model.store import CURRENT, current_checkpoint, verified_current
-from upscaled.config import Config
+from core.config import Config
 
 Key = tuple  # identity of a candidate: (path, size, mtime_ns), or a problem marker
 
@@ -111,7 +111,7 @@ class ModelSlot:
 
     def _start(self) -> Any:
         if self.pinned:
-            from upscaled.runtime import build_upscaler, checkpoint_for
+            from model.runtime import build_upscaler, checkpoint_for
 
             path, origin = checkpoint_for(self.cfg)
             up = build_upscaler(self.cfg)
@@ -283,7 +283,7 @@ class ModelSlot:
         """Verify and load; a Loaded, or the reason it was refused."""
         from model.engine import Upscaler
         from model.verify import verify_checkpoint
-        from upscaled.runtime import engine_options
+        from model.runtime import engine_options
 
         cfg = self.cfg
         try:

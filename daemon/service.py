@@ -40,10 +40,10 @@ from daemon.notify import Notifier
 from daemon.status import ServiceState, StatusBoard
 from daemon.watcher import Hint, InboxFilter, InboxHandler, Settler, make_observer, scan
 from daemon.worker import Pipeline, Worker, io_thread_count, out_path
-from model.errors import CheckpointError
-from model.names import PATH_MAX
-from upscaled import outscale
-from upscaled.config import Config, ConfigError
+from core.errors import CheckpointError
+from core.names import PATH_MAX
+from imaging import outscale
+from core.config import Config, ConfigError
 
 TICK = 0.25  # seconds the loop sleeps when nothing wakes it
 INBOX_CHECK = 1.0  # seconds between checks that the watched inbox is still the same folder
@@ -176,7 +176,7 @@ class Service:
         self.upscaler = self.slot.start()
         self.worker = Worker(cfg, self.upscaler, self.claims)
         if cfg.model.for_jpeg:
-            from upscaled.runtime import build_upscaler, config_model
+            from model.runtime import build_upscaler, config_model
 
             self.worker.jpeg_upscaler = build_upscaler(cfg, config_model(cfg, cfg.model.for_jpeg))
             logger.info("JPEG inputs below quality {} go to model {} (model.for_jpeg: {})", cfg.model.for_jpeg_below,
@@ -516,7 +516,7 @@ class Service:
     # -- reload --------------------------------------------------------------------------------
 
     def reload(self) -> None:
-        from upscaled.config import load_file
+        from core.config import load_file
 
         self.slot.force()  # check the models folder now; a refused candidate gets one more try
         if not self.config_path:

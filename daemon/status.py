@@ -15,10 +15,12 @@ from typing import Any
 
 from loguru import logger
 
+from core.atomic import atomic_write_text
+from core.config import Config
 from daemon.claims import proc_start as _proc_start
-from model.atomic import atomic_write_text
-from model.names import shown
-from upscaled.config import Config
+from core.atomic import atomic_write_text
+from core.names import shown
+from core.config import Config
 
 EXIT_RUNNING = 0
 EXIT_NOT_RUNNING = 3  # as `systemctl status` says for an inactive unit
@@ -30,7 +32,7 @@ RECENT = 20  # last finished files listed in the status, each with the model ver
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 STAGES = {"decode": "decode", "upscale": "upscale", "write": "encode"}
 # Failure reasons in a few classes (a metric label must not be free text): a phrase of the
-# reason the worker wrote (model/images.py, daemon/worker.py) -> its class; else "other".
+# reason the worker wrote (imaging/images.py, daemon/worker.py) -> its class; else "other".
 REASON_CLASSES = (
     ("not a supported image type", "unsupported_type"),
     ("not an image", "not_an_image"),
@@ -271,6 +273,16 @@ def running_status(cfg: Config) -> dict[str, Any] | None:
     if not st or not is_running(st, max(3 * cfg.daemon.status_interval, 4 * IDLE_REFRESH)):
         return None
     return st
+
+
+def daemon_model(cfg: Config) -> dict[str, Any] | None:
+    """What the running daemon reports about its model (its status file): `version` served,
+    `refused` (the last candidate it refused, with the reason), `watching`; None when no daemon
+    runs. The `current` pointer only says what it should serve."""
+    st = running_status(cfg)
+    if st is None:
+        return None
+    return {**(st.get("model") or {}), "version": st.get("model_version")}
 
 
 def render(st: dict[str, Any]) -> str:

@@ -27,7 +27,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable, Iterator
 
-from model.atomic import lstat_under
+from core.atomic import lstat_under
 
 from watchdog.events import (
     FileClosedEvent,

@@ -40,10 +40,11 @@ from daemon import memory
 from daemon.claims import POISON, Claims, place
 from daemon.keep import keep_quietly
 from daemon.job import STAGE_OF, TERMINAL, Failure, Job, JobState, Stage
-from model.atomic import atomic_open, atomic_write_text, sidecar
-from model.images import PILLOW_READS_RGBX, ImageError, decode, encode_to, output_name, read_header
-from upscaled import outscale
-from upscaled.config import Config
+from core.atomic import atomic_write_text, sidecar
+from imaging.images import ImageError, output_name, read_header
+from imaging import outscale
+from core.config import Config
+from model import pipeline
 
 # Which thread performs a state's next transition: DECODED goes to the inference thread, these
 # to the I/O threads.
@@ -69,13 +70,6 @@ def input_fault(e: OSError, job: Job, state: JobState) -> bool:
         return True
     reading_input = state is JobState.CLAIMED and e.filename in (str(job.claimed), os.fsencode(job.claimed))
     return reading_input and e.errno in (errno.EACCES, errno.EPERM)
-
-
-def compressed(dec, cfg: Config) -> bool:
-    """A JPEG below model.for_jpeg_below (estimated quality; unknown counts as compressed)."""
-    if dec is None or dec.format != "JPEG":
-        return False
-    return dec.jpeg_quality is None or dec.jpeg_quality < cfg.model.for_jpeg_below
 
 
 def human_reason(e: BaseException) -> str:
@@ -134,7 +128,7 @@ class Worker:
                                      "(killed for memory, or a crash in a decoder); it is not tried again")
                 self._check_fits(job, fmt)
                 self.claims.running(job.rel, st)
-                job.decoded = decode(job.claimed)
+                job.decoded = pipeline.decode(job.claimed)
                 job.size = job.decoded.size
                 job.timings["decode"] = time.perf_counter() - t0
                 job.state = JobState.DECODED
@@ -143,22 +137,31 @@ class Worker:
                 job.model_version = getattr(up, "version", "unknown")
                 job.model_scale = getattr(up, "scale", self.cfg.model.scale)
                 fmt = self._out(job)[1]
-                job.encoded = up.upscale_decoded(job.decoded, self.on_progress, for_pillow=fmt in PILLOW_READS_RGBX)
+                job.encoded = pipeline.upscale(up, job.decoded, fmt, self.on_progress)
                 job.decoded = None
                 job.timings["upscale"] = time.perf_counter() - t0
                 job.state = JobState.UPSCALED
             elif state is JobState.UPSCALED:
                 # output.scale / long_side (as configured now): resized unless that is the model's
                 # own size, and labelled with the model and scale (PNG text, JPEG comment, WebP XMP)
-                job.encoded, job.scale = outscale.finish(job.encoded, job.size, job.model_scale or self.cfg.model.scale,
-                                                         job.model_version, self.cfg.output)
+                job.encoded, job.scale = pipeline.output_scale(job.encoded, job.size, job.model_scale or self.cfg.model.scale,
+                                                               job.model_version, self.cfg.output)
                 job.out_size = (job.encoded.pixels.shape[1], job.encoded.pixels.shape[0])
                 wanted, fmt = self._out(job)
                 if fmt == "JPEG" and job.encoded.pixels.shape[2] in (2, 4):
                     logger.info("{}: JPEG has no alpha; transparent pixels flattened onto {} (output.jpeg_background)",
                                 job.rel, self.cfg.output.jpeg_background)
                 wanted.parent.mkdir(parents=True, exist_ok=True)
-                locked = False
+                locked = []
+
+                def sealed(f) -> None:
+                    job.encoded = None
+                    self.claims.mark_written(job.rel, wanted, os.fstat(f.fileno()), st)  # before the rename
+                    job.lock.acquire()
+                    locked.append(True)
+                    if job.released:
+                        raise _Released()  # the temp file is removed, nothing is published
+
                 try:
                     # Encoded straight into the temp file (a huge PNG never sits in memory as
                     # bytes); the lock covers only the check and the rename that publishes it.
@@ -167,16 +170,9 @@ class Worker:
                     own = self.claims.written_output(job.rel, st)
                     if own is not None:  # this input's own output, from before a crash: replace it, no name-1
                         conflict, target = "replace", own
-                    with atomic_open(target, "wb", conflict=conflict) as f:
-                        # consume: a retry after an error starts over from the input anyway.
-                        encode_to(f, job.encoded, fmt, consume=True, **self.cfg.output.encode_options())
-                        job.encoded = None
-                        self.claims.mark_written(job.rel, wanted, os.fstat(f.fileno()), st)  # before the rename
-                        job.lock.acquire()
-                        locked = True
-                        if job.released:
-                            raise _Released()  # the temp file is removed, nothing is published
-                    job.output = f.published
+                    # consume: a retry after an error starts over from the input anyway.
+                    job.output = pipeline.publish(job.encoded, target, fmt, self.cfg.output, conflict=conflict,
+                                                  sealed=sealed)
                     job.state = JobState.WRITTEN
                 except FileExistsError:  # output.on_conflict: skip
                     raise ImageError(f"its output {wanted.name} already exists in the outbox and output.on_conflict "
@@ -254,7 +250,7 @@ class Worker:
     def model_for(self, job: Job):
         """The served model, or model.for_jpeg's for a JPEG compressed harder than
         model.for_jpeg_below (blocking and ringing the served model would sharpen)."""
-        return self.jpeg_upscaler if compressed(job.decoded, self.cfg) and self.jpeg_upscaler is not None else self.upscaler
+        return pipeline.model_for(job.decoded, self.cfg, self.upscaler, self.jpeg_upscaler)
 
     def _out(self, job: Job) -> tuple[Path, str]:
         o = self.cfg.output
@@ -295,7 +291,7 @@ class Worker:
         up = self.model_for(live[0])  # one model for the whole group
         t0 = time.perf_counter()
         try:
-            encoded = up.upscale_decoded_many([j.decoded for j in live])
+            encoded = pipeline.upscale_many(up, [j.decoded for j in live])
         except Exception:  # noqa: BLE001 - retried one by one below, where errors are sorted
             return [self.advance(j) for j in jobs]
         per = (time.perf_counter() - t0) / len(live)

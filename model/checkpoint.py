@@ -21,8 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from model.atomic import atomic_write_bytes
-from model.errors import CheckpointError, Untrusted
+from core.atomic import atomic_write_bytes
+from core.errors import CheckpointError, Untrusted
 from model.generator import ARCH, Generator, GeneratorConfig
 
 META_KEY = "upscaled"

@@ -20,11 +20,12 @@ import torch
 from torch import nn
 from loguru import logger
 
+from imaging.images import Decoded, Encoded, assemble, unit_float
 from model.checkpoint import CheckpointInfo
 from model.fold import FoldedGenerator
 from model.foreign import DEFAULT_CONTEXT, DEFAULT_FEATHER
 from model.generator import Generator
-from model.images import Decoded, Encoded, assemble, unit_float
+from imaging.images import Decoded, Encoded, assemble, unit_float
 from model.runtimes import ProbeCache, default_cache_path, select_runtime
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -315,7 +316,7 @@ class Upscaler:
         The output is quantized tile by tile (on the device), so memory never holds
         full-resolution floats. On CUDA out-of-memory the image is retried with smaller tiles.
         rgbx (8-bit only): the result is the RGB view of an H x W x 4 buffer, which Pillow can
-        encode in place (model.images.encode_to) instead of copying it into its own 4-byte
+        encode in place (imaging.images.encode_to) instead of copying it into its own 4-byte
         pixels first: for a 24000x16000 JPEG, 1.5 GB held once instead of 1.15 GB + 1.5 GB.
         """
         tile, batch = self.tile_and_batch()

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from model.errors import CheckpointError
+from core.errors import CheckpointError
 
 FOREIGN_ARCH = "spandrel"  # CheckpointInfo.arch of an imported model; the network is in `foreign`
 PICKLED = (".pth", ".pt", ".ckpt", ".bin")

@@ -32,7 +32,7 @@ import torch
 from loguru import logger
 from torch import nn
 
-from model.atomic import atomic_write_text
+from core.atomic import atomic_write_text
 from model.fold import FoldedGenerator
 from model.generator import Generator
 

@@ -31,9 +31,9 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.atomic import atomic_open, atomic_write_text
+from core.atomic import atomic_open, atomic_write_text
 from model.checkpoint import BUNDLED_DEFAULT, CheckpointInfo, load_checkpoint, read_info
-from model.errors import CheckpointError, Untrusted
+from core.errors import CheckpointError, Untrusted
 
 CURRENT = "current"
 HISTORY = "history"

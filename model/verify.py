@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from imaging.quality import downscale, psnr_ssim_y, resize_up
 from model.checkpoint import CheckpointError, CheckpointInfo, load_model
 from model.generator import Generator
-from model.quality import downscale, psnr_ssim_y, resize_up
 from PIL import Image
 
 PROBE_SIZE = 96  # HR side; divisible by 2, 4 and 8

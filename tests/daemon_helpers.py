@@ -14,9 +14,9 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from core.config import Config, from_dict
 from model.checkpoint import save_checkpoint
 from model.generator import Generator, GeneratorConfig
-from upscaled.config import Config, from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = GeneratorConfig(scale=4, channels=8, blocks=1)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-import model.images as images
-from model.images import bleed_transparent, decode
+import imaging.images as images
+from imaging.images import bleed_transparent, decode
 from tests.conftest import natural_image, run_cli
 
 BT601 = np.array([0.299, 0.587, 0.114])

@@ -27,7 +27,7 @@ from PIL import Image
 from tests.daemon_helpers import ROOT, files_under, image_bytes, tiny_checkpoint, wait_for, write_image
 from model.checkpoint import read_info
 from upscaled.backfill import IO_CPUS, STATE_DIR, make_plan, pool_shape, read_plan, settings_of, write_plan
-from upscaled.config import from_dict
+from core.config import from_dict
 from upscaled.upscale import collect
 
 RAY = str(Path(sys.executable).with_name("ray"))  # the `ray` command of this environment

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imaging.quality import colour_shift, detail, downscale, psnr_ssim_y, resize_up
 from model.checkpoint import BUNDLED, BUNDLED_DEFAULT, load_generator
 from model.engine import EngineOptions, Upscaler
-from model.quality import colour_shift, detail, downscale, psnr_ssim_y, resize_up
 from tests.conftest import ROOT, natural_image, run_cli, save_image, write_config
-from upscaled.config import load as load_config
-from upscaled.runtime import checkpoint_for
+from core.config import load as load_config
+from model.runtime import checkpoint_for
 
 COMPARISON = ROOT / "docs" / "comparison.png"
 
@@ -85,7 +85,7 @@ def test_shipped_models_on_unseen_photo_crops(engines, photo_crops) -> None:
 
 
 def test_real_model_is_closer_than_fidelity_on_jpeg_compressed_inputs(engines, photo_crops) -> None:
-    from model.quality import jpeg
+    from imaging.quality import jpeg
 
     gains = []
     for hr in photo_crops:

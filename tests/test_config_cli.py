@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+from core import config as config_mod
+from core.config import ConfigError
 from model.checkpoint import save_checkpoint
 from model.generator import GeneratorConfig
-from upscaled import config as config_mod
-from upscaled.config import ConfigError
 from tests.conftest import ROOT, natural_image, run_cli, save_image, tiny_generator, write_config
 
 
@@ -143,7 +143,7 @@ def test_cli_prefers_published_model(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "docs" / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
 def test_training_recipes_in_docs_are_valid_configs(recipe: Path) -> None:
-    from upscaled.config import load
+    from core.config import load
 
     tc = load(recipe).trainer
     assert tc.data and tc.val and tc.pretrain_steps >= 0

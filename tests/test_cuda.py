@@ -14,9 +14,9 @@ import torch
 from loguru import logger
 from PIL import Image
 
+from imaging.images import Decoded
 from model.engine import EngineOptions, Upscaler, plan_tiles
 from model.generator import GeneratorConfig
-from model.images import Decoded
 from tests.conftest import natural_image, tiny_generator
 from tests.daemon_helpers import files_under, make_config, serve, stop, tiny_checkpoint, wait_for, write_image
 
@@ -120,7 +120,7 @@ def test_training_on_the_gpu_runs_both_phases_validates_and_resumes(tmp_path: Pa
     from tests.test_train import TINY, records
     from tests.test_train_data import photo_folder
     from trainer.train import EXIT_INTERRUPTED, train
-    from upscaled.config import TrainerConfig
+    from core.config import TrainerConfig
 
     photos = photo_folder(tmp_path / "photos", 2)
     tc = TrainerConfig(data=str(photos), val=str(photos), **TINY, batch=4, crop=32, steps=12, pretrain_steps=6,

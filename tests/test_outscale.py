@@ -16,14 +16,14 @@ import pytest
 import yaml
 from PIL import Image
 
+from imaging.images import Encoded, ImageError, rgbx_buffer
+from imaging.resize import resize
 from model.checkpoint import read_info
-from model.images import Encoded, ImageError, rgbx_buffer
-from model.resize import resize
 from tests.conftest import natural_image, run_cli, save_image, write_config
 from tests.daemon_helpers import make_config, serve, settings, stop, tiny_checkpoint, wait_for, write_image
-from upscaled import config as config_mod
-from upscaled import outscale
-from upscaled.config import ConfigError, OutputConfig
+from core import config as config_mod
+from core.config import ConfigError, OutputConfig
+from imaging import outscale
 
 LANCZOS = Image.Resampling.LANCZOS
 # name -> (W, H) of the inputs

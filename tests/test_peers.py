@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(
 
 def test_span_upscales_and_beats_bicubic_on_a_natural_image() -> None:
     from model.peers import span
-    from model.quality import downscale, psnr_ssim_y, resize_up
+    from imaging.quality import downscale, psnr_ssim_y, resize_up
 
     hr = natural_image(128, 96, seed=3)
     lr = downscale(hr, 4)

@@ -1,4 +1,4 @@
-"""model/png.py, the fast PNG writer: exact pixels for every layout it writes, read back by two
+"""imaging/png.py, the fast PNG writer: exact pixels for every layout it writes, read back by two
 independent decoders; metadata kept; streamed in blocks."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import png as pypng
 import pytest
 from PIL import Image, ImageCms
 
-import model.png as fastpng
-from model.images import Encoded, decode, encode
+from imaging.images import Encoded, decode, encode
+import imaging.png as fastpng
 from tests.conftest import natural_image
 
 

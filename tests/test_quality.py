@@ -1,11 +1,11 @@
-"""model/quality.py: the protocol every score in upscaled uses, checked against scikit-image."""
+"""imaging/quality.py: the protocol every score in upscaled uses, checked against scikit-image."""
 
 import numpy as np
 import pytest
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from model import quality
+from imaging import quality
 
 
 def _pair(seed=0, h=57, w=70):

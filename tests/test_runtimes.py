@@ -15,7 +15,7 @@ import torch
 from model.checkpoint import CheckpointInfo, load_model, save_checkpoint
 from model.engine import EngineOptions, Upscaler, cpu_has_native_bf16
 from model.generator import GeneratorConfig
-from model.images import Encoded, decode, encode
+from imaging.images import Encoded, decode, encode
 from model.runtimes import EXPORTED, ProbeCache, cache_key, cpu_identity
 from tests.conftest import natural_image, tiny_generator
 
@@ -80,7 +80,7 @@ def test_forced_runtime_refuses_a_precision_it_cannot_run() -> None:
 def test_imported_models_stay_on_pytorch(tmp_path: Path) -> None:
     pytest.importorskip("spandrel")
     from spandrel.architectures.ESRGAN.__arch.RRDB import RRDBNet
-    from upscaled.config import from_dict
+    from core.config import from_dict
     from upscaled.models_cmd import cmd_import
 
     torch.manual_seed(0)

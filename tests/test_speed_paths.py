@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from imaging.quality import downscale, psnr_ssim_y
 from model.checkpoint import BUNDLED_DEFAULT, load_generator
 from model.engine import EngineOptions, Upscaler
-from model.quality import downscale, psnr_ssim_y
 from tests.conftest import ROOT
 
 FAST = ["bf16"] + (["fp16"] if torch.cuda.is_available() else [])  # fp16: on the GPU (bench/gpu_check.sh)

@@ -21,11 +21,11 @@ from model.generator import Generator, GeneratorConfig
 from model.store import current_checkpoint, publish
 from tests.conftest import write_config
 from tests.test_train_data import photo_folder
+from core.config import TrainerConfig
 from trainer.publish import publish_if_better
 from trainer.train import EXIT_INTERRUPTED, EXIT_LOCKED, lr_factor, train
 from trainer.validation import ValidationSet
 from upscaled.cli import main as cli_main
-from upscaled.config import TrainerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"generator_channels": 16, "generator_blocks": 2, "generator_batchnorm": False, "discriminator_width": 8}
@@ -218,7 +218,7 @@ def test_command_line_paths_are_relative_to_the_shell_and_config_paths_to_the_co
     import argparse
 
     from trainer.train import settings
-    from upscaled.config import load
+    from core.config import load
 
     (tmp_path / "etc").mkdir()
     cfg = load(write_config(tmp_path / "etc", {"trainer": {"val": "val", "init": "../models/a.safetensors"}}))

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
-from model.images import EXTENSIONS, READ_FORMATS, ImageError, decode
-from model.quality import to_uint8
+from imaging.images import EXTENSIONS, READ_FORMATS, ImageError, decode
+from imaging.quality import to_uint8
 
 BICUBIC = Image.Resampling.BICUBIC
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from loguru import logger
 
-from model.quality import evaluate_images, fingerprint
+from core.config import Config
+from imaging.quality import evaluate_images, fingerprint
+from model.runtime import build_upscaler
 from trainer.data import DataError, load_validation
-from upscaled.config import Config
-from upscaled.runtime import build_upscaler
 
 EXIT_USAGE = 2
 

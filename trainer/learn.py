@@ -40,19 +40,19 @@ from loguru import logger
 from PIL import Image
 
 from model import store
-from model.atomic import atomic_write_bytes, atomic_write_text
+from core.atomic import atomic_write_bytes, atomic_write_text
 from model.checkpoint import load_generator, load_model, read_info, save_checkpoint
 from model.engine import resolve_device
-from model.images import ImageError, decode
-from model.quality import fingerprint, to_uint8
+from imaging.images import ImageError, decode
+from imaging.quality import fingerprint, to_uint8
 from trainer.data import BICUBIC, DataError, Degradations, TrainingData, augment, header_size, list_images
 from trainer.train import (
     EXIT_LOCKED, EXIT_USAGE, LockedError, autocast_dtype, build_data, cpu_isa, cpu_name, ema_update, settings,
     training_lock,
 )
 from trainer.validation import ValidationSet, score
-from upscaled.config import Config, LearnConfig
-from upscaled.runtime import checkpoint_for
+from core.config import Config, LearnConfig
+from model.runtime import checkpoint_for
 
 LAST_RUN = "learn-last.json"  # in paths.runs: the last run's table, for the web page
 TEACHER_CROPS_PER_IMAGE = 8

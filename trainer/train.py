@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from loguru import logger
 from tqdm import tqdm
 
-from model.atomic import atomic_open
+from core.atomic import atomic_open
 from model.checkpoint import bundled_checkpoint, load_generator, read_info, save_checkpoint
 from model.discriminator import Discriminator
 from model.engine import cpu_has_native_bf16, resolve_device
@@ -43,10 +43,10 @@ from trainer.data import (
     check_hr_folder,
     check_pairs,
 )
+from core.config import Config, ConfigError, TrainerConfig
+from model.runtime import checkpoint_for
 from trainer.publish import publish_if_better
 from trainer.validation import ValidationSet, sample_sheet, score
-from upscaled.config import Config, ConfigError, TrainerConfig
-from upscaled.runtime import checkpoint_for
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130

@@ -1,5 +1,5 @@
 """A validation set and how a generator is scored on it: through the product's own engine
-(BatchNorm folded, tiled), with model/quality.py's protocol."""
+(BatchNorm folded, tiled), with imaging/quality.py's protocol."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from imaging.quality import Report, downscale, evaluate_images, fingerprint, resize_up
 from model.engine import EngineOptions, Upscaler
 from model.generator import Generator
-from model.quality import Report, downscale, evaluate_images, fingerprint, resize_up
 from trainer.data import load_validation
 
 

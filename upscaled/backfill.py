@@ -40,9 +40,9 @@ from pathlib import Path
 
 from loguru import logger
 
-from model.atomic import atomic_write_text
-from model.images import PILLOW_READS_RGBX, Decoded, Encoded, ImageError, decode
-from upscaled.config import Config
+from core.atomic import atomic_write_text
+from imaging.images import PILLOW_READS_RGBX, Decoded, Encoded, ImageError, decode
+from core.config import Config
 from upscaled.upscale import collect, describe, plan, scale_labels, write_output
 
 STATE_DIR = ".upscaled-backfill"
@@ -220,7 +220,7 @@ class Upscale:
     """Ray Data actor: the model, resident for the whole run (on its GPU when it was given one)."""
 
     def __init__(self, cfg: Config, model_path: str, jpeg_model_path: str | None, threads: int):
-        from upscaled.runtime import build_upscaler, setup_logging
+        from model.runtime import build_upscaler, setup_logging
 
         setup_logging(quiet=True)  # one line per actor below; per-file lines come from the driver
         if threads:
@@ -237,7 +237,7 @@ class Upscale:
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
-        from daemon.worker import compressed
+        from model.pipeline import compressed
 
         out = []
         for item in batch["item"]:
@@ -342,8 +342,8 @@ def run(cfg: Config, src: str, dst_arg: str, model: str | None, ray_address: str
     from tqdm import tqdm
 
     from model.checkpoint import read_info
-    from upscaled.config import ConfigError
-    from upscaled.runtime import checkpoint_for, config_model
+    from core.config import ConfigError
+    from model.runtime import checkpoint_for, config_model
 
     source, dst = Path(src), Path(dst_arg)
     if not source.is_dir():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from upscaled import __version__
+from core import __version__
 
 EXIT_USAGE = 2
 
@@ -38,7 +38,7 @@ def _outscale(text: str) -> float:
         x = float(text)
     except ValueError:
         x = 0.0
-    if not 0 < x <= 16:  # upscaled.config.MAX_OUTPUT_SCALE, without importing the config here
+    if not 0 < x <= 16:  # core.config.MAX_OUTPUT_SCALE, without importing the config here
         raise argparse.ArgumentTypeError(f"expected a number > 0 and <= 16, got {text!r}")
     return x
 
@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from upscaled import config as config_mod
+    from core import config as config_mod
 
     given = args.config or args.config_before
     config_path = Path(given) if given else config_mod.default_path()
@@ -288,11 +288,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from upscaled.runtime import setup_logging
+    from core.logs import setup_logging
 
     setup_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
-    from model.errors import CheckpointError, UsageError  # no torch import: `upscaled status` stays instant
-    from upscaled.config import ConfigError
+    from core.errors import CheckpointError, UsageError  # no torch import: `upscaled status` stays instant
+    from core.config import ConfigError
 
     try:
         return _run(args)

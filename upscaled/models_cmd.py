@@ -10,24 +10,14 @@ from typing import Any
 
 from loguru import logger
 
+from core.config import Config
 from model import store
-from model.checkpoint import BUNDLED, BUNDLED_DEFAULT, CheckpointError, CheckpointInfo, read_info
-from upscaled.config import Config
+from model.checkpoint import BUNDLED, BUNDLED_DEFAULT, CheckpointInfo, read_info
+from core.config import Config
+from daemon.status import daemon_model
+from model.promote import cmd_promote, cmd_rollback, find_version
 
-BUNDLED_NAMES = ("bundled", *BUNDLED)  # `bundled` = the default a fresh install serves
 VERDICT_WAIT = 60.0  # seconds promote waits for a running daemon to load or refuse the new model
-
-
-def daemon_model(cfg: Config) -> dict[str, Any] | None:
-    """What the running daemon reports about its model (its status file): `version` served,
-    `refused` (the last candidate it refused, with the reason), `watching`; None when no daemon
-    runs. The `current` pointer only says what it should serve."""
-    from daemon.status import running_status
-
-    st = running_status(cfg)
-    if st is None:
-        return None
-    return {**(st.get("model") or {}), "version": st.get("model_version")}
 
 
 def _row(path: Path, info: CheckpointInfo, current: Path | None, bundled: str | None = None) -> dict:
@@ -66,17 +56,6 @@ def _learn_text(lr: dict) -> str:
     std = f", standard set {-loss:+.2f} dB" if loss is not None else ""
     return (f"learn: slice {lr['slice_gain_db']:+.2f} dB on {lr.get('slice_images', '?')} held-out images{std} "
             f"({lr.get('steps', '?')} steps from {lr.get('served', '?')}): {lr.get('decision', '?')}")
-
-
-def find_version(models_dir: Path, version: str) -> Path:
-    """A published version by id or file name, or a bundled model by name."""
-    if version in BUNDLED_NAMES:
-        return BUNDLED_DEFAULT if version == "bundled" else BUNDLED[version]
-    for path, info in store.published(models_dir):
-        if info.version == version or path.name == version or path.stem == version:
-            return path
-    raise CheckpointError(f"no published version {version!r} in {models_dir}, and no bundled model of that name "
-                          f"({', '.join(BUNDLED_NAMES)}); see `upscaled models list`")
 
 
 def cmd_list(cfg: Config, as_json: bool) -> int:
@@ -151,59 +130,15 @@ def cmd_show(cfg: Config, version: str, full: bool = False) -> int:
     return 0
 
 
-def served_path(cfg: Config) -> Path:
-    return store.current_checkpoint(cfg.path("models")) or BUNDLED_DEFAULT
-
-
-def cmd_promote(cfg: Config, path: Path, gate: Path | None, force: bool = False) -> int:
-    from model.verify import run_probe, verify_checkpoint
-
-    if str(path) in BUNDLED_NAMES or (not path.exists() and "/" not in str(path)):
-        path = find_version(cfg.path("models"), str(path))  # a bundled name, or a version already in the folder
-    _, info, probe = verify_checkpoint(path, cfg.model.scale, probe=True, tolerance_db=cfg.models.probe_tolerance_db)
-    logger.info("{} passes verification (probe {:+.2f} dB vs bicubic)", info.version, probe.gain_db)
-    # A model worse than bicubic, or clearly worse than the one served, is almost always a
-    # mistake (a 10-step test run, the wrong file): refuse it unless --force, with both numbers.
-    m = info.metrics
-    problems = []
-    if probe.gain_db < 0:
-        problems.append(f"on the probe image it scores {probe.psnr_y:.2f} dB, {-probe.gain_db:.2f} dB below bicubic "
-                        f"({probe.bicubic_psnr_y:.2f} dB)")
-    if "psnr_y" in m and "bicubic_psnr_y" in m and m["psnr_y"] < m["bicubic_psnr_y"]:
-        problems.append(f"its own validation says {m['psnr_y']:.2f} dB against bicubic's {m['bicubic_psnr_y']:.2f} dB")
-    served = served_path(cfg)
-    if served.is_file() and served.resolve() != Path(path).resolve():
-        from model.checkpoint import load_model
-
-        sp = run_probe(load_model(served)[0])
-        if probe.psnr_y < sp.psnr_y - cfg.models.promote_margin_db:
-            problems.append(f"on the probe image it scores {probe.psnr_y:.2f} dB, {sp.psnr_y - probe.psnr_y:.2f} dB below "
-                            f"the served model {read_info(served).version} ({sp.psnr_y:.2f} dB; models.promote_margin_db "
-                            f"{cfg.models.promote_margin_db})")
-    if problems and not force:
-        for p in problems:
-            logger.error("not promoted: {}", p)
-        logger.error("promote it anyway with --force")
-        return 1
-    for p in problems:
-        logger.warning("promoted despite: {} (--force)", p)
-    if gate is not None:
-        # The trainer's publishing gate, so a promotion by hand is judged exactly like a trained one.
-        from trainer.publish import publish_if_better
-        from trainer.validation import ValidationSet
-
-        result = publish_if_better(path, ValidationSet.load(gate, cfg.model.scale), cfg.path("models"),
-                                   tolerance_db=cfg.trainer.publish_tolerance_db, keep=cfg.models.keep,
-                                   device=cfg.inference.device)
-        if not result.published:
-            logger.error("not promoted: {}", result.reason)
-            return 1
-        logger.info("gate passed: {}", result.reason)
-        return 0
+def promote(cfg: Config, path: Path, gate: Path | None, force: bool = False) -> int:
+    """`upscaled models promote`: the store's promote (model/promote.py), then, with a daemon
+    running, its verdict on what was published."""
     since = datetime.now(timezone.utc).replace(microsecond=0).isoformat(timespec="seconds")
-    target = store.publish(cfg.path("models"), path, keep=cfg.models.keep)
-    logger.info("published {} as {}; it is now current", info.version, target)
-    return await_verdict(cfg, info.version, target, since)
+    code = cmd_promote(cfg, path, trainer_gate(cfg, gate) if gate else None, force=force)
+    target = store.current_checkpoint(cfg.path("models"))
+    if code != 0 or target is None:
+        return code
+    return await_verdict(cfg, read_info(target).version, target, since)
 
 
 def _refused_it(refused: dict[str, Any], target: Path, since: str) -> bool:
@@ -252,33 +187,13 @@ def await_verdict(cfg: Config, version: str, target: Path, since: str, wait: flo
         daemon = daemon_model(cfg)
 
 
-def cmd_rollback(cfg: Config, version: str | None) -> int:
-    """One step back through what was served, down to the bundled default; or to a named version."""
-    models_dir = cfg.path("models")
-    current = store.current_checkpoint(models_dir)
-    was = current.name if current else "the bundled default"
-    if version in BUNDLED_NAMES and version != "bundled":
-        return cmd_promote(cfg, BUNDLED[version], None, force=True)  # a shipped model: publish it, no questions
-    if version == "bundled" or (not version and store.step_back(models_dir) is None):
-        if current is None and not version:
-            raise CheckpointError(f"nothing to roll back to: {models_dir} has no current model, so the bundled "
-                                  f"default already serves (name a version, or `upscaled models promote FILE`)")
-        store.clear_current(models_dir)
-        logger.info("current model is now the bundled default (was {})", was)
-        return 0
-    if version:
-        store.set_current(models_dir, find_version(models_dir, version).name)
-    logger.info("current model is now {} (was {})", store.current_checkpoint(models_dir).name, was)
-    return 0
-
-
 def cmd_import(cfg: Config, file: Path, name: str | None, val: Path | None, licence: str | None) -> int:
     """Convert a checkpoint trained elsewhere into upscaled's format, in the models folder (not
     served until promoted). The one place a foreign file is read: see model/foreign.py."""
     from model.checkpoint import CheckpointInfo, new_version, write_checkpoint
     from model.foreign import FOREIGN_ARCH, ForeignSpec, detect, read_foreign_weights, servable, slug
 
-    from model.errors import UsageError
+    from core.errors import UsageError
     from trainer.data import DataError, list_images
 
     # Arguments first: a wrong --val must not cost reading (and converting) the checkpoint.
@@ -325,6 +240,20 @@ def cmd_import(cfg: Config, file: Path, name: str | None, val: Path | None, lice
     return 0
 
 
+def trainer_gate(cfg: Config, val: Path):
+    """`--gate VAL_DIR`: the trainer's publishing gate on the HR images in `val`, passed down to
+    `cmd_promote` (the model store never imports trainer code)."""
+    from trainer.publish import publish_if_better
+    from trainer.validation import ValidationSet
+
+    def gate(path: Path):
+        return publish_if_better(path, ValidationSet.load(val, cfg.model.scale), cfg.path("models"),
+                                 tolerance_db=cfg.trainer.publish_tolerance_db, keep=cfg.models.keep,
+                                 device=cfg.inference.device)
+
+    return gate
+
+
 def main(cfg: Config, args) -> int:
     if args.models_command == "import":
         return cmd_import(cfg, Path(args.file), args.name, Path(args.val) if args.val else None, args.license)
@@ -333,7 +262,7 @@ def main(cfg: Config, args) -> int:
     if args.models_command == "show":
         return cmd_show(cfg, args.version, full=args.json)
     if args.models_command == "promote":
-        return cmd_promote(cfg, Path(args.path), Path(args.gate) if args.gate else None, force=args.force)
+        return promote(cfg, Path(args.path), Path(args.gate) if args.gate else None, force=args.force)
     if args.models_command == "rollback":
         return cmd_rollback(cfg, args.version)
     raise AssertionError(args.models_command)

@@ -11,11 +11,11 @@ from typing import Callable
 
 from loguru import logger
 
-from model.atomic import Conflict, atomic_open, numbered
-from model.images import (EXTENSIONS, PILLOW_READS_RGBX, READ_FORMATS, Encoded, ImageError, decode, encode_to,
-                          is_supported, output_name)
-from upscaled import outscale
-from upscaled.config import Config, OutputConfig
+from core.atomic import Conflict, numbered
+from imaging.images import EXTENSIONS, READ_FORMATS, Encoded, ImageError, is_supported, output_name
+from imaging import outscale
+from core.config import Config, OutputConfig
+from model import pipeline
 
 
 @dataclass(frozen=True)
@@ -128,13 +128,11 @@ def write_output(enc: Encoded, size: tuple[int, int], native: int, model_version
     (resized when that differs from the model's scale, labelled with its provenance) and encoded
     into `dst` by temp name, fsync and rename (`conflict`: model/atomic.py). `enc` is consumed.
     Returns the name it got and the output's (W, H). `upscaled upscale` and `upscaled backfill`
-    both publish through here; the daemon's worker does the same steps between its states."""
-    enc, _ = outscale.finish(enc, size, native, model_version, out)
+    both publish through here; the daemon's worker runs the same model/pipeline.py steps between its states."""
+    enc, _ = pipeline.output_scale(enc, size, native, model_version, out)
     dst.parent.mkdir(parents=True, exist_ok=True)
     h, w = enc.pixels.shape[:2]
-    with atomic_open(dst, "wb", conflict=conflict) as f:
-        encode_to(f, enc, fmt, consume=True, png_threads=png_threads, **out.encode_options())
-    return f.published, (w, h)
+    return pipeline.publish(enc, dst, fmt, out, conflict=conflict, png_threads=png_threads), (w, h)
 
 
 def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: str | None, overwrite: bool,
@@ -143,8 +141,7 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
 
     import torch
 
-    from daemon.worker import compressed
-    from upscaled.runtime import build_upscaler, config_model
+    from model.runtime import build_upscaler, config_model
 
     missing = [raw for raw in inputs if not Path(raw).exists()]
     if missing:  # a mistyped path is a usage error (exit 2), before anything is loaded or written
@@ -176,12 +173,12 @@ def run(cfg: Config, inputs: list[str], outdir: Path, model: str | None, fmt: st
                     logger.warning("skipped {}: {} exists (use --overwrite)", job.src, dst)
                     skipped += 1
                     continue
-                dec = decode(job.src)
+                dec = pipeline.decode(job.src)
                 if out_fmt == "JPEG" and dec.alpha is not None:
                     logger.warning("{}: JPEG has no alpha; transparent pixels flattened onto {} (output.jpeg_background)",
                                    job.src, cfg.output.jpeg_background)
-                u = up_jpeg if up_jpeg is not None and compressed(dec, cfg) else up
-                enc = u.upscale_decoded(dec, tile_bar(bar, job.rel.name), for_pillow=out_fmt in PILLOW_READS_RGBX)
+                u = pipeline.model_for(dec, cfg, up, up_jpeg)
+                enc = pipeline.upscale(u, dec, out_fmt, tile_bar(bar, job.rel.name))
                 size = dec.size
                 del dec  # free the input before encoding
                 # The model is idle while its output is encoded: the PNG writer takes its threads.

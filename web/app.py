@@ -28,9 +28,9 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from model.names import shown
-from upscaled import __version__
-from upscaled.config import Config
+from core.names import shown
+from core import __version__
+from core.config import Config
 from web import files as files_mod
 from web import models as models_mod
 from web.metrics import StatusCollector, heartbeat_age, readiness, stale_after
@@ -211,7 +211,7 @@ def create_app(site: Site) -> Starlette:
         return Response(data, media_type=media, headers={"cache-control": "private, max-age=300"})
 
     def models(request: Request):
-        from upscaled.models_cmd import daemon_model
+        from daemon.status import daemon_model
 
         daemon = daemon_model(cfg) or {}  # what a running daemon serves, apart from the `current` pointer
         return JSONResponse(files_mod.relative_paths(models_mod.listing(cfg, daemon.get("version"), daemon.get("refused")),

@@ -27,9 +27,9 @@ from loguru import logger
 from daemon import history
 from daemon.status import read as read_status
 from daemon.status import reason_class
-from model.atomic import NAME_MAX, clip_name, folder_of, numbered, rename_noreplace, sidecar
-from model.names import shown
-from upscaled.config import Config
+from core.atomic import NAME_MAX, clip_name, folder_of, numbered, rename_noreplace, sidecar
+from core.names import shown
+from core.config import Config
 from web.security import Refused, clean_relative, resolve_under
 
 ERROR_SUFFIX = ".error.json"
@@ -146,7 +146,7 @@ def _dims(path: Path) -> list[int] | None:
     if key not in _dims_cache:
         from PIL import Image
 
-        from model.images import READ_FORMATS
+        from imaging.images import READ_FORMATS
 
         try:
             with Image.open(path, formats=READ_FORMATS) as im:

@@ -1,6 +1,6 @@
 """The Models view: what can be served, with its validation figures; promote and roll back.
 
-Promote and rollback call the command line's own functions (upscaled/models_cmd.py), so the page
+Promote and rollback call the functions `upscaled models` runs (model/promote.py), so the page
 applies exactly the checks `upscaled models promote` does (the daemon's verification, the probe
 against bicubic and against the served model, `--force` to override the last two). Their log
 lines, which say why a model was refused, are captured from the calling thread and shown.
@@ -16,7 +16,7 @@ from typing import Any
 
 from loguru import logger
 
-from upscaled.config import Config, ConfigError
+from core.config import Config, ConfigError
 from web.security import Refused, clean_relative, resolve_under
 
 CHECKPOINTS_IN_RUN = ("best.safetensors", "last.safetensors")
@@ -111,8 +111,8 @@ def served_figures(cfg: Config, st: dict[str, Any] | None) -> dict[str, Any] | N
 
 
 def _captured(fn, *args) -> tuple[int, list[dict[str, str]]]:
-    """Run a models_cmd function, returning its exit code and its log lines (this thread's only)."""
-    from model.errors import CheckpointError
+    """Run a model.promote function, returning its exit code and its log lines (this thread's only)."""
+    from core.errors import CheckpointError
 
     lines: list[dict[str, str]] = []
     me = threading.get_ident()
@@ -138,7 +138,7 @@ def run_checkpoint(cfg: Config, name: str) -> Path:
 
 
 def promote(cfg: Config, path: Path, force: bool) -> tuple[int, list[dict[str, str]]]:
-    from upscaled.models_cmd import cmd_promote
+    from model.promote import cmd_promote
 
     if cfg.model.path:
         raise Refused(409, "model.path pins the daemon to one file: promoting would change nothing it serves")
@@ -148,7 +148,7 @@ def promote(cfg: Config, path: Path, force: bool) -> tuple[int, list[dict[str, s
 
 
 def rollback(cfg: Config, version: str | None) -> tuple[int, list[dict[str, str]]]:
-    from upscaled.models_cmd import cmd_rollback
+    from model.promote import cmd_rollback
 
     if cfg.model.path:
         raise Refused(409, "model.path pins the daemon to one file: rolling back would change nothing it serves")

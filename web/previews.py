@@ -23,8 +23,8 @@ from pathlib import Path
 from loguru import logger
 from PIL import Image, ImageOps
 
-from model.atomic import atomic_write_bytes
-from model.images import READ_FORMATS
+from core.atomic import atomic_write_bytes
+from imaging.images import READ_FORMATS
 
 CROP_MAX = 512  # side of a 1:1 region, in output pixels
 CACHE_FILES = 2000  # the oldest half goes when the cache holds more

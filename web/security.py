@@ -16,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from upscaled.config import Config, ConfigError
+from core.config import Config, ConfigError
 
 REQUEST_HEADER = "x-upscaled-request"  # set by the page's fetch(); never by a plain cross-site form
 TOKEN_HEADER = "x-upscaled-token"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from upscaled.config import Config, ConfigError, split_listen
+from core.config import Config, ConfigError, split_listen
 
 EXIT_USAGE = 2
 # import name -> distribution, for the message when one is missing

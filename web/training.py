@@ -24,7 +24,7 @@ from typing import Any
 
 from loguru import logger
 
-from upscaled.config import Config
+from core.config import Config
 from web.security import Refused
 
 LOG = "train.log"

@@ -22,9 +22,9 @@ from loguru import logger
 from PIL import Image
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from model.atomic import NAME_MAX, clip_name, fsync_dir, publish_as
-from model.images import READ_FORMATS, is_supported
-from model.names import shown
+from core.atomic import NAME_MAX, clip_name, fsync_dir, publish_as
+from imaging.images import READ_FORMATS, is_supported
+from core.names import shown
 from web.security import Refused
 
 MAX_FILES = 100  # per request

@@ -104,7 +104,7 @@ class OutputConfig:
     jpeg_quality: int = 95
     webp_quality: int = 95
     webp_lossless: bool = False
-    png_strategy: Literal["fast", "rle", "default"] = "fast"  # how PNGs are compressed (model/png.py, Pillow)
+    png_strategy: Literal["fast", "rle", "default"] = "fast"  # how PNGs are compressed (imaging/png.py, Pillow)
     png_compress_level: int = 4  # zlib level 0..9, for png_strategy rle and default
     # An output name already taken (photo.png and photo.gif both become photo.png; the same name
     # dropped twice): suffix = photo-1.png, as done/ does; overwrite = replace it; skip = the
@@ -137,7 +137,7 @@ class OutputConfig:
               "a template with {stem} and optionally {scale}, {model} (no other fields, no /)", self.name)
 
     def encode_options(self) -> dict:
-        """The keyword arguments of model.images.encode_to."""
+        """The keyword arguments of imaging.images.encode_to."""
         return {"jpeg_quality": self.jpeg_quality, "webp_quality": self.webp_quality,
                 "webp_lossless": self.webp_lossless, "png_compress_level": self.png_compress_level,
                 "png_strategy": self.png_strategy,

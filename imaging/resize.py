@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from model.images import Encoded, rgbx_buffer
+from imaging.images import Encoded, rgbx_buffer
 
 FILTER = Image.Resampling.LANCZOS
 REDUCING_GAP = 3.0

@@ -1,17 +1,17 @@
 """output.scale and output.long_side, and what each output records about how it was made.
 
 The model runs at its native scale (x1, x2, x3, x4, x8); its output is then resized
-(model/resize.py) to `output.scale` times the input, or to a long side of `output.long_side`
+(imaging/resize.py) to `output.scale` times the input, or to a long side of `output.long_side`
 pixels; neither set, it stays at the native size, untouched. Both `upscaled upscale` and the
 daemon finish every image with `finish`.
 """
 
 from __future__ import annotations
 
-from model.images import Encoded, ImageError
-from model.resize import resize
-from upscaled import __version__
-from upscaled.config import MAX_OUTPUT_SCALE, OutputConfig
+from core import __version__
+from core.config import MAX_OUTPUT_SCALE, OutputConfig
+from imaging.images import Encoded, ImageError
+from imaging.resize import resize
 
 SOFTWARE = f"upscaled {__version__}"
 
@@ -38,7 +38,7 @@ def target_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
 
 
 def provenance(model_version: str, native: int, scale: float, size: tuple[int, int]) -> dict[str, str]:
-    """What the output file records (PNG text, JPEG comment, WebP XMP; model/images.py)."""
+    """What the output file records (PNG text, JPEG comment, WebP XMP; imaging/images.py)."""
     return {"Software": SOFTWARE, "upscaled:model": model_version, "upscaled:model_scale": str(native),
             "upscaled:scale": label(scale), "upscaled:size": f"{size[0]}x{size[1]}"}
 

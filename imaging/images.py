@@ -20,7 +20,7 @@ import numpy as np
 import png  # pypng
 from PIL import Image, ImageOps
 
-from model.png import metadata_chunks, write_png
+from imaging.png import metadata_chunks, write_png
 
 Image.MAX_IMAGE_PIXELS = 400_000_000  # large scans are welcome; decompression bombs are not
 
@@ -84,7 +84,7 @@ class Encoded:
     icc: bytes | None = None
     exif: bytes | None = None
     # What made the image (software, model, scale), key -> value; keys are PNG keywords, and
-    # "prefix:name" keys are XMP names too (upscaled/outscale.py provenance).
+    # "prefix:name" keys are XMP names too (imaging/outscale.py provenance).
     text: dict[str, str] = field(default_factory=dict)
 
 
@@ -478,7 +478,7 @@ def encode_to(f: IO[bytes], enc: Encoded, fmt: str, *, jpeg_quality: int = 95, w
     3.22 -> 2.89 GB.
 
     16-bit data is kept where the format can hold it (PNG, TIFF gray). PNGs are written by
-    model/png.py (png_strategy "fast": one filter and ISA-L, 5-7x faster than Pillow for files
+    imaging/png.py (png_strategy "fast": one filter and ISA-L, 5-7x faster than Pillow for files
     16-22% larger on photos and smaller on graphics), or by Pillow (8-bit) and pypng (16-bit) with
     zlib at png_compress_level ("rle" and "default"). For those: PNG level 4 rather than
     zlib's 6: measured on model outputs, 2.5-3x faster for files 2-3% larger, and on a busy CPU
