@@ -18,9 +18,7 @@ from loguru import logger
 from core.atomic import atomic_write_text
 from core.config import Config
 from daemon.claims import proc_start as _proc_start
-from core.atomic import atomic_write_text
 from core.names import shown
-from core.config import Config
 
 EXIT_RUNNING = 0
 EXIT_NOT_RUNNING = 3  # as `systemctl status` says for an inactive unit

@@ -25,7 +25,6 @@ from model.checkpoint import CheckpointInfo
 from model.fold import FoldedGenerator
 from model.foreign import DEFAULT_CONTEXT, DEFAULT_FEATHER
 from model.generator import Generator
-from imaging.images import Decoded, Encoded, assemble, unit_float
 from model.runtimes import ProbeCache, default_cache_path, select_runtime
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

@@ -13,7 +13,6 @@ from loguru import logger
 from core.config import Config
 from model import store
 from model.checkpoint import BUNDLED, BUNDLED_DEFAULT, CheckpointInfo, read_info
-from core.config import Config
 from daemon.status import daemon_model
 from model.promote import cmd_promote, cmd_rollback, find_version
 
