@@ -220,7 +220,8 @@ class Upscale:
     """Ray Data actor: the model, resident for the whole run (on its GPU when it was given one)."""
 
     def __init__(self, cfg: Config, model_path: str, jpeg_model_path: str | None, threads: int):
-        from model.runtime import build_upscaler, setup_logging
+        from core.logs import setup_logging
+        from model.runtime import build_upscaler
 
         setup_logging(quiet=True)  # one line per actor below; per-file lines come from the driver
         if threads:
