@@ -15,7 +15,6 @@ applies them (a bad file there is ignored and logged).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -116,5 +115,9 @@ def file_for(folder: Path, st: os.stat_result) -> Path:
 
 
 def drop(folder: Path, st: os.stat_result) -> None:
-    with contextlib.suppress(FileNotFoundError):
+    try:
         os.unlink(file_for(folder, st))
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # left behind; never applied to another file (size and mtime are checked)
+        logger.warning("cannot remove the upload request {}: {}", file_for(folder, st), e.strerror or e)

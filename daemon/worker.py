@@ -266,9 +266,15 @@ class Worker:
         return requests.apply(self.cfg.output, job.request) if job.request else self.cfg.output
 
     def _drop_request(self, job: Job) -> None:
+        """The used request goes; one that cannot be removed is only logged (it is never applied
+        to another file: its size and mtime are checked), never a reason to retry the job."""
         if job.request_file is not None:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.unlink(job.request_file)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                logger.warning("{}: cannot remove its upload request {}: {}", job.rel, job.request_file, e.strerror or e)
 
     def _out(self, job: Job) -> tuple[Path, str]:
         o = self.output_of(job)
