@@ -406,6 +406,13 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     raise TypeError(f"unsupported config type {tp!r} for {key}")
 
 
+def replace_checked(obj: Any, prefix: str, changes: dict[str, Any]) -> Any:
+    """`obj` (a config section) with `changes`, each checked exactly as the config file's keys
+    are (type, choices, limits); a ConfigError names PREFIX.KEY."""
+    current = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name != "base_dir"}
+    return _build(type(obj), {**current, **changes}, prefix)
+
+
 def _build(cls: type, data: dict, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.name != "base_dir"]

@@ -84,6 +84,10 @@ class Job:
     scale: float = 0.0  # the output's scale relative to the input (output.scale, long_side, or the model's)
     out_size: tuple[int, int] = (0, 0)  # the output's (W, H)
     timings: dict[str, float] = field(default_factory=dict)
+    # An upload's own output.scale/long_side/format (daemon/requests.py); None: the configured output.
+    request: dict[str, Any] | None = None
+    request_file: Path | None = None  # where it was recorded; removed once the job is DONE or FAILED
+    request_checked: bool = False
     claimed_at: float = field(default_factory=time.monotonic)
     # Held while the job touches the file system, so a shutdown release never races a write.
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)

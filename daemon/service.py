@@ -458,7 +458,7 @@ class Service:
             entry = self.board.record_done(ow * oh / 1e6, now, file=job.rel, model_version=job.model_version,
                                            timings=job.timings, input_bytes=job.input_bytes, output=job.output,
                                            size=job.size, scale=job.scale or native, model_scale=native,
-                                           original=job.original)
+                                           original=job.original, request=job.request)
             if entry is not None:
                 history.append(history.path_for(self.cfg.path("status")), entry)
             t = job.timings

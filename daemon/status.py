@@ -105,7 +105,8 @@ class StatusBoard:
                     model_version: str | None = None, timings: dict[str, float] | None = None,
                     input_bytes: int | None = None, output: str | os.PathLike | None = None,
                     size: tuple[int, int] | None = None, scale: float | None = None,
-                    model_scale: int | None = None, original: str | os.PathLike | None = None) -> dict[str, Any] | None:
+                    model_scale: int | None = None, original: str | os.PathLike | None = None,
+                    request: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """Count a finished input; with `file`, also list it (and return that entry, which the
         service also keeps in the history file, daemon/history.py)."""
         self.processed += 1
@@ -120,6 +121,8 @@ class StatusBoard:
                              seconds={STAGES.get(k, k): round(v, 4) for k, v in (timings or {}).items()})
             if original is not None:  # where the daemon put this input's original: the web pairs by it
                 entry["original"] = str(original)
+            if request:  # the upload's own output.scale/long_side/format (daemon/requests.py)
+                entry["request"] = dict(request)
             self.recent.append(entry)
         for key, seconds in (timings or {}).items():
             stage = STAGES.get(key)

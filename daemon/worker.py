@@ -36,7 +36,7 @@ from typing import Callable
 
 from loguru import logger
 
-from daemon import memory
+from daemon import memory, requests
 from daemon.claims import POISON, Claims, place
 from daemon.keep import keep_quietly
 from daemon.job import STAGE_OF, TERMINAL, Failure, Job, JobState, Stage
@@ -103,6 +103,7 @@ class Worker:
         self.claims = claims
         self.on_progress: Callable[[int, int], None] | None = None  # tile progress of the running upscale
         self.folders = Folders(cfg.path("inbox"), cfg.path("outbox"), cfg.path("done"), cfg.path("failed"))
+        self.requests = requests.folder_for(cfg.path("status"))  # per-upload output requests (web page)
         self.baseline = memory.resident()  # the daemon with its model loaded
 
     @property
@@ -119,8 +120,12 @@ class Worker:
             if state is JobState.RETRY:
                 job.state = job.resume  # the back-off is over
             elif state is JobState.CLAIMED:
-                job.output, fmt = self._out(job)
                 st = job.claimed.stat()
+                if not job.request_checked:  # once: a retry keeps what the first claim found
+                    job.request = requests.take(self.requests, st, job.rel)
+                    job.request_file = requests.file_for(self.requests, st) if job.request else None
+                    job.request_checked = True
+                job.output, fmt = self._out(job)
                 job.input_bytes = st.st_size
                 deaths = self.claims.deaths(job.rel, st)
                 if deaths >= POISON:
@@ -145,7 +150,9 @@ class Worker:
                 # output.scale / long_side (as configured now): resized unless that is the model's
                 # own size, and labelled with the model and scale (PNG text, JPEG comment, WebP XMP)
                 job.encoded, job.scale = pipeline.output_scale(job.encoded, job.size, job.model_scale or self.cfg.model.scale,
-                                                               job.model_version, self.cfg.output)
+                                                               job.model_version, self.output_of(job))
+                if job.request:  # the provenance says the upload asked for this size/format
+                    job.encoded.text["upscaled:request"] = requests.describe(job.request)
                 job.out_size = (job.encoded.pixels.shape[1], job.encoded.pixels.shape[0])
                 wanted, fmt = self._out(job)
                 if fmt == "JPEG" and job.encoded.pixels.shape[2] in (2, 4):
@@ -190,11 +197,13 @@ class Worker:
                     self._dispose_original(job)
                     self.claims.clear_written(job.rel)
                     self.claims.clear_deaths(job.rel)
+                    self._drop_request(job)
                     job.state = JobState.DONE
             elif state is JobState.REJECTED:
                 with job.lock:
                     self._to_failed(job)
                     self.claims.clear_deaths(job.rel)
+                    self._drop_request(job)
                     job.state = JobState.FAILED
             else:
                 raise AssertionError(f"no transition from {state}")
@@ -236,7 +245,7 @@ class Worker:
             return  # not an image we read: decode says why
         up = self.upscaler
         model_scale = getattr(up, "scale", self.cfg.model.scale)
-        scale = outscale.factor(self.cfg.output, (header.width, header.height), model_scale)
+        scale = outscale.factor(self.output_of(job), (header.width, header.height), model_scale)
         tiles = up.working_set((header.width, header.height)) if hasattr(up, "working_set") else 0
         need = memory.peak_bytes(header, model_scale, scale, fmt, self.cfg.output.png_strategy == "fast", tiles)
         budget = memory.budget(self.cfg.daemon.memory_budget_mb)  # read each time: SIGHUP may change it
@@ -252,15 +261,27 @@ class Worker:
         model.for_jpeg_below (blocking and ringing the served model would sharpen)."""
         return pipeline.model_for(job.decoded, self.cfg, self.upscaler, self.jpeg_upscaler)
 
+    def output_of(self, job: Job):
+        """output.* for this job: the configured one (as reloaded), with an upload's request over it."""
+        return requests.apply(self.cfg.output, job.request) if job.request else self.cfg.output
+
+    def _drop_request(self, job: Job) -> None:
+        """The used request goes; one that cannot be removed is only logged (it is never applied
+        to another file: its size and mtime are checked), never a reason to retry the job."""
+        if job.request_file is not None:
+            try:
+                os.unlink(job.request_file)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                logger.warning("{}: cannot remove its upload request {}: {}", job.rel, job.request_file, e.strerror or e)
+
     def _out(self, job: Job) -> tuple[Path, str]:
-        o = self.cfg.output
+        o = self.output_of(job)
         # {scale}: the output's scale once known (UPSCALED), before that the configured or model's one
         scale = job.scale or outscale.factor(o, job.size, job.model_scale or self.cfg.model.scale)
-        return out_path(self.folders.outbox, job.rel, self._requested(), o.name, outscale.label(scale), job.model_version)
-
-    def _requested(self) -> str | None:
-        f = self.cfg.output.format
-        return None if f == "keep" else f
+        requested = None if o.format == "keep" else o.format
+        return out_path(self.folders.outbox, job.rel, requested, o.name, outscale.label(scale), job.model_version)
 
     def _dispose_original(self, job: Job) -> None:
         originals = self.cfg.daemon.originals

@@ -189,6 +189,22 @@ def test_a_file_uploaded_through_the_page_is_processed_and_compared(site, chrome
         "css selector", "#cmp-after").get_attribute("src"), what="the 1:1 crop")
     assert image_loaded(chrome, "#cmp-before") == (320, 240)
     screenshot(chrome, site["shots"], "compare-1to1")
+    # The Make form's Size and Format apply to that upload only (tests/test_web_upload_request.py
+    # checks the daemon's side): x2 WebP here, and the batch says what it asked for.
+    from selenium.webdriver.support.ui import Select
+
+    view(chrome, site, "make")
+    Select(chrome.find_element("css selector", "#make-size")).select_by_value("scale:2")
+    Select(chrome.find_element("css selector", "#make-format")).select_by_value("webp")
+    shore = tmp_path / "shore.png"
+    shore.write_bytes(png_bytes(24, 32, 4))
+    chrome.find_element("css selector", "#make-input").send_keys(str(shore))
+    until(chrome, lambda d: "scale 2, format webp" in text(d, ".batch-head"), what="the batch with its request")
+    wait_for(lambda: (root / "outbox" / "shore.webp").exists(), 60, 0.2, "the x2 WebP output")
+    with Image.open(root / "outbox" / "shore.webp") as im:
+        assert im.format == "WEBP" and im.size == (64, 48)
+    for css in ("#make-size", "#make-format"):
+        Select(chrome.find_element("css selector", css)).select_by_value("")
 
 
 @needs_browser

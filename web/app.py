@@ -37,6 +37,7 @@ from web.metrics import StatusCollector, heartbeat_age, readiness, stale_after
 from web.previews import Previews
 from web.security import Guard, LoopbackHostsOnly, Refused, SecurityHeaders, resolve_under
 from web.training import Training
+from daemon import requests as upload_requests
 from web.uploads import DRAIN_LIMIT, receive
 
 HERE = Path(__file__).resolve().parent
@@ -284,7 +285,8 @@ def create_app(site: Site) -> Starlette:
         site.guard.check(request.headers, request.url.scheme)
         body = request.stream()
         try:
-            up = await receive(request.headers, body, folders.inbox, cfg.web.upload_max_mb << 20)
+            up = await receive(request.headers, body, folders.inbox, cfg.web.upload_max_mb << 20,
+                               upload_requests.folder_for(folders.status))
         except Refused as e:
             if e.status == 413:  # read the rest (dropped) so the client gets the answer, not a reset
                 drained = 0

@@ -6,6 +6,10 @@ ending .tmp, which the daemon's watcher ignores), the size limit checked while i
 complete it is fsynced, checked with the decoders the daemon uses (the formats it reads, one
 frame, readable), and renamed to its name without replacing anything (`name-1.ext` if taken):
 the daemon sees a file moved in and takes it at once, complete.
+
+The form's `scale`, `long_side` and `format` fields ask for another output for this upload's
+files: checked as the output.* keys are (400 naming the field), and recorded for each file before
+its rename into the inbox (daemon/requests.py), where the daemon finds them when it claims it.
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ from PIL import Image
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from core.atomic import NAME_MAX, clip_name, fsync_dir, publish_as
+from core.config import ConfigError
+from daemon import requests
 from imaging.images import READ_FORMATS, is_supported
 from core.names import shown
 from web.security import Refused
 
 MAX_FILES = 100  # per request
+MAX_FIELD = 64  # bytes of a plain form field (scale, long_side, format)
 DRAIN_LIMIT = 64 << 20  # after a refusal, the rest of the body is read (and dropped) up to this much
 
 
@@ -50,14 +57,18 @@ class _Part:
     f: Any = None
     size: int = 0
     refused: str | None = None
+    value: bytes = b""  # a plain field's value
 
 
 class InboxUpload:
     """One request's files; `results` says what became of each."""
 
-    def __init__(self, inbox: Path, max_bytes: int):
+    def __init__(self, inbox: Path, max_bytes: int, requests_folder: Path | None = None):
         self.inbox = inbox
         self.max_bytes = max_bytes
+        self.requests_folder = requests_folder
+        self.fields: dict[str, str] = {}
+        self.request: dict[str, Any] = {}  # output.* for these files (daemon/requests.py); {}: the configured
         self.parts: list[_Part] = []
         self.current = _Part()
         self._field = b""
@@ -84,7 +95,7 @@ class InboxUpload:
         _, opts = parse_options_header(p.headers.get(b"content-disposition", b""))
         p.name = opts.get(b"name", b"").decode("utf-8", "replace")
         if b"filename" not in opts:
-            return  # a plain field: ignored
+            return  # a plain field: its value is kept (on_part_data), the known ones used
         if len(self.parts) >= MAX_FILES:
             raise Refused(413, f"at most {MAX_FILES} files per upload")
         self.parts.append(p)
@@ -104,6 +115,10 @@ class InboxUpload:
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         p = self.current
         if p.f is None:
+            if p.filename is None and p.name in requests.FIELDS:
+                p.value += data[start:end]
+                if len(p.value) > MAX_FIELD:
+                    raise Refused(400, f"{p.name}: too long")
             return
         p.size += end - start
         if p.size > self.max_bytes:
@@ -113,6 +128,8 @@ class InboxUpload:
 
     def on_part_end(self) -> None:
         p = self.current
+        if p.filename is None and p.name in requests.FIELDS:
+            self.fields[p.name] = p.value.decode("utf-8", "replace")
         if p.f is not None:
             p.f.flush()
             os.fsync(p.f.fileno())
@@ -144,11 +161,22 @@ class InboxUpload:
                 logger.info("upload {} refused: {}", shown(p.filename), shown(problem))
                 results.append({"name": p.filename, "ok": False, "reason": problem})
                 continue
-            dest = publish_as(p.tmp, self.inbox / p.filename, "suffix")
+            recorded = None
+            if self.request and self.requests_folder is not None:  # before the daemon can see the file
+                recorded = requests.write(self.requests_folder, p.tmp, self.request, p.filename)
+            try:
+                dest = publish_as(p.tmp, self.inbox / p.filename, "suffix")
+            except BaseException:
+                if recorded is not None:
+                    recorded.unlink(missing_ok=True)
+                raise
             p.tmp = None
             fsync_dir(self.inbox)
             logger.info("upload: {} ({} bytes) dropped into the inbox as {}", shown(p.filename), p.size, shown(dest.name))
-            results.append({"name": p.filename, "ok": True, "saved_as": dest.name, "bytes": p.size})
+            result = {"name": p.filename, "ok": True, "saved_as": dest.name, "bytes": p.size}
+            if self.request:
+                result["request"] = self.request
+            results.append(result)
         return results
 
 
@@ -172,15 +200,17 @@ def check_image(path: Path) -> str | None:
     return None
 
 
-async def receive(headers, body: AsyncIterator[bytes], inbox: Path, max_bytes: int) -> InboxUpload:
-    """Parse a multipart/form-data body as it streams, into temp files in the inbox."""
+async def receive(headers, body: AsyncIterator[bytes], inbox: Path, max_bytes: int,
+                  requests_folder: Path | None = None) -> InboxUpload:
+    """Parse a multipart/form-data body as it streams, into temp files in the inbox; the form's
+    output fields are checked once it is complete (a bad one: 400, nothing kept)."""
     ctype, opts = parse_options_header(headers.get("content-type", ""))
     if ctype != b"multipart/form-data" or b"boundary" not in opts:
         raise Refused(400, "expected multipart/form-data with files")
     length = headers.get("content-length")
     if length and length.isdigit() and int(length) > MAX_FILES * (max_bytes + 65536):
         raise Refused(413, f"the upload is larger than {MAX_FILES} files of the upload limit")
-    up = InboxUpload(inbox, max_bytes)
+    up = InboxUpload(inbox, max_bytes, requests_folder)
     parser = MultipartParser(opts[b"boundary"], {
         "on_part_begin": up.on_part_begin, "on_part_data": up.on_part_data, "on_part_end": up.on_part_end,
         "on_header_field": up.on_header_field, "on_header_value": up.on_header_value,
@@ -196,4 +226,9 @@ async def receive(headers, body: AsyncIterator[bytes], inbox: Path, max_bytes: i
     except Exception as e:  # noqa: BLE001 - a malformed body: nothing is kept
         up.discard()
         raise Refused(400, f"a malformed upload ({type(e).__name__}: {e})") from None
+    try:
+        up.request = requests.parse(up.fields)
+    except ConfigError as e:
+        up.discard()
+        raise Refused(400, str(e)) from None
     return up

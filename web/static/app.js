@@ -371,6 +371,11 @@ $("#cmp-stage").addEventListener("click", (e) => {
 async function upload(fileList) {
   const list = $("#make-list");
   const form = new FormData();
+  // This upload's own output size and format (output.scale or long_side, output.format): the
+  // fields come first, so the server has them before the files; empty = as configured.
+  const [sizeKey, sizeValue] = $("#make-size").value.split(":");
+  if (sizeKey) form.append(sizeKey, sizeValue);
+  if ($("#make-format").value) form.append("format", $("#make-format").value);
   let n = 0;
   for (const f of fileList) {
     if (f.size > UPLOAD_MAX) { list.prepend(el("li", {class: "bad"}, `${f.name}: larger than the upload limit`)); continue; }
@@ -427,7 +432,9 @@ function drawBatch(b) {
   const ok = b.files.filter(f => f.ok);
   const outs = ok.map(f => (b.states[f.saved_as] || {}).output).filter(Boolean);
   const finished = ok.every(f => ["done", "failed"].includes((b.states[f.saved_as] || {}).state));
-  const head = el("div", {class: "batch-head"}, `${when(b.since)}: ${ok.length} file(s) ${finished ? "finished" : "in the inbox"}`,
+  const req = (ok[0] || {}).request;  // the same for every file of an upload
+  const asked = req ? " (" + Object.entries(req).map(([k, v]) => `${k.replace("_", " ")} ${v}`).join(", ") + ")" : "";
+  const head = el("div", {class: "batch-head"}, `${when(b.since)}: ${ok.length} file(s)${asked} ${finished ? "finished" : "in the inbox"}`,
     outs.length ? [" · ", el("a", {class: "batch-zip", href: zipOf(outs, "upscaled-batch"), download: ""}, `download ${outs.length} output(s) (.zip)`)] : "");
   const rows = b.files.map(f => {
     if (!f.ok) return el("li", {class: "bad upload-refused", "data-name": f.name}, `${f.name}: refused: ${f.reason}`);
