@@ -33,6 +33,7 @@ from loguru import logger
 from torch import nn
 
 from core.atomic import atomic_write_text
+from core.config import ConfigError
 from model.fold import FoldedGenerator
 from model.generator import Generator
 
@@ -106,7 +107,14 @@ BUILDERS = {"openvino": OpenVINORuntime, "onnxruntime": OnnxRuntimeRuntime}
 
 
 def installed(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
+    """Whether runtime `name` can serve here: its own package, and for an exported runtime also
+    onnx, which torch.onnx.export needs to write the graph (it is not a dependency of torch)."""
+    needs = (name, "onnx") if name in EXPORTED else (name,)
+    return all(importlib.util.find_spec(n) is not None for n in needs)
+
+
+def missing(name: str) -> str:
+    return ", ".join(n for n in (name, "onnx") if importlib.util.find_spec(n) is None)
 
 
 def _version(name: str) -> str:
@@ -222,8 +230,8 @@ def select_runtime(torch_module: nn.Module, dtype: torch.dtype, generator: nn.Mo
     probe_side is the probe input's side in low-resolution pixels (a tile with its context).
     An exported graph runs fp32, so with a precision other than fp32 set explicitly (not auto)
     only PyTorch is a candidate.
-    Raises ValueError for a runtime that cannot serve as configured and RuntimeError when its
-    package is missing.
+    Raises ValueError for a runtime that cannot serve as configured, and ConfigError (naming
+    inference.runtime) when its package is missing or the export fails.
     """
     if requested not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {requested!r}")
@@ -237,11 +245,16 @@ def select_runtime(torch_module: nn.Module, dtype: torch.dtype, generator: nn.Mo
     threads = threads or torch.get_num_threads()
     if requested in EXPORTED:
         if not installed(requested):
-            raise RuntimeError(f"inference.runtime is {requested}, but the {requested} package is not installed: "
-                               "pip install 'upscaled[runtimes]'")
+            raise ConfigError("inference.runtime", f"auto or torch: {missing(requested)} is not installed here "
+                              "(pip install 'upscaled[runtimes]')", requested)
         if dtype != torch.float32:
             raise ValueError(f"inference.runtime {requested} runs fp32; set inference.precision to fp32 or auto")
-        return BUILDERS[requested](export_graph(FoldedGenerator(generator, torch.float32)), threads)
+        try:
+            graph = export_graph(FoldedGenerator(generator, torch.float32))
+        except Exception as e:  # noqa: BLE001 - said as a configuration problem, not a traceback
+            raise ConfigError("inference.runtime", f"auto or torch: the ONNX export failed here ({type(e).__name__}: {e})",
+                              requested) from e
+        return BUILDERS[requested](graph, threads)
     names = [n for n in EXPORTED if installed(n)]
     if not names or (dtype != torch.float32 and not precision_auto):
         return torch_rt
@@ -252,10 +265,17 @@ def select_runtime(torch_module: nn.Module, dtype: torch.dtype, generator: nn.Mo
         logger.info("runtime {} (probe result cached in {})", hit["runtime"], cache.path)
         if hit["runtime"] == "torch":
             return torch_rt
-        return BUILDERS[hit["runtime"]](export_graph(FoldedGenerator(generator, torch.float32)), threads)
+        try:
+            return BUILDERS[hit["runtime"]](export_graph(FoldedGenerator(generator, torch.float32)), threads)
+        except Exception as e:  # noqa: BLE001 - the cache is a hint; a failed build costs a probe, never the start
+            logger.warning("cached runtime {} cannot build ({}: {}); probing again", hit["runtime"], type(e).__name__, e)
     t0 = time.perf_counter()
     folded = FoldedGenerator(generator, torch.float32)
-    graph = export_graph(folded)
+    try:
+        graph = export_graph(folded)
+    except Exception as e:  # noqa: BLE001 - auto never fails where PyTorch alone would serve
+        logger.warning("runtime probe skipped: the ONNX export failed ({}: {}); PyTorch serves", type(e).__name__, e)
+        return torch_rt
     candidates: dict[str, Runtime] = {"torch": torch_rt}
     for n in names:
         try:

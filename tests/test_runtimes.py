@@ -180,3 +180,29 @@ def test_daemon_serves_through_the_configured_runtime_and_says_so(tmp_path: Path
     g, info = load_model(ckpt)
     ref = engine(g, "torch", info).upscale_rgb(np.asarray(Image.open(tmp_path / "done" / "a.png").convert("RGB")))
     assert np.abs(np.asarray(Image.open(out).convert("RGB")).astype(int) - ref.astype(int)).max() <= 1
+
+
+def test_without_a_working_onnx_auto_serves_on_pytorch_and_a_forced_runtime_says_why(tmp_path: Path) -> None:
+    """CI once met a machine with OpenVINO but no onnx (torch.onnx.export needs it): every
+    `upscale` crashed in the probe. Here an `onnx` that fails to import shadows the real one."""
+    from tests.conftest import run_cli, save_image, write_config
+    from tests.daemon_helpers import tiny_checkpoint
+
+    broken = tmp_path / "shadow" / "onnx"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('onnx is broken here on purpose')\n")
+    env = {"PYTHONPATH": str(broken.parent), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors")
+    src = save_image(tmp_path / "in" / "a.png", natural_image(20, 16, seed=1))
+    for runtime, rc in (("auto", 0), ("openvino", 2)):
+        (tmp_path / runtime).mkdir()
+        config = write_config(tmp_path / runtime, {"model": {"path": str(ckpt)},
+                                                   "inference": {"device": "cpu", "runtime": runtime, "precision": "fp32"}})
+        r = run_cli("upscale", str(src), "-o", str(tmp_path / runtime / "out"), "--config", str(config), env=env)
+        if rc == 0:
+            assert r.returncode == 0, r.stderr
+            assert "ONNX export failed" in r.stderr and "PyTorch serves" in r.stderr
+            assert (tmp_path / runtime / "out" / "a.png").exists()
+        else:
+            assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+            assert "inference.runtime: expected auto or torch: the ONNX export failed here" in r.stderr
