@@ -143,7 +143,7 @@ def test_the_daemon_keeps_material_learn_publishes_and_the_daemon_serves_it(tmp_
         assert f"learn: slice {run['slice_gain_db']:+.2f} dB" in listing.stdout, listing.stdout
 
         # a second run builds on the first: it starts from the learned model
-        r2 = learn_cli(config, "--minutes", "0.3", "--no-publish")
+        r2 = learn_cli(config, "--minutes", "0.1", "--no-publish")
         assert r2.returncode == 0, r2.stderr
         assert last_run(tmp_path)["served"] == info.version
         assert store.current_checkpoint(tmp_path / "models") == current  # --no-publish
@@ -155,13 +155,13 @@ def test_a_candidate_without_gain_on_the_slice_or_losing_on_the_standard_set_is_
     config = setup_root(tmp_path)
     fill_learn_folder(tmp_path / "learn", 10)
     current = store.current_checkpoint(tmp_path / "models")
-    r = learn_cli(config, "--minutes", "0.25", "--set", "learn.min_gain_db=50")
+    r = learn_cli(config, "--minutes", "0.12", "--set", "learn.min_gain_db=50")
     assert r.returncode == 0, r.stderr
     run = last_run(tmp_path)
     assert run["decision"] == "refused" and "learn.min_gain_db" in run["reason"], run
     assert run["slice_gain_db"] > 0  # it did learn; the bar was simply not met
     assert store.current_checkpoint(tmp_path / "models") == current
-    r = learn_cli(config, "--minutes", "0.25", "--set", "learn.max_regression_db=-50")
+    r = learn_cli(config, "--minutes", "0.1", "--set", "learn.max_regression_db=-50")  # any candidate fails this bar
     run = last_run(tmp_path)
     assert r.returncode == 0 and run["decision"] == "refused" and "learn.max_regression_db" in run["reason"], run
     assert store.current_checkpoint(tmp_path / "models") == current
@@ -189,7 +189,7 @@ def test_the_teacher_path_runs_with_a_tiny_imported_model(tmp_path):
     imp = run_cli("models", "import", str(tmp_path / "span_x4.pth"), "--name", "teacher", "--config", str(config), env=ENV)
     assert imp.returncode == 0, imp.stderr
     version = next(i.version for _, i in store.published(tmp_path / "models") if i.imported)
-    r = learn_cli(config, "--minutes", "0.4", "--teacher", version, "--no-publish")
+    r = learn_cli(config, "--minutes", "0.15", "--teacher", version, "--no-publish")
     assert r.returncode == 0, r.stderr
     run = last_run(tmp_path)
     assert run["teacher"] == version and run["teacher_pairs"] > 0, run
