@@ -1,13 +1,17 @@
-"""Where the engine's tile batches run: PyTorch, or an exported graph in OpenVINO or ONNX Runtime.
+"""Where the engine's tile batches run: PyTorch, or an exported graph in OpenVINO, ONNX Runtime or ncnn.
 
 PyTorch runs every model: ours folded (model/fold.py), in bf16 where the CPU computes it
 natively, and imported ones as spandrel builds them. Our generator can also run as an exported
-graph: ONNX made in memory, at load, from the fp32 FoldedGenerator, which is itself made from the
-safetensors checkpoint. No graph is ever read from a file, so no file can smuggle one in. OpenVINO
-or ONNX Runtime then run that graph in fp32. On a CPU without native bf16, OpenVINO is faster than
-PyTorch's oneDNN path with the bundled model under an AVX2 cap. It is 4-35% faster on a quiet
-machine and 2-3x faster when other processes compete for the cores: PyTorch's OpenMP threads run
-in lockstep, and OpenVINO's TBB scheduler does not (docs/performance.md, bench/benchmark.py row 6).
+graph, made at load from the fp32 FoldedGenerator, which is itself made from the safetensors
+checkpoint: ONNX, made in memory, for OpenVINO and ONNX Runtime; ncnn's .param and .bin, written
+layer by layer from the module's weights (model/ncnngraph.py). No graph is ever read from a file
+someone else could have written, so no file can smuggle one in. Each runs that graph in fp32.
+On a CPU without native bf16, OpenVINO is faster than PyTorch's oneDNN path with the bundled
+model under an AVX2 cap. It is 4-35% faster on a quiet machine and 2-3x faster when other
+processes compete for the cores: PyTorch's OpenMP threads run in lockstep, and OpenVINO's TBB
+scheduler does not. ncnn computes the 3x3 convolutions of the body with Winograd transforms,
+which need fewer multiplies than the direct or GEMM convolutions of the others
+(docs/performance.md, bench/benchmark.py row 6).
 
 `inference.runtime: auto` picks by measuring. A short probe times every installed candidate on
 one tile-sized input, interleaved, and keeps the fastest one whose output matches PyTorch fp32.
@@ -23,11 +27,13 @@ import importlib.util
 import io
 import json
 import os
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from loguru import logger
 from torch import nn
@@ -36,10 +42,16 @@ from core.atomic import atomic_write_text
 from core.config import ConfigError
 from model.fold import FoldedGenerator
 from model.generator import Generator
+from model.ncnngraph import ncnn_graph
 
-RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
-EXPORTED = ("openvino", "onnxruntime")  # the runtimes that take our generator as an exported graph
-# An exported graph's output may differ from PyTorch fp32 by rounding: 1e-6 measured.
+RUNTIMES = ("auto", "torch", "openvino", "onnxruntime", "ncnn")
+EXPORTED = ("openvino", "onnxruntime", "ncnn")  # the runtimes that take our generator as an exported graph
+# The form each takes it in, and the packages that needs: torch.onnx.export writes ONNX with onnx,
+# which is not a dependency of torch.
+GRAPH = {"openvino": "ONNX", "onnxruntime": "ONNX", "ncnn": "ncnn"}
+NEEDS = {"openvino": ("openvino", "onnx"), "onnxruntime": ("onnxruntime", "onnx"), "ncnn": ("ncnn",)}
+# An exported graph's output may differ from PyTorch fp32 by rounding: 1e-6 measured (ncnn's
+# Winograd convolutions: 1e-5 on the bundled model).
 # Anything past 1e-3 (a quarter of an 8-bit level) means the graph is wrong.
 TOLERANCE = 1e-3
 PROBE_ROUNDS = 3
@@ -103,18 +115,57 @@ class OnnxRuntimeRuntime(Runtime):
         return torch.from_numpy(self.session.run(None, {"x": x.float().contiguous().numpy()})[0])
 
 
-BUILDERS = {"openvino": OpenVINORuntime, "onnxruntime": OnnxRuntimeRuntime}
+class NcnnRuntime(Runtime):
+    """ncnn takes one image at a time: the tiles of a batch run in turn, each on all threads."""
+
+    name = "ncnn"
+
+    def __init__(self, graph: tuple[str, bytes], threads: int):
+        import ncnn
+
+        self._mat = ncnn.Mat
+        param, weights = graph
+        self.net = ncnn.Net()
+        opt = self.net.opt
+        opt.use_vulkan_compute = False
+        opt.num_threads = threads
+        # fp32 storage and arithmetic: ncnn's default stores in fp16 where the CPU has it.
+        opt.use_fp16_storage = opt.use_fp16_packed = opt.use_fp16_arithmetic = opt.use_bf16_storage = False
+        opt.use_int8_inference = False
+        if self.net.load_param_mem(param):
+            raise RuntimeError("ncnn did not accept the generator's graph")
+        # The Python binding loads weights from a file only (its in-memory load takes a str): a
+        # private folder (mode 0700), removed once they are read.
+        with tempfile.TemporaryDirectory(prefix="upscaled-ncnn-") as folder:
+            path = Path(folder) / "generator.bin"
+            path.write_bytes(weights)
+            if self.net.load_model(str(path)):
+                raise RuntimeError("ncnn did not accept the generator's weights")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for xi in x.float().contiguous().numpy():
+            ex = self.net.create_extractor()
+            # clone(): a Mat that owns its memory. ncnn works in place on the input blob, which on a
+            # Mat that only wraps numpy's memory crashed (segfault, ncnn 1.0.20261020).
+            ex.input("in", self._mat(np.ascontiguousarray(xi)).clone())
+            rc, y = ex.extract("out")
+            if rc:
+                raise RuntimeError(f"ncnn extraction failed ({rc})")
+            outs.append(torch.from_numpy(np.array(y, copy=True)))
+        return torch.stack(outs)
+
+
+BUILDERS = {"openvino": OpenVINORuntime, "onnxruntime": OnnxRuntimeRuntime, "ncnn": NcnnRuntime}
 
 
 def installed(name: str) -> bool:
-    """Whether runtime `name` can serve here: its own package, and for an exported runtime also
-    onnx, which torch.onnx.export needs to write the graph (it is not a dependency of torch)."""
-    needs = (name, "onnx") if name in EXPORTED else (name,)
-    return all(importlib.util.find_spec(n) is not None for n in needs)
+    """Whether runtime `name` can serve here: its own package, and for ONNX also onnx (NEEDS)."""
+    return all(importlib.util.find_spec(n) is not None for n in NEEDS.get(name, (name,)))
 
 
 def missing(name: str) -> str:
-    return ", ".join(n for n in (name, "onnx") if importlib.util.find_spec(n) is None)
+    return ", ".join(n for n in NEEDS.get(name, (name,)) if importlib.util.find_spec(n) is None)
 
 
 def _version(name: str) -> str:
@@ -133,6 +184,11 @@ def export_graph(folded: nn.Module) -> bytes:
         torch.onnx.export(folded.float().eval(), (sample,), buf, input_names=["x"], output_names=["y"], opset_version=17,
                           dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}, "y": {0: "n", 2: "sh", 3: "sw"}}, dynamo=False)
     return buf.getvalue()
+
+
+def export(folded: nn.Module, kind: str):
+    """The fp32 FoldedGenerator in the form `kind` (a GRAPH value) that its runtimes build from."""
+    return export_graph(folded) if kind == "ONNX" else ncnn_graph(folded)
 
 
 def cpu_identity() -> str:
@@ -231,7 +287,7 @@ def select_runtime(torch_module: nn.Module, dtype: torch.dtype, generator: nn.Mo
     An exported graph runs fp32, so with a precision other than fp32 set explicitly (not auto)
     only PyTorch is a candidate.
     Raises ValueError for a runtime that cannot serve as configured, and ConfigError (naming
-    inference.runtime) when its package is missing or the export fails.
+    inference.runtime) when its package is missing or the export or build fails.
     """
     if requested not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {requested!r}")
@@ -249,10 +305,11 @@ def select_runtime(torch_module: nn.Module, dtype: torch.dtype, generator: nn.Mo
                               "(pip install 'upscaled[runtimes]')", requested)
         if dtype != torch.float32:
             raise ValueError(f"inference.runtime {requested} runs fp32; set inference.precision to fp32 or auto")
+        kind = GRAPH[requested]
         try:
-            graph = export_graph(FoldedGenerator(generator, torch.float32))
+            graph = export(FoldedGenerator(generator, torch.float32), kind)
         except Exception as e:  # noqa: BLE001 - said as a configuration problem, not a traceback
-            raise ConfigError("inference.runtime", f"auto or torch: the ONNX export failed here ({type(e).__name__}: {e})",
+            raise ConfigError("inference.runtime", f"auto or torch: the {kind} export failed here ({type(e).__name__}: {e})",
                               requested) from e
         return BUILDERS[requested](graph, threads)
     names = [n for n in EXPORTED if installed(n)]
@@ -266,22 +323,31 @@ def select_runtime(torch_module: nn.Module, dtype: torch.dtype, generator: nn.Mo
         if hit["runtime"] == "torch":
             return torch_rt
         try:
-            return BUILDERS[hit["runtime"]](export_graph(FoldedGenerator(generator, torch.float32)), threads)
+            return BUILDERS[hit["runtime"]](export(FoldedGenerator(generator, torch.float32), GRAPH[hit["runtime"]]), threads)
         except Exception as e:  # noqa: BLE001 - the cache is a hint; a failed build costs a probe, never the start
             logger.warning("cached runtime {} cannot build ({}: {}); probing again", hit["runtime"], type(e).__name__, e)
     t0 = time.perf_counter()
     folded = FoldedGenerator(generator, torch.float32)
-    try:
-        graph = export_graph(folded)
-    except Exception as e:  # noqa: BLE001 - auto never fails where PyTorch alone would serve
-        logger.warning("runtime probe skipped: the ONNX export failed ({}: {}); PyTorch serves", type(e).__name__, e)
-        return torch_rt
+    graphs: dict[str, object] = {}
     candidates: dict[str, Runtime] = {"torch": torch_rt}
     for n in names:
+        kind = GRAPH[n]
+        if kind not in graphs:
+            try:
+                graphs[kind] = export(folded, kind)
+            except Exception as e:  # noqa: BLE001 - auto never fails where PyTorch alone would serve
+                logger.warning("runtime probe: the {} export failed ({}: {}); {} not used", kind, type(e).__name__, e,
+                               ", ".join(m for m in names if GRAPH[m] == kind))
+                graphs[kind] = None
+        if graphs[kind] is None:
+            continue
         try:
-            candidates[n] = BUILDERS[n](graph, threads)
+            candidates[n] = BUILDERS[n](graphs[kind], threads)
         except Exception as e:  # noqa: BLE001 - a runtime that cannot build is not a candidate
             logger.warning("runtime {} cannot build the graph ({}: {}); not used", n, type(e).__name__, e)
+    if len(candidates) == 1:
+        logger.warning("runtime probe skipped: no other runtime could be built; PyTorch serves")
+        return torch_rt
     x = torch.rand(1, 3, probe_side, probe_side, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         reference = folded(x)

@@ -59,20 +59,22 @@ def test_tiles_batches_16_bit_and_ensemble_through_an_exported_runtime(runtime: 
     assert np.abs(views.astype(int) - views_ref.astype(int)).max() <= 1
 
 
-def test_alpha_and_16_bit_png_through_openvino() -> None:
+@pytest.mark.parametrize("runtime", EXPORTED)
+def test_alpha_and_16_bit_png_through_an_exported_runtime(runtime: str) -> None:
     g = tiny_generator(CONFIGS[1], seed=4)
     rgba = np.concatenate([natural_image(30, 40, seed=5), np.linspace(0, 255, 30 * 40).reshape(30, 40, 1).astype(np.uint8)], 2)
     dec = decode(encode(Encoded(rgba.astype(np.uint16) * 257 + 3, 16), "PNG"))  # a real 16-bit RGBA PNG
     assert dec.bits == 16 and dec.alpha is not None
-    a, b = engine(g, "openvino").upscale_decoded(dec), engine(g, "torch").upscale_decoded(dec)
+    a, b = engine(g, runtime).upscale_decoded(dec), engine(g, "torch").upscale_decoded(dec)
     assert a.pixels.shape == b.pixels.shape == (120, 160, 4) and a.pixels.dtype == np.uint16
     assert np.array_equal(a.pixels[..., 3], b.pixels[..., 3])
     assert np.abs(a.pixels[..., :3].astype(int) - b.pixels[..., :3].astype(int)).max() <= 2
 
 
-def test_forced_runtime_refuses_a_precision_it_cannot_run() -> None:
+@pytest.mark.parametrize("runtime", EXPORTED)
+def test_forced_runtime_refuses_a_precision_it_cannot_run(runtime: str) -> None:
     with pytest.raises(ValueError, match="runs fp32"):
-        engine(tiny_generator(), "openvino", precision="bf16")
+        engine(tiny_generator(), runtime, precision="bf16")
     with pytest.raises(ValueError, match="runtime must be one of"):
         engine(tiny_generator(), "tensorrt")
 
@@ -199,10 +201,46 @@ def test_without_a_working_onnx_auto_serves_on_pytorch_and_a_forced_runtime_says
         config = write_config(tmp_path / runtime, {"model": {"path": str(ckpt)},
                                                    "inference": {"device": "cpu", "runtime": runtime, "precision": "fp32"}})
         r = run_cli("upscale", str(src), "-o", str(tmp_path / runtime / "out"), "--config", str(config), env=env)
-        if rc == 0:
+        if rc == 0:  # PyTorch serves, or ncnn, which needs no ONNX
             assert r.returncode == 0, r.stderr
-            assert "ONNX export failed" in r.stderr and "PyTorch serves" in r.stderr
+            assert "ONNX export failed" in r.stderr and "openvino, onnxruntime not used" in r.stderr
             assert (tmp_path / runtime / "out" / "a.png").exists()
         else:
             assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
             assert "inference.runtime: expected auto or torch: the ONNX export failed here" in r.stderr
+
+
+def test_ncnn_graph_is_written_for_every_layout_and_leaves_no_file(tmp_path: Path, monkeypatch) -> None:
+    """ncnn reads its weights from a private folder made for the load, and removed after it."""
+    import tempfile
+
+    from model.fold import FoldedGenerator
+    from model.ncnngraph import ncnn_graph
+    from model.runtimes import NcnnRuntime
+
+    pytest.importorskip("ncnn")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for cfg in CONFIGS:
+        folded = FoldedGenerator(tiny_generator(cfg, seed=5))
+        param, weights = ncnn_graph(folded)
+        convs = sum(1 for m in folded.modules() if isinstance(m, torch.nn.Conv2d)) + 1  # + the tail's own weights
+        assert param.count("Convolution ") == convs and len(weights) % 4 == 0
+        run = NcnnRuntime((param, weights), 1)
+        x = torch.rand(1, 3, 9, 13)
+        with torch.inference_mode():
+            assert (run(x) - folded(x)).abs().max().item() < 1e-4
+    assert not list(tmp_path.iterdir())
+
+
+def test_when_the_ncnn_graph_cannot_be_made_auto_probes_the_rest_and_forcing_it_says_why(monkeypatch) -> None:
+    import model.runtimes as runtimes
+    from core.config import ConfigError
+
+    def broken(folded):
+        raise NotImplementedError("a layer ncnn lacks")
+
+    monkeypatch.setattr(runtimes, "ncnn_graph", broken)
+    up = engine(tiny_generator(), "auto", None, precision="auto")
+    assert up.runtime.name in ("torch", "openvino", "onnxruntime")
+    with pytest.raises(ConfigError, match="the ncnn export failed here"):
+        engine(tiny_generator(), "ncnn")
