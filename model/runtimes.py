@@ -162,8 +162,8 @@ class NcnnRuntime(Runtime):
             rc, y = ex.extract("out")
             if rc:
                 raise RuntimeError(f"ncnn extraction failed ({rc})")
-            outs.append(torch.from_numpy(np.array(y, copy=True)))
-        return torch.stack(outs)
+            outs.append(torch.from_numpy(np.array(y, copy=True)))  # the Mat's memory goes with the extractor
+        return outs[0][None] if len(outs) == 1 else torch.stack(outs)
 
 
 BUILDERS = {"openvino": OpenVINORuntime, "onnxruntime": OnnxRuntimeRuntime, "ncnn": NcnnRuntime}
