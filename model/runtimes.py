@@ -5,13 +5,15 @@ natively, and imported ones as spandrel builds them. Our generator can also run 
 graph, made at load from the fp32 FoldedGenerator, which is itself made from the safetensors
 checkpoint: ONNX, made in memory, for OpenVINO and ONNX Runtime; ncnn's .param and .bin, written
 layer by layer from the module's weights (model/ncnngraph.py). No graph is ever read from a file
-someone else could have written, so no file can smuggle one in. Each runs that graph in fp32.
+someone else could have written, so no file can smuggle one in. Each runs that graph in fp32;
+ncnn also with the body stored in bf16 (computed in fp32), which halves its memory traffic.
 On a CPU without native bf16, OpenVINO is faster than PyTorch's oneDNN path with the bundled
 model under an AVX2 cap. It is 4-35% faster on a quiet machine and 2-3x faster when other
-processes compete for the cores: PyTorch's OpenMP threads run in lockstep, and OpenVINO's TBB
-scheduler does not. ncnn computes the 3x3 convolutions of the body with Winograd transforms,
-which need fewer multiplies than the direct or GEMM convolutions of the others
-(docs/performance.md, bench/benchmark.py row 6).
+processes compete for the cores: PyTorch's OpenMP (libgomp) threads spin at every barrier while
+a preempted partner holds it up, and OpenVINO's TBB scheduler does not. ncnn computes the body's
+3x3 convolutions with Winograd transforms, which need fewer multiplies than the others' direct
+or GEMM convolutions; it shares PyTorch's libgomp, spinning included (docs/performance.md,
+bench/benchmark.py row 6).
 
 `inference.runtime: auto` picks by measuring. A short probe times every installed candidate on
 one tile-sized input, interleaved, and keeps the fastest one whose output matches PyTorch fp32.
