@@ -410,6 +410,8 @@ def runtime_isa(up: Upscaler) -> str:
         return ", ".join(sorted(k for k in kinds if "conv" in k)) or "?"
     if name == "onnxruntime":
         return "MLAS, not cappable: every ISA of this CPU"
+    if name == "ncnn":
+        return "ncnn (Winograd 3x3), not cappable: every ISA of this CPU"
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
     return f"oneDNN capped at {cap}, ATen {torch.backends.cpu.get_cpu_capability()}" if cap else \
         f"oneDNN uncapped, ATen {torch.backends.cpu.get_cpu_capability()}"
@@ -433,11 +435,11 @@ def runtime_rows(model: Path, folders: list[Path], side: int, tmp: Path) -> dict
     by one each image, so that a swing in a shared machine's speed hits all alike."""
     from model.checkpoint import load_model
     from model.peers import PeerUnavailable, span
-    from model.runtimes import EXPORTED, installed
+    from model.runtimes import EXPORTED, PRECISIONS, installed
 
     gen, info = load_model(model)
     variants = [("torch", "fp32")] + ([("torch", "bf16")] if cpu_has_native_bf16() else []) + \
-        [(r, "fp32") for r in EXPORTED if installed(r)]
+        [(r, p) for r in EXPORTED if installed(r) for p in PRECISIONS[r]]
     engines = {f"{r} {p}": Upscaler(gen, info, EngineOptions(device="cpu", precision=p, runtime=r)) for r, p in variants}
     t0 = time.perf_counter()
     auto = Upscaler(gen, info, EngineOptions(device="cpu", runtime="auto", runtime_cache=str(tmp / "runtimes.json")))

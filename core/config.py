@@ -81,7 +81,7 @@ class InferenceConfig:
     threads: int = 0
     memory_budget_mb: int = 0
     self_ensemble: int = 1
-    runtime: Literal["auto", "torch", "openvino", "onnxruntime"] = "auto"
+    runtime: Literal["auto", "torch", "openvino", "onnxruntime", "ncnn"] = "auto"
     runtime_cache: str | None = None
 
     def __post_init__(self) -> None:

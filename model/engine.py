@@ -41,7 +41,7 @@ class EngineOptions:
     threads: int = 0  # CPU threads; 0 = all cores
     memory_budget_mb: int = 0  # 0 = a share of what the device has free
     self_ensemble: int = 1  # 1, 2, 4 or 8 flipped/transposed views averaged (see Upscaler._run)
-    runtime: str = "torch"  # torch | auto | openvino | onnxruntime (model/runtimes.py); the service config defaults to auto
+    runtime: str = "torch"  # torch | auto | openvino | onnxruntime | ncnn (model/runtimes.py); the service config defaults to auto
     runtime_cache: str = ""  # the probe's cache file; "" = $XDG_CACHE_HOME/upscaled/runtimes.json
 
 

@@ -1,13 +1,19 @@
-"""Where the engine's tile batches run: PyTorch, or an exported graph in OpenVINO or ONNX Runtime.
+"""Where the engine's tile batches run: PyTorch, or an exported graph in OpenVINO, ONNX Runtime or ncnn.
 
 PyTorch runs every model: ours folded (model/fold.py), in bf16 where the CPU computes it
 natively, and imported ones as spandrel builds them. Our generator can also run as an exported
-graph: ONNX made in memory, at load, from the fp32 FoldedGenerator, which is itself made from the
-safetensors checkpoint. No graph is ever read from a file, so no file can smuggle one in. OpenVINO
-or ONNX Runtime then run that graph in fp32. On a CPU without native bf16, OpenVINO is faster than
-PyTorch's oneDNN path with the bundled model under an AVX2 cap. It is 4-35% faster on a quiet
-machine and 2-3x faster when other processes compete for the cores: PyTorch's OpenMP threads run
-in lockstep, and OpenVINO's TBB scheduler does not (docs/performance.md, bench/benchmark.py row 6).
+graph, made at load from the fp32 FoldedGenerator, which is itself made from the safetensors
+checkpoint: ONNX, made in memory, for OpenVINO and ONNX Runtime; ncnn's .param and .bin, written
+layer by layer from the module's weights (model/ncnngraph.py). No graph is ever read from a file
+someone else could have written, so no file can smuggle one in. Each runs that graph in fp32;
+ncnn also with the body stored in bf16 (computed in fp32), which halves its memory traffic.
+On a CPU without native bf16, OpenVINO is faster than PyTorch's oneDNN path with the bundled
+model under an AVX2 cap. It is 4-35% faster on a quiet machine and 2-3x faster when other
+processes compete for the cores: PyTorch's OpenMP (libgomp) threads spin at every barrier while
+a preempted partner holds it up, and OpenVINO's TBB scheduler does not. ncnn computes the body's
+3x3 convolutions with Winograd transforms, which need fewer multiplies than the others' direct
+or GEMM convolutions; it shares PyTorch's libgomp, spinning included (docs/performance.md,
+bench/benchmark.py row 6).
 
 `inference.runtime: auto` picks by measuring. A short probe times every installed candidate on
 one tile-sized input, interleaved, and keeps the fastest one whose output matches PyTorch fp32.
@@ -23,11 +29,13 @@ import importlib.util
 import io
 import json
 import os
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from loguru import logger
 from torch import nn
@@ -36,12 +44,24 @@ from core.atomic import atomic_write_text
 from core.config import ConfigError
 from model.fold import FoldedGenerator
 from model.generator import Generator
+from model.ncnngraph import ncnn_graph
 
-RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
-EXPORTED = ("openvino", "onnxruntime")  # the runtimes that take our generator as an exported graph
-# An exported graph's output may differ from PyTorch fp32 by rounding: 1e-6 measured.
+RUNTIMES = ("auto", "torch", "openvino", "onnxruntime", "ncnn")
+EXPORTED = ("openvino", "onnxruntime", "ncnn")  # the runtimes that take our generator as an exported graph
+# The form each takes it in, and the packages that needs: torch.onnx.export writes ONNX with onnx,
+# which is not a dependency of torch.
+GRAPH = {"openvino": "ONNX", "onnxruntime": "ONNX", "ncnn": "ncnn"}
+NEEDS = {"openvino": ("openvino", "onnx"), "onnxruntime": ("onnxruntime", "onnx"), "ncnn": ("ncnn",)}
+# The precisions each runs: fp32, and for ncnn also bf16 storage of the body (model/ncnngraph.py).
+PRECISIONS = {"openvino": ("fp32",), "onnxruntime": ("fp32",), "ncnn": ("fp32", "bf16")}
+# An exported graph's output may differ from PyTorch fp32 by rounding: 1e-6 measured (ncnn's
+# Winograd convolutions: 1e-5 on the bundled model).
 # Anything past 1e-3 (a quarter of an 8-bit level) means the graph is wrong.
 TOLERANCE = 1e-3
+# bf16 keeps 8 significant bits: on the probe's noise input the bundled model's output moved by
+# up to 0.017 through ncnn bf16 (0.010 through PyTorch bf16), 0.002 on a photo. A wrong graph is
+# off by far more; quality is what the benchmark measures (bench/benchmark.py row 6).
+BF16_TOLERANCE = 0.05
 PROBE_ROUNDS = 3
 CACHE_FORMAT = 1
 
@@ -71,7 +91,7 @@ class TorchRuntime(Runtime):
 class OpenVINORuntime(Runtime):
     name = "openvino"
 
-    def __init__(self, graph: bytes, threads: int):
+    def __init__(self, graph: bytes, threads: int, precision: str = "fp32"):
         import openvino as ov
 
         model = ov.convert_model(io.BytesIO(graph))
@@ -90,7 +110,7 @@ class OpenVINORuntime(Runtime):
 class OnnxRuntimeRuntime(Runtime):
     name = "onnxruntime"
 
-    def __init__(self, graph: bytes, threads: int):
+    def __init__(self, graph: bytes, threads: int, precision: str = "fp32"):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -103,18 +123,61 @@ class OnnxRuntimeRuntime(Runtime):
         return torch.from_numpy(self.session.run(None, {"x": x.float().contiguous().numpy()})[0])
 
 
-BUILDERS = {"openvino": OpenVINORuntime, "onnxruntime": OnnxRuntimeRuntime}
+class NcnnRuntime(Runtime):
+    """ncnn takes one image at a time: the tiles of a batch run in turn, each on all threads."""
+
+    name = "ncnn"
+
+    def __init__(self, graphs: dict[str, tuple[str, bytes]], threads: int, precision: str = "fp32"):
+        import ncnn
+
+        self._mat = ncnn.Mat
+        self.precision = precision
+        param, weights = graphs[precision]
+        self.net = ncnn.Net()
+        opt = self.net.opt
+        opt.use_vulkan_compute = False
+        opt.num_threads = threads
+        # fp32 storage and arithmetic: ncnn's default stores in fp16 where the CPU has it.
+        opt.use_fp16_storage = opt.use_fp16_packed = opt.use_fp16_arithmetic = False
+        opt.use_int8_inference = False
+        # bf16: the body's activations and weights stored in bf16 (computed in fp32), the ends in
+        # fp32 (model/ncnngraph.py); on a CPU without native bf16 too, as it halves memory traffic.
+        opt.use_bf16_storage = opt.use_bf16_packed = precision == "bf16"
+        if self.net.load_param_mem(param):
+            raise RuntimeError("ncnn did not accept the generator's graph")
+        # The Python binding loads weights from a file only (its in-memory load takes a str): a
+        # private folder (mode 0700), removed once they are read.
+        with tempfile.TemporaryDirectory(prefix="upscaled-ncnn-") as folder:
+            path = Path(folder) / "generator.bin"
+            path.write_bytes(weights)
+            if self.net.load_model(str(path)):
+                raise RuntimeError("ncnn did not accept the generator's weights")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for xi in x.float().contiguous().numpy():
+            ex = self.net.create_extractor()
+            # clone(): a Mat that owns its memory. ncnn works in place on the input blob, which on a
+            # Mat that only wraps numpy's memory crashed (segfault, ncnn 1.0.20261020).
+            ex.input("in", self._mat(np.ascontiguousarray(xi)).clone())
+            rc, y = ex.extract("out")
+            if rc:
+                raise RuntimeError(f"ncnn extraction failed ({rc})")
+            outs.append(torch.from_numpy(np.array(y, copy=True)))  # the Mat's memory goes with the extractor
+        return outs[0][None] if len(outs) == 1 else torch.stack(outs)
+
+
+BUILDERS = {"openvino": OpenVINORuntime, "onnxruntime": OnnxRuntimeRuntime, "ncnn": NcnnRuntime}
 
 
 def installed(name: str) -> bool:
-    """Whether runtime `name` can serve here: its own package, and for an exported runtime also
-    onnx, which torch.onnx.export needs to write the graph (it is not a dependency of torch)."""
-    needs = (name, "onnx") if name in EXPORTED else (name,)
-    return all(importlib.util.find_spec(n) is not None for n in needs)
+    """Whether runtime `name` can serve here: its own package, and for ONNX also onnx (NEEDS)."""
+    return all(importlib.util.find_spec(n) is not None for n in NEEDS.get(name, (name,)))
 
 
 def missing(name: str) -> str:
-    return ", ".join(n for n in (name, "onnx") if importlib.util.find_spec(n) is None)
+    return ", ".join(n for n in NEEDS.get(name, (name,)) if importlib.util.find_spec(n) is None)
 
 
 def _version(name: str) -> str:
@@ -133,6 +196,13 @@ def export_graph(folded: nn.Module) -> bytes:
         torch.onnx.export(folded.float().eval(), (sample,), buf, input_names=["x"], output_names=["y"], opset_version=17,
                           dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}, "y": {0: "n", 2: "sh", 3: "sw"}}, dynamo=False)
     return buf.getvalue()
+
+
+def export(folded: nn.Module, kind: str):
+    """The fp32 FoldedGenerator in the form `kind` (a GRAPH value) that its runtimes build from."""
+    if kind == "ONNX":
+        return export_graph(folded)
+    return {"fp32": ncnn_graph(folded), "bf16": ncnn_graph(folded, bf16=True)}
 
 
 def cpu_identity() -> str:
@@ -199,6 +269,11 @@ def _time(run: Runtime, x: torch.Tensor) -> float:
     return time.perf_counter() - t
 
 
+def label(name: str, precision: str) -> str:
+    """How the probe names a candidate: the runtime, and its precision where that is not fp32."""
+    return name if name == "torch" or precision == "fp32" else f"{name} {precision}"
+
+
 def probe(candidates: dict[str, Runtime], reference: torch.Tensor, x: torch.Tensor) -> tuple[str, dict[str, float]]:
     """The fastest candidate whose output matches `reference` (PyTorch fp32 on x), and each one's
     best time in seconds per output MP. Rounds are interleaved, so a swing in the speed of a shared
@@ -207,8 +282,9 @@ def probe(candidates: dict[str, Runtime], reference: torch.Tensor, x: torch.Tens
     for name, run in candidates.items():
         if name != "torch":  # torch is the reference itself (or its bf16 path, guarded by the benchmark)
             diff = (run(x).float() - reference).abs().max().item()
-            if not diff <= TOLERANCE:
-                logger.warning("runtime {} differs from PyTorch fp32 by {:.2g} (limit {}); not used", name, diff, TOLERANCE)
+            limit = TOLERANCE if run.precision == "fp32" else BF16_TOLERANCE
+            if not diff <= limit:
+                logger.warning("runtime {} differs from PyTorch fp32 by {:.2g} (limit {}); not used", name, diff, limit)
                 continue
         else:
             run(x)  # lazy initialisation
@@ -228,10 +304,10 @@ def select_runtime(torch_module: nn.Module, dtype: torch.dtype, generator: nn.Mo
 
     torch_module is what PyTorch runs (the engine's folded or imported model, in `dtype`);
     probe_side is the probe input's side in low-resolution pixels (a tile with its context).
-    An exported graph runs fp32, so with a precision other than fp32 set explicitly (not auto)
-    only PyTorch is a candidate.
+    An exported graph runs fp32, ncnn's also bf16 (PRECISIONS). With a precision set explicitly
+    (not auto) only the candidates that run it compete; with auto, every one of them.
     Raises ValueError for a runtime that cannot serve as configured, and ConfigError (naming
-    inference.runtime) when its package is missing or the export fails.
+    inference.runtime) when its package is missing or the export or build fails.
     """
     if requested not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {requested!r}")
@@ -247,49 +323,64 @@ def select_runtime(torch_module: nn.Module, dtype: torch.dtype, generator: nn.Mo
         if not installed(requested):
             raise ConfigError("inference.runtime", f"auto or torch: {missing(requested)} is not installed here "
                               "(pip install 'upscaled[runtimes]')", requested)
-        if dtype != torch.float32:
-            raise ValueError(f"inference.runtime {requested} runs fp32; set inference.precision to fp32 or auto")
+        want = "fp32" if precision_auto else torch_rt.precision
+        if want not in PRECISIONS[requested]:
+            raise ValueError(f"inference.runtime {requested} runs {' or '.join(PRECISIONS[requested])}; set "
+                             f"inference.precision to {', '.join(PRECISIONS[requested])} or auto")
+        kind = GRAPH[requested]
         try:
-            graph = export_graph(FoldedGenerator(generator, torch.float32))
+            graph = export(FoldedGenerator(generator, torch.float32), kind)
         except Exception as e:  # noqa: BLE001 - said as a configuration problem, not a traceback
-            raise ConfigError("inference.runtime", f"auto or torch: the ONNX export failed here ({type(e).__name__}: {e})",
+            raise ConfigError("inference.runtime", f"auto or torch: the {kind} export failed here ({type(e).__name__}: {e})",
                               requested) from e
-        return BUILDERS[requested](graph, threads)
-    names = [n for n in EXPORTED if installed(n)]
-    if not names or (dtype != torch.float32 and not precision_auto):
+        return BUILDERS[requested](graph, threads, want)
+    allowed = ("fp32", "bf16") if precision_auto else (torch_rt.precision,)
+    variants = [(n, p) for n in EXPORTED if installed(n) for p in PRECISIONS[n] if p in allowed]
+    names = [n for n in EXPORTED if any(v[0] == n for v in variants)]
+    if not variants:
         return torch_rt
-    precision = torch_rt.precision
-    key = cache_key(version, precision, threads) if version and version != "untracked" else None
+    key = cache_key(version, "auto" if precision_auto else torch_rt.precision, threads) \
+        if version and version != "untracked" else None
     hit = cache.get(key) if cache and key else None
-    if hit and (hit["runtime"] == "torch" or hit["runtime"] in names):
-        logger.info("runtime {} (probe result cached in {})", hit["runtime"], cache.path)
+    if hit and (hit["runtime"] == "torch" or (hit["runtime"], hit.get("precision")) in variants):
+        logger.info("runtime {} {} (probe result cached in {})", hit["runtime"], hit.get("precision"), cache.path)
         if hit["runtime"] == "torch":
             return torch_rt
         try:
-            return BUILDERS[hit["runtime"]](export_graph(FoldedGenerator(generator, torch.float32)), threads)
+            graph = export(FoldedGenerator(generator, torch.float32), GRAPH[hit["runtime"]])
+            return BUILDERS[hit["runtime"]](graph, threads, hit["precision"])
         except Exception as e:  # noqa: BLE001 - the cache is a hint; a failed build costs a probe, never the start
             logger.warning("cached runtime {} cannot build ({}: {}); probing again", hit["runtime"], type(e).__name__, e)
     t0 = time.perf_counter()
     folded = FoldedGenerator(generator, torch.float32)
-    try:
-        graph = export_graph(folded)
-    except Exception as e:  # noqa: BLE001 - auto never fails where PyTorch alone would serve
-        logger.warning("runtime probe skipped: the ONNX export failed ({}: {}); PyTorch serves", type(e).__name__, e)
-        return torch_rt
+    graphs: dict[str, object] = {}
     candidates: dict[str, Runtime] = {"torch": torch_rt}
-    for n in names:
+    for n, p in variants:
+        kind = GRAPH[n]
+        if kind not in graphs:
+            try:
+                graphs[kind] = export(folded, kind)
+            except Exception as e:  # noqa: BLE001 - auto never fails where PyTorch alone would serve
+                logger.warning("runtime probe: the {} export failed ({}: {}); {} not used", kind, type(e).__name__, e,
+                               ", ".join(m for m in names if GRAPH[m] == kind))
+                graphs[kind] = None
+        if graphs[kind] is None:
+            continue
         try:
-            candidates[n] = BUILDERS[n](graph, threads)
+            candidates[label(n, p)] = BUILDERS[n](graphs[kind], threads, p)
         except Exception as e:  # noqa: BLE001 - a runtime that cannot build is not a candidate
-            logger.warning("runtime {} cannot build the graph ({}: {}); not used", n, type(e).__name__, e)
+            logger.warning("runtime {} {} cannot build the graph ({}: {}); not used", n, p, type(e).__name__, e)
+    if len(candidates) == 1:
+        logger.warning("runtime probe skipped: no other runtime could be built; PyTorch serves")
+        return torch_rt
     x = torch.rand(1, 3, probe_side, probe_side, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         reference = folded(x)
         best, rates = probe(candidates, reference, x)
     logger.info("runtime probe ({:.1f} s): {}; {} serves", time.perf_counter() - t0,
-                ", ".join(f"{n} {candidates[n].precision} {r:.3f} s/MP" for n, r in rates.items()), best)
+                ", ".join(f"{candidates[n]} {r:.3f} s/MP" for n, r in rates.items()), candidates[best])
     if cache and key:
-        cache.put(key, {"runtime": best, "precision": candidates[best].precision,
+        cache.put(key, {"runtime": candidates[best].name, "precision": candidates[best].precision,
                         "seconds_per_mp": {n: round(r, 4) for n, r in rates.items()},
                         "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return candidates[best]

@@ -37,7 +37,7 @@ def test_documented_config_equals_builtin_defaults() -> None:
         ({"daemon": {"io_nice": 20}}, "daemon.io_nice", "0..19"),
         ({"daemon": {"io_workers": 0}}, "daemon.io_workers", "auto or an integer >= 1"),
         ({"inference": {"self_ensemble": 3}}, "inference.self_ensemble", "1, 2, 4 or 8"),
-        ({"inference": {"runtime": "tensorrt"}}, "inference.runtime", "onnxruntime"),
+        ({"inference": {"runtime": "tensorrt"}}, "inference.runtime", "onnxruntime, ncnn"),
         ({"daemon": {"io_workers": "many"}}, "daemon.io_workers", "an integer or one of auto"),
         ({"daemon": {"io_nice": "low"}}, "daemon.io_nice", "an integer or one of auto, idle"),
         ({"trainer": {"lr_g": "fast"}}, "trainer.lr_g", "a number"),
