@@ -167,6 +167,8 @@ def test_a_candidate_without_gain_on_the_slice_or_losing_on_the_standard_set_is_
     assert r.returncode == 0 and run["decision"] == "refused" and "learn.max_regression_db" in run["reason"], run
     assert store.current_checkpoint(tmp_path / "models") == current
     assert "refused" in r.stdout
+    r = learn_cli(config, "--minutes", "0.25", "--no-publish", "--set", "learn.max_steps=3")
+    assert r.returncode == 0 and last_run(tmp_path)["steps"] == 3  # learn.max_steps stops it before the time budget
 
 
 def test_too_little_material_says_so_and_trains_nothing(tmp_path):

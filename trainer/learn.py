@@ -429,8 +429,9 @@ def learn(cfg: Config, run_dir: Path, *, minutes: float, publish: bool, teacher:
     train_until = deadline - 1.2 * measuring - 2
     t_train, step, losses = time.time(), 0, []
     span = max(1.0, train_until - t_train)
-    while time.time() < train_until:
-        frac = min(1.0, (time.time() - t_train) / span)
+    while time.time() < train_until and not (lc.max_steps and step >= lc.max_steps):
+        # the cosine follows the time budget, or the step cap when that comes first
+        frac = min(1.0, max((time.time() - t_train) / span, step / lc.max_steps if lc.max_steps else 0.0))
         for group in opt.param_groups:
             group["lr"] = lc.lr * min(1.0, (step + 1) / 20) * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * frac)))
         lr, hr = data[step]
