@@ -9,6 +9,7 @@ nothing like the smooth photos of the base set.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -29,7 +30,7 @@ from tests.conftest import run_cli
 from tests.daemon_helpers import make_config, serve, stop, wait_for
 from tests.test_train_data import photo_folder
 from trainer.data import Degradations
-from trainer.learn import LearnData, decide, in_slice, load_kept, opaque_corners, survey
+from trainer.learn import CROP_SIDE, LAST_CROP, LearnData, decide, in_slice, load_kept, opaque_corners, survey
 from core.config import LearnConfig
 
 TINY = GeneratorConfig(scale=4, channels=16, blocks=2, batchnorm=False, upsampler="lowres", skip="bilinear")
@@ -166,6 +167,8 @@ def test_a_candidate_without_gain_on_the_slice_or_losing_on_the_standard_set_is_
     assert r.returncode == 0 and run["decision"] == "refused" and "learn.max_regression_db" in run["reason"], run
     assert store.current_checkpoint(tmp_path / "models") == current
     assert "refused" in r.stdout
+    r = learn_cli(config, "--minutes", "0.25", "--no-publish", "--set", "learn.max_steps=3")
+    assert r.returncode == 0 and last_run(tmp_path)["steps"] == 3  # learn.max_steps stops it before the time budget
 
 
 def test_too_little_material_says_so_and_trains_nothing(tmp_path):
@@ -199,6 +202,84 @@ def test_the_teacher_path_runs_with_a_tiny_imported_model(tmp_path):
     assert slice_digests and not any(c.name.split("@")[0].split("-")[-1].split(".")[0] in slice_digests for c in cached)
     with Image.open(cached[0]) as im:
         assert im.size == (32, 32)  # an 8-pixel crop at its own size, times the teacher's 4
+
+
+# ----------------------------------------------------------------------------- the web page
+
+
+def test_the_models_view_shows_the_material_the_last_learn_and_its_before_after_crop(tmp_path):
+    """A real `upscaled learn`, then a real `upscaled web`: the Models view's learning block holds
+    what is kept (against learn.keep_mb), the run's table and decision as learn recorded them, and
+    a before/after crop of a held-out image, served only from its one fixed name."""
+    import httpx
+    from web_helpers import BROWSER_MISSING, browser, close_browser, free_port, image_loaded, until, wait_up, web
+
+    config = setup_root(tmp_path)
+    kept = fill_learn_folder(tmp_path / "learn", 10)
+    r = learn_cli(config, "--minutes", "0.25", "--no-publish")
+    assert r.returncode == 0, r.stderr
+    run = last_run(tmp_path)
+    assert (tmp_path / "runs" / LAST_CROP).is_file() and (Path(run["run"]) / "before-after.png").is_file()
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    page = web(config, f"127.0.0.1:{port}", log=tmp_path / "web.log", env=ENV)
+    try:
+        wait_up(base, page, tmp_path / "web.log")
+        L = httpx.get(base + "/api/models", timeout=60).json()["learning"]
+        assert L["on"] and L["keep_mb"] == LEARN["keep_mb"] and L["files"] == len(kept)
+        assert L["mb"] == round(sum(k.stat().st_size for k in kept) / 2**20, 2)
+        last = L["last"]
+        assert last["time"] == run["time"] and last["decision"] == run["decision"] == "passed, not published (--no-publish)"
+        assert last["reason"] == run["reason"] and last["candidate"] == run["candidate"]
+        rows = {row["set"]: row for row in last["rows"]}
+        assert list(rows) == ["folder slice", "val val"]
+        for name, row in rows.items():
+            assert (row["images"], row["served"], row["candidate"]) == (
+                run["sets"][name]["images"], run["sets"][name]["served"], run["sets"][name]["candidate"])
+
+        # the crop: bicubic | served | candidate | original of a held-out image, the original untouched
+        assert L["crop"]["panels"] == ["bicubic", "served", "candidate", "original"]
+        assert in_slice(L["crop"]["image"], LEARN["holdout"])
+        got = httpx.get(f"{base}/api/learn/crop?v={L['crop']['v']}", timeout=30)
+        assert got.status_code == 200 and got.headers["content-type"] == "image/png"
+        sheet = np.asarray(Image.open(io.BytesIO(got.content)).convert("RGB"))
+        side = min(CROP_SIDE, LEARN["slice_max_side"], 112)
+        assert sheet.shape == (side, 4 * side + 3 * 2, 3)
+        x, y, w, h = run["crop"]["box"]
+        original = np.asarray(Image.open(tmp_path / "learn" / L["crop"]["image"]).convert("RGB"))
+        off = (112 - side) // 2  # slice_set's centre square of the kept image, then the crop's box in it
+        expect = original[off + y : off + y + h, off + x : off + x + w]
+        assert np.array_equal(sheet[14:, -side:], expect[14:])  # below the panel's label
+        assert not np.array_equal(sheet[14:, :side], expect[14:])  # bicubic is not the original
+
+        # only that one file, never a link
+        (tmp_path / "elsewhere.png").write_bytes(got.content)
+        os.replace(tmp_path / "runs" / LAST_CROP, tmp_path / "runs" / "moved.png")
+        os.symlink(tmp_path / "elsewhere.png", tmp_path / "runs" / LAST_CROP)
+        assert httpx.get(base + "/api/learn/crop", timeout=30).status_code == 404
+        assert httpx.get(base + "/api/models", timeout=60).json()["learning"]["crop"] is None
+        os.unlink(tmp_path / "runs" / LAST_CROP)
+        os.replace(tmp_path / "runs" / "moved.png", tmp_path / "runs" / LAST_CROP)
+        assert httpx.get(base + "/api/learn/crop?file=../config.yaml", timeout=30).content == got.content
+
+        html = httpx.get(base + "/", timeout=30).text
+        assert 'id="learning-table"' in html and 'id="learning-crop"' in html
+        if BROWSER_MISSING:  # the rendering itself needs the browser; the figures above do not
+            return
+        driver = browser()
+        try:
+            driver.get(base + "/#models")
+            cells = until(driver, lambda d: [c.text for c in d.find_elements("css selector", "#learning-table tbody td")]
+                          or None, what="the learning table")
+            assert cells[:2] == ["folder slice", str(rows["folder slice"]["images"])]
+            assert f"{rows['folder slice']['candidate']:.3f} dB" in cells
+            assert "passed, not published" in driver.find_element("css selector", "#learning-decision").text
+            assert f"{len(kept)} files" in driver.find_element("css selector", "#learning-material").text
+            assert until(driver, lambda d: image_loaded(d, "#learning-crop img"), what="the crop") == (sheet.shape[1], side)
+        finally:
+            close_browser(driver)
+    finally:
+        stop(page)
 
 
 # ----------------------------------------------------------------------------- keeping

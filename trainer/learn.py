@@ -44,17 +44,19 @@ from core.atomic import atomic_write_bytes, atomic_write_text
 from model.checkpoint import load_generator, load_model, read_info, save_checkpoint
 from model.engine import resolve_device
 from imaging.images import ImageError, decode
-from imaging.quality import fingerprint, to_uint8
+from imaging.quality import downscale, fingerprint, resize_up, to_uint8
 from trainer.data import BICUBIC, DataError, Degradations, TrainingData, augment, header_size, list_images
 from trainer.train import (
     EXIT_LOCKED, EXIT_USAGE, LockedError, autocast_dtype, build_data, cpu_isa, cpu_name, ema_update, settings,
     training_lock,
 )
-from trainer.validation import ValidationSet, score
+from trainer.validation import ValidationSet, engine_for, label_panel, score
 from core.config import Config, LearnConfig
 from model.runtime import checkpoint_for
 
 LAST_RUN = "learn-last.json"  # in paths.runs: the last run's table, for the web page
+LAST_CROP = "learn-last.png"  # beside it: bicubic | served | candidate | original, a crop of the slice
+CROP_SIDE = 96  # HR pixels of each panel of that picture
 TEACHER_CROPS_PER_IMAGE = 8
 
 
@@ -323,6 +325,29 @@ def measure(g: torch.nn.Module, sets: dict[str, ValidationSet]) -> dict[str, flo
     return {name: score(g, v, "cpu", baselines=False).mean_psnr_y["model"] for name, v in sets.items()}
 
 
+def before_after(served: torch.nn.Module, candidate: torch.nn.Module, slice_: ValidationSet,
+                 side: int = CROP_SIDE) -> tuple[bytes, dict]:
+    """A small PNG: bicubic | served | candidate | original, the centre `side` square of the first
+    slice image (held out: never trained on), upscaled from its LR as the gate measures it."""
+    name, hr = slice_.images[0]
+    s = slice_.scale
+    h, w = hr.shape[:2]
+    c = min(side, h, w) // s * s
+    y, x = (h - c) // 2 // s * s, (w - c) // 2 // s * s
+    hr_c = np.ascontiguousarray(hr[y : y + c, x : x + c])
+    lr = downscale(hr_c, s)
+    lr_f = lr.astype(np.float32) / 255.0
+    outs = {"bicubic": resize_up(lr, s, Image.Resampling.BICUBIC), "served": engine_for(served).upscale_rgb(lr_f),
+            "candidate": engine_for(candidate).upscale_rgb(lr_f), "original": hr_c}
+    gap = np.full((c, 2, 3), 255, np.uint8)
+    panels = []
+    for i, (what, img) in enumerate(outs.items()):
+        panels += ([gap] if i else []) + [label_panel(to_uint8(img), what)]
+    buf = io.BytesIO()
+    Image.fromarray(np.concatenate(panels, axis=1)).save(buf, "PNG", optimize=True)
+    return buf.getvalue(), {"image": name, "box": [x, y, c, c], "panels": list(outs)}
+
+
 def table(rows: dict[str, tuple[int, float, float]]) -> str:
     """served vs candidate, one row per set: name -> (images, served, candidate)."""
     width = max(len(n) for n in rows) + 8
@@ -396,6 +421,7 @@ def learn(cfg: Config, run_dir: Path, *, minutes: float, publish: bool, teacher:
 
     # --- fine-tune within the budget, leaving time to measure the candidate as the served model was
     device = resolve_device(tc.device)
+    served = copy.deepcopy(g).eval()  # for the before/after picture
     g.to(device).train()
     ema = copy.deepcopy(g).eval().requires_grad_(False)
     opt = torch.optim.Adam(g.parameters(), lr=lc.lr, betas=(tc.beta1, tc.beta2))
@@ -403,8 +429,9 @@ def learn(cfg: Config, run_dir: Path, *, minutes: float, publish: bool, teacher:
     train_until = deadline - 1.2 * measuring - 2
     t_train, step, losses = time.time(), 0, []
     span = max(1.0, train_until - t_train)
-    while time.time() < train_until:
-        frac = min(1.0, (time.time() - t_train) / span)
+    while time.time() < train_until and not (lc.max_steps and step >= lc.max_steps):
+        # the cosine follows the time budget, or the step cap when that comes first
+        frac = min(1.0, max((time.time() - t_train) / span, step / lc.max_steps if lc.max_steps else 0.0))
         for group in opt.param_groups:
             group["lr"] = lc.lr * min(1.0, (step + 1) / 20) * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * frac)))
         lr, hr = data[step]
@@ -452,6 +479,13 @@ def learn(cfg: Config, run_dir: Path, *, minutes: float, publish: bool, teacher:
     saved = save_checkpoint(cand_path, candidate, step=info.step + step, validation=validation,
                             extra={"learn": figures, "init": info.version})
     figures["candidate"] = saved.version
+    try:  # the picture is a courtesy: a failure to make it never costs the run
+        png, figures["crop"] = before_after(served, candidate, sets["folder slice"])
+        atomic_write_bytes(run_dir / "before-after.png", png)
+        atomic_write_bytes(cfg.path("runs") / LAST_CROP, png)
+    except (OSError, ValueError, RuntimeError) as e:
+        logger.warning("no before/after picture: {}", e)
+        figures.pop("crop", None)
     if decision.publish and publish:
         target = store.publish(cfg.path("models"), cand_path, keep=cfg.models.keep)
         figures["published"] = target.name

@@ -42,7 +42,7 @@ def score(generator: Generator, val: ValidationSet, device: str = "cpu", baselin
     return evaluate_images(up.upscale_rgb, val.images, val.scale, baselines=baselines, lr_jpeg=lr_jpeg)
 
 
-def _label(panel: np.ndarray, text: str) -> np.ndarray:
+def label_panel(panel: np.ndarray, text: str) -> np.ndarray:
     img = Image.fromarray(panel)
     draw = ImageDraw.Draw(img)
     w = draw.textlength(text) + 6
@@ -65,9 +65,9 @@ def sample_sheet(generator: Generator, val: ValidationSet, device: str = "cpu", 
         lr_c = lr[y : y + c, x : x + c]
         hr_c = hr[y * s : (y + c) * s, x * s : (x + c) * s]
         panels = [
-            _label(resize_up(lr_c, s, Image.Resampling.BICUBIC), "bicubic"),
-            _label(up.upscale_rgb(lr_c.astype(np.float32) / 255.0), "generated"),
-            _label(np.ascontiguousarray(hr_c), f"original {name}"[:40]),
+            label_panel(resize_up(lr_c, s, Image.Resampling.BICUBIC), "bicubic"),
+            label_panel(up.upscale_rgb(lr_c.astype(np.float32) / 255.0), "generated"),
+            label_panel(np.ascontiguousarray(hr_c), f"original {name}"[:40]),
         ]
         rows.append(np.concatenate(panels, axis=1))
     width = max(r.shape[1] for r in rows)

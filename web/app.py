@@ -215,8 +215,12 @@ def create_app(site: Site) -> Starlette:
         from daemon.status import daemon_model
 
         daemon = daemon_model(cfg) or {}  # what a running daemon serves, apart from the `current` pointer
-        return JSONResponse(files_mod.relative_paths(models_mod.listing(cfg, daemon.get("version"), daemon.get("refused")),
-                                                     folders))
+        return JSONResponse(files_mod.relative_paths(
+            models_mod.listing(cfg, daemon.get("version"), daemon.get("refused")) | {"learning": models_mod.learning(cfg)},
+            folders))
+
+    def learn_crop(request: Request):
+        return Response(models_mod.learn_crop(cfg), media_type="image/png", headers={"cache-control": "private, max-age=60"})
 
     def _training(request: Request) -> dict[str, Any]:
         state = site.training.state()
@@ -349,6 +353,7 @@ def create_app(site: Site) -> Starlette:
         Route("/api/upload/progress", upload_progress),
         Route("/api/preview", preview),
         Route("/api/models", models),
+        Route("/api/learn/crop", learn_crop),
         Route("/api/runs", runs),
         Route("/api/runs/{name}", run_detail),
         Route("/api/sample", sample),

@@ -1,4 +1,5 @@
-"""The Models view: what can be served, with its validation figures; promote and roll back.
+"""The Models view: what can be served, with its validation figures; promote and roll back;
+and `upscaled learn`'s block: the material kept, the last run's table and its before/after crop.
 
 Promote and rollback call the functions `upscaled models` runs (model/promote.py), so the page
 applies exactly the checks `upscaled models promote` does (the daemon's verification, the probe
@@ -9,6 +10,7 @@ torch is imported only here, on first use, never on the request loop.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
@@ -90,6 +92,60 @@ def listing(cfg: Config, served_version: str | None, refused: dict[str, Any] | N
     return {"pinned": bool(cfg.model.path), "current": cur.name if cur else "bundled", "models": rows,
             "daemon_running": served_version is not None, "served": served_version,
             "history": store.history(models_dir) if models_dir.is_dir() else []}
+
+
+def learning(cfg: Config) -> dict[str, Any]:
+    """`upscaled learn` as the page shows it: the material the daemon keeps (against
+    learn.keep_mb), and the last run (paths.runs/learn-last.json): its table of served vs
+    candidate per set, the gate's decision, and whether its before/after crop is there."""
+    from daemon.keep import kept_files
+    from trainer.learn import LAST_CROP, LAST_RUN
+
+    lc = cfg.learn
+    kept = kept_files(cfg.path("learn"))
+    out: dict[str, Any] = {"on": lc.keep_mb > 0, "keep_mb": lc.keep_mb, "keep_days": lc.keep_days,
+                           "files": len(kept), "mb": round(sum(k.size for k in kept) / 2**20, 2),
+                           "oldest": kept[0].when.isoformat(timespec="seconds") if kept else None,
+                           "last": None, "crop": None}
+    runs = cfg.path("runs")
+    try:
+        rec = json.loads((runs / LAST_RUN).read_text())
+    except FileNotFoundError:
+        return out
+    except (OSError, ValueError) as e:
+        out["problem"] = f"{LAST_RUN}: {e}"
+        return out
+    if not isinstance(rec, dict):
+        out["problem"] = f"{LAST_RUN}: not a JSON object"
+        return out
+    sets = rec.get("sets") if isinstance(rec.get("sets"), dict) else {}
+    out["last"] = {
+        **{k: rec.get(k) for k in ("time", "decision", "reason", "served", "candidate", "published", "steps", "minutes",
+                                   "slice_gain_db", "standard_loss_db", "min_gain_db", "max_regression_db",
+                                   "train_images", "slice_images", "teacher")},
+        "rows": [{"set": name, "images": v.get("images"), "served": v.get("served"), "candidate": v.get("candidate")}
+                 for name, v in sets.items() if isinstance(v, dict)],
+    }
+    crop = runs / LAST_CROP
+    if isinstance(rec.get("crop"), dict) and crop.is_file() and not crop.is_symlink():
+        # the page asks for /api/learn/crop?v=<v> (no URL here: relative_paths would cut it)
+        out["crop"] = {"v": str(crop.stat().st_mtime_ns), "image": rec["crop"].get("image"),
+                       "panels": rec["crop"].get("panels")}
+    return out
+
+
+def learn_crop(cfg: Config) -> bytes:
+    """The last run's before/after PNG: one fixed name in paths.runs, never a link, never a name
+    from the request."""
+    from trainer.learn import LAST_CROP
+
+    path = resolve_under(cfg.path("runs"), LAST_CROP)
+    if path.name != LAST_CROP or (cfg.path("runs") / LAST_CROP).is_symlink():
+        raise Refused(404, "no before/after crop")
+    data = path.read_bytes()
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        raise Refused(404, "no before/after crop")
+    return data
 
 
 def served_figures(cfg: Config, st: dict[str, Any] | None) -> dict[str, Any] | None:

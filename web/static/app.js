@@ -484,7 +484,43 @@ async function loadModels() {
       el("td", {title: f.fingerprint || ""}, (r.same_set ? "≡ " : "") + (f.set || r.problem || "—")),
       el("td", {}, action));
   }));
+  drawLearning(j.learning);
   await loadRuns($("#models-runs"), false);
+}
+
+// `upscaled learn`: the material kept, the last run's table and decision, its before/after crop.
+const dB = (v) => typeof v === "number" ? v.toFixed(3) + " dB" : "—";
+function drawLearning(L) {
+  if (!L) return;
+  setText($("#learning-material"), L.on
+    ? `Kept for learning: ${L.files} file${L.files === 1 ? "" : "s"}, ${L.mb.toFixed(1)} MB of learn.keep_mb ${L.keep_mb} MB (kept at most ${L.keep_days} days)`
+    : `Learning is off (learn.keep_mb: 0): the daemon keeps nothing` + (L.files ? ` (${L.files} files, ${L.mb.toFixed(1)} MB still in the folder)` : ""));
+  const last = L.last;
+  const table = $("#learning-table");
+  table.hidden = !last;
+  $("#learning-crop").hidden = !(last && L.crop);
+  if (!last) {
+    setText($("#learning-last"), L.problem || "upscaled learn has not run yet.");
+    setText($("#learning-decision"), "");
+    return;
+  }
+  setText($("#learning-last"), `Last learn: ${last.time ? new Date(last.time).toLocaleString() : "—"}, ${last.steps ?? "?"} steps in ${last.minutes ?? "?"} min, `
+    + `${last.train_images ?? "?"} images trained on, ${last.slice_images ?? "?"} held out; served ${short(last.served)}, candidate ${short(last.candidate)}`);
+  table.querySelector("tbody").replaceChildren(...last.rows.map(r => {
+    const change = typeof r.served === "number" && typeof r.candidate === "number" ? r.candidate - r.served : null;
+    return el("tr", {"data-set": r.set}, el("td", {}, r.set), el("td", {}, r.images ?? ""), el("td", {}, dB(r.served)),
+      el("td", {}, dB(r.candidate)),
+      el("td", {class: change === null ? "" : change >= 0 ? "gain" : "loss"}, change === null ? "—" : (change >= 0 ? "+" : "") + change.toFixed(3) + " dB"));
+  }));
+  const box = $("#learning-decision");
+  box.className = last.decision === "published" ? "gain" : last.decision === "refused" ? "loss" : "";
+  setText(box, `${last.decision}: ${last.reason}` + (last.published ? ` (now ${last.published})` : ""));
+  if (L.crop) {
+    const img = $("#learning-crop img");
+    const url = "/api/learn/crop?v=" + encodeURIComponent(L.crop.v);
+    if (img.getAttribute("src") !== url) img.src = url;
+    setText($("#learning-crop figcaption"), `${(L.crop.panels || []).join(" | ")}: ${L.crop.image || ""}, held out (never trained on)`);
+  }
 }
 
 function showLog(res, what) {
