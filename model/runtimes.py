@@ -198,11 +198,12 @@ def export_graph(folded: nn.Module) -> bytes:
     return buf.getvalue()
 
 
-def export(folded: nn.Module, kind: str):
-    """The fp32 FoldedGenerator in the form `kind` (a GRAPH value) that its runtimes build from."""
+def export(folded: nn.Module, kind: str, precisions: tuple[str, ...] = ("fp32", "bf16")):
+    """The fp32 FoldedGenerator in the form `kind` (a GRAPH value) that its runtimes build from;
+    for ncnn one graph per precision asked for."""
     if kind == "ONNX":
         return export_graph(folded)
-    return {"fp32": ncnn_graph(folded), "bf16": ncnn_graph(folded, bf16=True)}
+    return {p: ncnn_graph(folded, bf16=p == "bf16") for p in precisions}
 
 
 def cpu_identity() -> str:
@@ -329,7 +330,7 @@ def select_runtime(torch_module: nn.Module, dtype: torch.dtype, generator: nn.Mo
                              f"inference.precision to {', '.join(PRECISIONS[requested])} or auto")
         kind = GRAPH[requested]
         try:
-            graph = export(FoldedGenerator(generator, torch.float32), kind)
+            graph = export(FoldedGenerator(generator, torch.float32), kind, (want,))
         except Exception as e:  # noqa: BLE001 - said as a configuration problem, not a traceback
             raise ConfigError("inference.runtime", f"auto or torch: the {kind} export failed here ({type(e).__name__}: {e})",
                               requested) from e
@@ -347,7 +348,7 @@ def select_runtime(torch_module: nn.Module, dtype: torch.dtype, generator: nn.Mo
         if hit["runtime"] == "torch":
             return torch_rt
         try:
-            graph = export(FoldedGenerator(generator, torch.float32), GRAPH[hit["runtime"]])
+            graph = export(FoldedGenerator(generator, torch.float32), GRAPH[hit["runtime"]], (hit["precision"],))
             return BUILDERS[hit["runtime"]](graph, threads, hit["precision"])
         except Exception as e:  # noqa: BLE001 - the cache is a hint; a failed build costs a probe, never the start
             logger.warning("cached runtime {} cannot build ({}: {}); probing again", hit["runtime"], type(e).__name__, e)
@@ -359,7 +360,7 @@ def select_runtime(torch_module: nn.Module, dtype: torch.dtype, generator: nn.Mo
         kind = GRAPH[n]
         if kind not in graphs:
             try:
-                graphs[kind] = export(folded, kind)
+                graphs[kind] = export(folded, kind, tuple(q for m, q in variants if GRAPH[m] == kind))
             except Exception as e:  # noqa: BLE001 - auto never fails where PyTorch alone would serve
                 logger.warning("runtime probe: the {} export failed ({}: {}); {} not used", kind, type(e).__name__, e,
                                ", ".join(m for m in names if GRAPH[m] == kind))
