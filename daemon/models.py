@@ -174,7 +174,10 @@ class ModelSlot:
         try:
             published = verified_current(self.models_dir)
         except CheckpointError as e:  # Untrusted: named in the status, never loaded
-            named = current_checkpoint(self.models_dir)
+            try:
+                named = current_checkpoint(self.models_dir)
+            except (ValueError, OSError):  # rewritten since (a non-atomic write caught half done): no name
+                named = None
             return Wanted("published", named, ("untrusted", str(e), _key_of(self.models_dir / CURRENT)), str(e))
         except ValueError as e:
             return Wanted("published", None, ("invalid", str(e)), str(e))
