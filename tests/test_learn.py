@@ -156,13 +156,13 @@ def test_a_candidate_without_gain_on_the_slice_or_losing_on_the_standard_set_is_
     config = setup_root(tmp_path)
     fill_learn_folder(tmp_path / "learn", 10)
     current = store.current_checkpoint(tmp_path / "models")
-    r = learn_cli(config, "--minutes", "0.12", "--set", "learn.min_gain_db=50")
+    r = learn_cli(config, "--minutes", "0.3", "--set", "learn.min_gain_db=50", "--set", "learn.max_steps=40")
     assert r.returncode == 0, r.stderr
     run = last_run(tmp_path)
     assert run["decision"] == "refused" and "learn.min_gain_db" in run["reason"], run
     assert run["slice_gain_db"] > 0  # it did learn; the bar was simply not met
     assert store.current_checkpoint(tmp_path / "models") == current
-    r = learn_cli(config, "--minutes", "0.1", "--set", "learn.max_regression_db=-50")  # any candidate fails this bar
+    r = learn_cli(config, "--minutes", "0.3", "--set", "learn.max_regression_db=-50", "--set", "learn.max_steps=40")  # any candidate fails this bar
     run = last_run(tmp_path)
     assert r.returncode == 0 and run["decision"] == "refused" and "learn.max_regression_db" in run["reason"], run
     assert store.current_checkpoint(tmp_path / "models") == current
