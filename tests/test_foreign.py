@@ -37,9 +37,26 @@ UPSCALED = [sys.executable, "-m", "upscaled"]
 
 
 def cli(*args: str, config: Path | None = None) -> subprocess.CompletedProcess:
+    return clis([*args], config=config)[0]
+
+
+def clis(*commands: list[str], config: Path | None = None) -> list[subprocess.CompletedProcess]:
+    """Several `upscaled` commands, each a real subprocess, run side by side (each one's start is
+    mostly a single-threaded `import torch`); their results in the order given."""
     extra = ["--config", str(config)] if config else []
-    return subprocess.run([*UPSCALED, *args, *extra], cwd=ROOT, capture_output=True, text=True, timeout=180,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    procs = [(cmd, subprocess.Popen([*UPSCALED, *cmd, *extra], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+             for cmd in commands]
+    done = []
+    for cmd, p in procs:
+        try:
+            out, err = p.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            for _, q in procs:
+                q.kill()
+            raise
+        done.append(subprocess.CompletedProcess([*UPSCALED, *cmd, *extra], p.returncode, out, err))
+    return done
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +87,7 @@ def imported(models: Path) -> dict[str, Path]:
 
 def test_import_three_architectures_and_list_them(tmp_path, foreign):
     config = config_for(tmp_path)
-    for f in foreign.values():
-        r = cli("models", "import", str(f), config=config)
+    for r in clis(*(["models", "import", str(f)] for f in foreign.values()), config=config):  # side by side
         assert r.returncode == 0, r.stderr[-2000:]
         assert "upscaled models promote" in r.stderr
     got = imported(tmp_path / "models")
@@ -87,14 +103,15 @@ def test_import_three_architectures_and_list_them(tmp_path, foreign):
     for p in got.values():
         net, info = load_model(p)
         assert isinstance(net, ForeignNet) and net.descriptor.scale == info.scale
-    listing = cli("models", "list", config=config)
+    # `--model` takes a version as `models list` shows it, and runs it at its own scale (the
+    # listing and the upscale, both only reading the models folder, side by side).
+    write_image(tmp_path / "in" / "p.png", 30, 22, seed=1)
+    span = read_info(got["SPAN"]).version
+    listing, r = clis(["models", "list"], ["upscale", str(tmp_path / "in"), "-o", str(tmp_path / "up"), "--model", span],
+                      config=config)
     assert listing.returncode == 0
     for arch in ("ESRGAN (imported)", "SPAN (imported)", "SwinIR (imported)"):
         assert arch in listing.stdout
-    # `--model` takes a version as `models list` shows it, and runs it at its own scale.
-    write_image(tmp_path / "in" / "p.png", 30, 22, seed=1)
-    span = read_info(got["SPAN"]).version
-    r = cli("upscale", str(tmp_path / "in"), "-o", str(tmp_path / "up"), "--model", span, config=config)
     assert r.returncode == 0, r.stderr[-2000:]
     assert Image.open(tmp_path / "up" / "p.png").size == (60, 44)
 
@@ -206,8 +223,8 @@ def test_files_that_are_not_checkpoints_exit_2_with_a_message(tmp_path):
     cases = {"empty.pth": "an empty file (0 bytes), not a checkpoint",
              "random.pth": "not a checkpoint: neither a PyTorch archive nor a pickle",
              "damaged.pth": "a damaged zip archive (zip file version 25.5)"}
-    for name, words in cases.items():
-        r = cli("models", "import", str(tmp_path / name), config=config)
+    results = clis(*(["models", "import", str(tmp_path / name)] for name in cases), config=config)  # side by side
+    for (name, words), r in zip(cases.items(), results):
         assert r.returncode == 2, (name, r.returncode, r.stderr[-2000:])
         assert words in r.stderr and "Traceback" not in r.stderr, (name, r.stderr[-2000:])
         assert "could run code" not in r.stderr, (name, r.stderr[-2000:])
@@ -242,7 +259,9 @@ def test_daemon_serves_an_imported_x2_model_and_swaps_to_and_from_it(tmp_path, f
     """The daemon serves our own x4 model; promoting an imported ESRGAN x4 swaps to it while it
     runs (same verification as ours); rolling back returns to ours. Then a x2 SPAN is served by
     a daemon configured for x2."""
+    from core.config import load as load_config
     from tests.test_hotswap import status
+    from upscaled.models_cmd import cmd_import
 
     own = tiny_checkpoint(tmp_path / "own.safetensors")
     root = tmp_path / "srv"
@@ -251,9 +270,27 @@ def test_daemon_serves_an_imported_x2_model_and_swaps_to_and_from_it(tmp_path, f
     own_version = read_info(own).version
     _, config = make_config(root, own, model={"path": None}, inference={"precision": "fp32", "device": "cpu"},
                             watch={"settle_seconds": 0.2, "rescan_interval": 1.0})
-    assert cli("models", "import", str(foreign["esrgan"]), "--name", "esrgan", config=config).returncode == 0
-    version = read_info(imported(root / "models")["ESRGAN"]).version
     proc = serve(config, log=root / "daemon.log")
+    # While it starts: the import, in-process (the command itself is tested above and below;
+    # importing only adds a file to the models folder, it serves nothing) ...
+    assert cmd_import(load_config(config), foreign["esrgan"], "esrgan", None, None) == 0
+    version = read_info(imported(root / "models")["ESRGAN"]).version
+
+    # ... and the x2 part, started now to run beside the swaps (its own folders, its own
+    # `serve --once` daemons): x2 models (a convnet, and a transformer padded to its minimum
+    # size) served by a daemon configured for x2; the SPAN output resized to x3 by output.scale.
+    once = {}
+    for kind, arch, output in (("span", "SPAN", {"scale": 3}), ("swinir", "SwinIR", {})):
+        root2 = tmp_path / f"srv2-{arch}"
+        root2.mkdir()
+        _, config2 = make_config(root2, own, model={"scale": 2}, inference={"precision": "fp32"})
+        assert cmd_import(load_config(config2), foreign[kind], None, None, None) == 0
+        path = imported(root2 / "models")[arch]
+        make_config(root2, path, model={"scale": 2, "path": str(path)}, inference={"precision": "fp32"}, output=output)
+        write_image(root2 / "inbox" / f"{arch}.png", 21, 13, seed=4)
+        with open(root2 / "once.log", "wb") as log:
+            once[arch] = (root2, path, subprocess.Popen([*UPSCALED, "serve", "--once", "--config", str(config2)], cwd=ROOT,
+                                                        stdout=log, stderr=subprocess.STDOUT))
     try:
         wait_for(lambda: status(root).get("model_version") == own_version, 60, what="daemon start")
         r = cli("models", "promote", version, "--force", config=config)  # random weights: below bicubic
@@ -266,26 +303,17 @@ def test_daemon_serves_an_imported_x2_model_and_swaps_to_and_from_it(tmp_path, f
         wait_for(lambda: status(root).get("model_version") == own_version, 60, what="swap back to ours")
     finally:
         stop(proc)
+        for _, _, p in once.values():
+            try:
+                p.wait(180)
+            finally:
+                p.kill()
     log = (root / "daemon.log").read_text()
     assert "ESRGAN" in log
 
-    # x2 models (a convnet, and a transformer padded to its minimum size) served by a daemon
-    # configured for x2; the SPAN output resized to x3 by output.scale.
-    root2 = tmp_path / "srv2"
-    root2.mkdir()
-    _, config2 = make_config(root2, own, model={"scale": 2}, inference={"precision": "fp32"})
-    from core.config import load as load_config
-    from upscaled.models_cmd import cmd_import
-
-    for kind in ("span", "swinir"):  # in-process: the command itself is tested above and below
-        assert cmd_import(load_config(config2), foreign[kind], None, None, None) == 0
-    for arch, output, size in (("SPAN", {"scale": 3}, (63, 39)), ("SwinIR", {}, (42, 26))):
-        path = imported(root2 / "models")[arch]
-        make_config(root2, path, model={"scale": 2, "path": str(path)}, inference={"precision": "fp32"}, output=output)
-        write_image(root2 / "inbox" / f"{arch}.png", 21, 13, seed=4)
-        r = subprocess.run([*UPSCALED, "serve", "--once", "--config", str(root2 / "config.yaml")], cwd=ROOT,
-                           capture_output=True, text=True, timeout=180)
-        assert r.returncode == 0, r.stderr[-2000:]
+    for arch, size in (("SPAN", (63, 39)), ("SwinIR", (42, 26))):
+        root2, path, p = once[arch]
+        assert p.returncode == 0, (root2 / "once.log").read_text()[-2000:]
         assert f"{arch}.png" in files_under(root2 / "done")
         out = Image.open(root2 / "outbox" / f"{arch}.png")
         assert out.size == size, (arch, out.size)

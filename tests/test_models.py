@@ -18,6 +18,16 @@ from tests.conftest import TINY, natural_image, run_cli, save_image, tiny_genera
 CLAIMS = {"data": "val", "metrics": {"psnr_y": 30.0, "bicubic_psnr_y": 28.0}}
 
 
+def run_clis(*commands: list[str]) -> list:
+    """Several `upscaled` commands side by side, each a real subprocess (as run_cli runs it; each
+    one's start is mostly a single-threaded `import torch`): only commands whose order does not
+    matter. Their results in the order given."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(commands)) as pool:
+        return list(pool.map(lambda cmd: run_cli(*cmd), commands))
+
+
 def gray_model() -> Generator:
     """Outputs flat mid-gray: poor, but far better than scrambled weights."""
     g = Generator(TINY)
@@ -90,20 +100,26 @@ def test_models_cli_promote_list_show_rollback(tmp_path: Path) -> None:
         g.head[0].weight.fill_(float("nan"))
     save_checkpoint(nan, g)
 
-    # random weights: far below bicubic, so only with --force (refusal: the next test)
-    assert run_cli("models", "promote", str(a), "--force", "--config", str(cfg)).returncode == 0
-    assert run_cli("models", "promote", str(b), "--force", "--config", str(cfg)).returncode == 0
-    r = run_cli("models", "promote", str(nan), "--force", "--config", str(cfg))
+    # random weights: far below bicubic, so only with --force (refusal: the next test); the NaN
+    # model, refused before anything is published, side by side with the first promotion
+    promoted_a, r = run_clis(["models", "promote", str(a), "--force", "--config", str(cfg)],
+                             ["models", "promote", str(nan), "--force", "--config", str(cfg)])
+    assert promoted_a.returncode == 0
     assert r.returncode == 2 and "NaN" in r.stderr
+    assert run_cli("models", "promote", str(b), "--force", "--config", str(cfg)).returncode == 0
 
-    listing = json.loads(run_cli("models", "list", "--json", "--config", str(cfg)).stdout)
+    # three readers of the models folder, side by side
+    as_json, as_text, as_shown = run_clis(["models", "list", "--json", "--config", str(cfg)],
+                                          ["models", "list", "--config", str(cfg)],
+                                          ["models", "show", ia.version, "--config", str(cfg)])
+    listing = json.loads(as_json.stdout)
     published = [v for v in listing["versions"] if not v["bundled"]]
     assert [v["version"] for v in published] == [ia.version, ib.version]
     assert [v["current"] for v in listing["versions"]] == [False] * (len(listing["versions"]) - 1) + [True]
-    text = run_cli("models", "list", "--config", str(cfg)).stdout
+    text = as_text.stdout
     assert f"*  {ib.version}" in text and "PSNR-Y 30.00 dB, SSIM 0.9000" in text  # current; no daemon serves it
 
-    shown = json.loads(run_cli("models", "show", ia.version, "--config", str(cfg)).stdout)
+    shown = json.loads(as_shown.stdout)
     assert shown["step"] == 10 and shown["validation"]["metrics"]["psnr_y"] == 30.0
 
     assert run_cli("models", "rollback", "--config", str(cfg)).returncode == 0
@@ -113,26 +129,33 @@ def test_models_cli_promote_list_show_rollback(tmp_path: Path) -> None:
 
 
 def test_rollback_walks_back_through_history_to_the_bundled_default(tmp_path: Path) -> None:
+    from core.config import load as load_config
+    from model.promote import cmd_promote
+
     cfg = write_config(tmp_path, {"paths": {"models": "models"}})
     versions = [save_checkpoint(tmp_path / f"{i}.safetensors", tiny_generator(seed=10 + i)).version for i in range(3)]
-    for i in range(3):
-        assert run_cli("models", "promote", str(tmp_path / f"{i}.safetensors"), "--force", "--config", str(cfg)).returncode == 0
+    for i in range(3):  # the history, by what `models promote --force` runs, in-process (its CLI: the test above)
+        assert cmd_promote(load_config(cfg), tmp_path / f"{i}.safetensors", None, force=True) == 0
     served = []
     for _ in range(3):  # 2 -> 1 -> 0 -> bundled: no ping-pong between the last two
         assert run_cli("models", "rollback", "--config", str(cfg)).returncode == 0
         cur = store.current_checkpoint(tmp_path / "models")
         served.append(cur.stem if cur else "bundled")
     assert served == [versions[1], versions[0], "bundled"]
-    listing = json.loads(run_cli("models", "list", "--json", "--config", str(cfg)).stdout)
+    # the listing and a rollback with nothing left to roll back to (it changes nothing), side by side
+    as_json, r = run_clis(["models", "list", "--json", "--config", str(cfg)], ["models", "rollback", "--config", str(cfg)])
+    listing = json.loads(as_json.stdout)
     assert [v["bundled"] for v in listing["versions"] if v["current"]] == ["fidelity"]  # the bundled default is marked
-    r = run_cli("models", "rollback", "--config", str(cfg))
     assert r.returncode == 2 and "bundled default already serves" in r.stderr
+    assert store.current_checkpoint(tmp_path / "models") is None
     # the bundled names work in rollback, promote and show
     assert run_cli("models", "rollback", "gan", "--config", str(cfg)).returncode == 0
     from model.checkpoint import BUNDLED, read_info
     assert store.current_checkpoint(tmp_path / "models").stem == read_info(BUNDLED["gan"]).version
-    assert run_cli("models", "promote", "fidelity", "--config", str(cfg)).returncode == 0
-    assert json.loads(run_cli("models", "show", "gan", "--config", str(cfg)).stdout)["bundled"] == "gan"
+    promoted, shown = run_clis(["models", "promote", "fidelity", "--config", str(cfg)],
+                               ["models", "show", "gan", "--config", str(cfg)])  # a reader, side by side
+    assert promoted.returncode == 0
+    assert json.loads(shown.stdout)["bundled"] == "gan"
     assert run_cli("models", "rollback", "bundled", "--config", str(cfg)).returncode == 0
     assert store.current_checkpoint(tmp_path / "models") is None
 
