@@ -3,6 +3,10 @@
 A checkpoint is the only thing the trainer and the daemon share, so loading it is strict: it
 must be safetensors (never a pickle), carry our metadata, and every tensor must match the
 generator that metadata describes.
+
+Reading the metadata (`read_info`, the header parse) needs no torch, so `upscaled models list`,
+`show` and `rollback` never import it (seconds per call): torch, safetensors.torch and the
+generator are imported inside the functions that handle tensors.
 """
 
 from __future__ import annotations
@@ -14,16 +18,16 @@ import struct
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from typing import TYPE_CHECKING, Any
 
 from core.atomic import atomic_write_bytes
 from core.errors import CheckpointError, Untrusted
-from model.generator import ARCH, Generator, GeneratorConfig
+from model.spec import ARCH, FOREIGN_ARCH, GeneratorConfig
+
+if TYPE_CHECKING:  # annotations only (they stay strings): importing torch here would cost every reader seconds
+    import torch
+
+    from model.generator import Generator
 
 META_KEY = "upscaled"
 FORMAT_VERSION = 1
@@ -78,6 +82,8 @@ class CheckpointInfo:
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach().to("cpu", torch.float32).contiguous()
@@ -93,9 +99,13 @@ def save_checkpoint(
     step: int = 0,
     validation: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> CheckpointInfo:
-    """Write `generator` atomically to `path`; returns the metadata written."""
+    """Write `generator` atomically to `path`; returns the metadata written. `dtype`: of the
+    floating-point tensors stored (None: float32)."""
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     state = {k: v.detach().to("cpu").contiguous() for k, v in generator.state_dict().items()}
     # BatchNorm's batch counter is training bookkeeping, and an int64 the daemon never needs.
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
@@ -116,6 +126,8 @@ def save_checkpoint(
 
 def write_checkpoint(path: str | os.PathLike, state: dict[str, torch.Tensor], info: CheckpointInfo) -> None:
     """Tensors and metadata to `path`, atomically (temp name, fsync, rename)."""
+    from safetensors.torch import save as st_save
+
     data = st_save(state, metadata={META_KEY: json.dumps(info.to_dict(), sort_keys=True)})
     atomic_write_bytes(path, data)
 
@@ -163,8 +175,6 @@ def _info_from_header(path: Path, header: dict[str, Any]) -> CheckpointInfo:
         )
     try:
         m = json.loads(meta[META_KEY])
-        from model.foreign import FOREIGN_ARCH
-
         if m.get("arch") not in (ARCH, FOREIGN_ARCH):
             raise CheckpointError(f"{path}: architecture {m.get('arch')!r} is not supported (expected {ARCH!r}, "
                                   f"or {FOREIGN_ARCH!r} for an imported model)")
@@ -211,6 +221,12 @@ def read_info(path: str | os.PathLike) -> CheckpointInfo:
 def load_checkpoint(path: str | os.PathLike, sha256: str | None = None) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
     """Read and validate a checkpoint; returns float32 CPU tensors and the metadata. `sha256`: the
     digest the bytes must have (what publish recorded); the bytes hashed are the bytes parsed."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    from model.generator import Generator
+
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -261,6 +277,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", sha2
     """Any servable checkpoint, ours or imported: (network in eval mode, info). The network has
     a `descriptor` (scale, size rules, tiling) and maps N x 3 x H x W in [0, 1] to x scale.
     `sha256`: see load_checkpoint."""
+    from model.generator import Generator
+
     state, info = load_checkpoint(path, sha256)
     if info.foreign is not None:
         from model.foreign import ForeignSpec, build
@@ -274,6 +292,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", sha2
 def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Generator, CheckpointInfo]:
     """Rebuild our generator from the metadata alone and load its weights, in eval mode (for
     training and tools that need our architecture; serving uses load_model)."""
+    from model.generator import Generator
+
     state, info = load_checkpoint(path)
     if info.foreign is not None:
         raise CheckpointError(f"{path}: an imported {info.foreign.get('architecture')} model; this needs an "

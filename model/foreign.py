@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from core.errors import CheckpointError
+from model.spec import FOREIGN_ARCH  # noqa: F401 - torch-free (model/spec.py), re-exported from here as before
 
-FOREIGN_ARCH = "spandrel"  # CheckpointInfo.arch of an imported model; the network is in `foreign`
 PICKLED = (".pth", ".pt", ".ckpt", ".bin")
 SAFETENSORS = (".safetensors",)
 SERVED_PURPOSES = ("SR", "Restoration")  # image in, image (x scale) out; Restoration = x1

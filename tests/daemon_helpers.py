@@ -39,7 +39,9 @@ def settings(root: Path, checkpoint: Path, **sections: dict) -> dict:
             "failed": str(root / "failed"), "work": str(root / "inbox" / ".upscaled-work"),
             "models": str(root / "models"), "status": str(root / "status.json"),
         },
-        "watch": {"settle_seconds": 0.5, "rescan_interval": 2.0, "poll_interval": 0.3},
+        # incomplete_wait: a file whose end is missing (a truncated or corrupt image) waits 30 s by
+        # default for its writer; here 3 s (tests/test_hostile.py sets it where the wait is the point)
+        "watch": {"settle_seconds": 0.5, "rescan_interval": 2.0, "poll_interval": 0.3, "incomplete_wait": 3.0},
         "daemon": {"retry_initial": 0.2, "retry_max": 1.0, "shutdown_timeout": 10.0, "status_interval": 0.2,
                    "lease_interval": 0.5, "io_workers": 2, "allow_root": True},
     }

@@ -496,8 +496,10 @@ def test_service_retries_a_transient_error_until_fixed(tmp_path, ckpt):
             return step
 
         write_image(tmp_path / "inbox" / "t.png")
-        wait_for(spin(lambda: svc.board.retrying), 30, what="a retry")
-        st = json.loads(cfg.path("status").read_text())
+        def retrying_in_status():
+            st = json.loads(cfg.path("status").read_text())  # written every status_interval, after the board
+            return st["retrying"] and st
+        st = wait_for(spin(lambda: svc.board.retrying and retrying_in_status()), 30, what="a retry in the status")
         assert st["retrying"][0]["file"] == "t.png" and "write" in st["retrying"][0]["problem"]
         assert not any((tmp_path / "failed").iterdir())
         assert svc.claims.claimed_path("t.png").is_file()  # still ours, not back in the inbox

@@ -1,13 +1,16 @@
 """`upscaled backfill SRC DST`: a whole archive upscaled on Ray Data, on one machine or a cluster.
 
 The driver (this process) lists SRC and plans every output name; Ray Data then streams the files
-through three stages:
+through an actor pool whose actors hold the model, resident for the whole run:
 
-    decode (CPU tasks) -> upscale (an actor pool, each actor holding the model) -> publish (CPU tasks)
+    on GPUs:  decode (CPU tasks) -> upscale (one actor per GPU) -> publish (CPU tasks)
+    on CPUs:  decode, upscale, publish, in turn, in each actor (a few per node, splitting its cores)
 
-Decoding and publishing run beside the model, as the daemon's I/O threads do; the model stays
-resident in its actors, one per GPU when the cluster has GPUs, else a few CPU actors that split
-the cores between their torch threads. Every output is published as `upscaled upscale` publishes
+On GPUs, decoding and publishing on the CPUs keep the GPU fed. On CPUs they would only compete
+with the model for the same cores: its torch threads work in lockstep, so a decode task that
+preempts one stalls them all (measured: +42 % over a bare loop with separate stages on 2 cores,
+docs/scaling.md). There each actor works through its files as `upscaled upscale` and each daemon
+worker do, and the PNG encoder takes the model's threads while the model waits. Every output is published as `upscaled upscale` publishes
 it (upscaled.upscale.write_output: resize to output.scale / long_side, provenance metadata, temp
 name, fsync, rename), but never over an existing file.
 
@@ -31,7 +34,6 @@ import math
 import os
 import re
 import sys
-import threading
 import time
 import traceback
 from dataclasses import dataclass, field, replace
@@ -187,24 +189,8 @@ class Item:
         return self
 
 
-_lowered: set[int] = set()
-
-
-def lower_priority(nice: int) -> None:
-    """Run this task below the model, as the daemon runs its I/O threads (daemon.io_nice): on a
-    CPU, torch's threads work in lockstep, and a decoder that preempts one stalls them all. Linux
-    schedules threads: the calling one is lowered, once (Ray reuses a task worker for further
-    tasks of this run only)."""
-    tid = threading.get_native_id()
-    if nice and tid not in _lowered:
-        _lowered.add(tid)
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-
-
-def decode_row(row: dict, nice: int = 0) -> dict:
+def decode_row(row: dict) -> dict:
     """Ray Data task: read and decode one input (the decoders of model/images.py, nothing else)."""
-    lower_priority(nice)
     item: Item = row["item"]
     t0 = time.perf_counter()
     try:
@@ -219,21 +205,31 @@ def decode_row(row: dict, nice: int = 0) -> dict:
 class Upscale:
     """Ray Data actor: the model, resident for the whole run (on its GPU when it was given one)."""
 
-    def __init__(self, cfg: Config, model_path: str, jpeg_model_path: str | None, threads: int):
+    def __init__(self, cfg: Config, model_path: str, jpeg_model_path: str | None, pool: "Pool"):
         from core.logs import setup_logging
         from model.runtime import build_upscaler
 
         setup_logging(quiet=True)  # one line per actor below; per-file lines come from the driver
-        if threads:
-            cfg = replace(cfg, inference=replace(cfg.inference, threads=threads))
-        self.cfg = cfg
+        inference = cfg.inference
+        if pool.threads:
+            inference = replace(inference, threads=pool.threads)
+        if not inference.memory_budget_mb and pool.per_node > 1:
+            # The engine's automatic budget is a share of the memory free now; actors on one node
+            # would each take it. They split it instead.
+            from model.engine import available_memory_bytes
+            import torch
+
+            share = available_memory_bytes(torch.device("cpu")) // 4 // pool.per_node
+            inference = replace(inference, memory_budget_mb=max(64, min(2 << 10, share >> 20)))
+        cfg = replace(cfg, inference=inference)
+        self.cfg, self.whole, self.threads = cfg, pool.whole, pool.threads or 1
         self.up = build_upscaler(cfg, model_path)
         self.up_jpeg = build_upscaler(cfg, jpeg_model_path) if jpeg_model_path else None
         import ray
 
         node = ray.get_runtime_context().get_node_id()
         logger.warning("backfill worker pid {} on node {}: model {} on {} ({} torch threads)", os.getpid(), node[:12],
-                       self.up.version, self.up.device, threads or "all")
+                       self.up.version, self.up.device, pool.threads or "all")
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -242,6 +238,8 @@ class Upscale:
 
         out = []
         for item in batch["item"]:
+            if self.whole:
+                item = decode_row({"item": item})["item"]
             if not item.stage:
                 t0 = time.perf_counter()
                 try:
@@ -252,13 +250,14 @@ class Upscale:
                 except Exception as e:  # noqa: BLE001 - out of memory on one huge image, say
                     item.fail("upscale", e)
                 item.seconds["upscale"] = time.perf_counter() - t0
+            if self.whole:  # the model is idle while its output is encoded: the PNG writer takes its threads
+                item = publish_row({"item": item}, self.cfg, png_threads=self.threads)["outcome"]
             out.append(item)
-        return {"item": np.array(out, dtype=object)}
+        return {"outcome" if self.whole else "item": np.array(out, dtype=object)}
 
 
-def publish_row(row: dict, cfg: Config, nice: int = 0) -> dict:
+def publish_row(row: dict, cfg: Config, png_threads: int = 1) -> dict:
     """Ray Data task: resize, label, encode and publish one output; returns only the outcome."""
-    lower_priority(nice)
     item: Item = row["item"]
     if not item.stage:
         t0 = time.perf_counter()
@@ -266,7 +265,7 @@ def publish_row(row: dict, cfg: Config, nice: int = 0) -> dict:
         try:
             # "skip": never over an existing file, even one that appeared after the plan was made
             name, item.out_size = write_output(item.encoded, item.size, item.model_scale, item.model_version, dst,
-                                               item.fmt, cfg.output, conflict="skip")
+                                               item.fmt, cfg.output, conflict="skip", png_threads=png_threads)
             item.output = os.fsencode(name)
         except FileExistsError:
             # Another writer, or this very task's first attempt on a worker Ray lost after the rename.
@@ -290,30 +289,32 @@ class Pool:
     gpus: float  # per actor
     cpus: float  # per actor, as Ray counts them
     threads: int  # torch threads per CPU actor (0: the engine's default)
+    per_node: int = 1  # actors on one node (they split its memory)
+    whole: bool = False  # each actor decodes and publishes its own files (CPU actors)
 
     def describe(self) -> str:
         if self.gpus:
             return f"{self.actors} GPU worker(s)"
-        return f"{self.actors} CPU worker(s) of {self.threads} torch thread(s)"
+        return f"{self.actors} CPU worker(s) of {self.threads} torch thread(s), each decoding and publishing its own files"
 
 
 IO_CPUS = 0.5  # what one decode or publish task asks of Ray
 
 
 def pool_shape(gpus: float, node_cpus: list[float], workers: int | None, device: str = "auto") -> Pool:
-    """One actor per GPU when the cluster has GPUs (and inference.device allows them); else a
-    few CPU actors (one per 16 cores of a node, at least one per node) whose torch threads split
-    the node's cores. A CPU actor asks Ray for three quarters of the cores its threads use: the
-    rest is left to decode and publish tasks, which run beside inference as the daemon's I/O
-    threads do (a pool that asked for every core would leave them none, and never finish)."""
+    """One actor per GPU when the cluster has GPUs (and inference.device allows them), fed by
+    decode and publish tasks on the CPUs; else a few CPU actors (one per 16 cores of a node, at
+    least one per node) whose torch threads split the node's cores, each doing its own decoding
+    and publishing. A CPU actor asks Ray for three quarters of the cores its threads use, so that
+    Ray's own small tasks are never starved (all of the cores are its threads' to use)."""
     if gpus >= 1 and device != "cpu":
         n = workers or int(gpus)
-        return Pool(n, 1.0, 1.0, 0)
+        return Pool(n, 1.0, 1.0, 0, per_node=1)
     cores = [c for c in node_cpus if c > 0] or [1.0]
     n = workers or sum(max(1, int(c) // 16) for c in cores)
     per_node = max(1, math.ceil(n / len(cores)))
     threads = max(1, int(min(cores)) // per_node)
-    return Pool(n, 0.0, max(IO_CPUS + 0.25, 0.75 * threads), threads)
+    return Pool(n, 0.0, max(IO_CPUS + 0.25, 0.75 * threads), threads, per_node=per_node, whole=True)
 
 
 def connect(address: str | None, quiet: bool):
@@ -417,13 +418,13 @@ def _stream(ray, cfg, planned: Planned, model_path, jpeg_path, workers, failures
     rows = [{"item": Item(os.fsencode(s), os.fsencode(str(r)), os.fsencode(d), f)} for s, r, d, f in planned.todo]
     # Small blocks stream (a decoded photo is tens of MB); capped so a million files stay cheap to schedule.
     ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 10_000))
-    # Beside CPU actors, decoding and publishing yield to inference (daemon.io_nice; auto: nice 10).
-    nice = 0 if pool.gpus else {"auto": 10, "idle": 19}.get(cfg.daemon.io_nice, cfg.daemon.io_nice)
-    ds = ds.map(decode_row, num_cpus=IO_CPUS, fn_kwargs={"nice": nice})
+    if not pool.whole:
+        ds = ds.map(decode_row, num_cpus=IO_CPUS)
     ds = ds.map_batches(Upscale, batch_size=1, batch_format="numpy", num_cpus=pool.cpus, num_gpus=pool.gpus,
                         compute=ray.data.ActorPoolStrategy(size=pool.actors),
-                        fn_constructor_args=(cfg, model_path, jpeg_path, pool.threads))
-    ds = ds.map(publish_row, num_cpus=IO_CPUS, fn_kwargs={"cfg": cfg, "nice": nice})
+                        fn_constructor_args=(cfg, model_path, jpeg_path, pool))
+    if not pool.whole:
+        ds = ds.map(publish_row, num_cpus=IO_CPUS, fn_kwargs={"cfg": cfg})
     done = 0
     mp_in = mp_out = 0.0
     last_note = time.monotonic()

@@ -70,8 +70,9 @@ def main(cfg: Config, listen: str | None = None, config_path: Path | None = None
     site = Site(cfg, Guard(token, cfg.web.read_only), loopback_only=local, config_path=config_path,
                 overrides=list(overrides))
     app = create_app(site)
-    # torch is needed only for model metadata and promotion: import it now, off the request path.
-    threading.Thread(target=lambda: importlib.import_module("model.checkpoint"), name="warm-up", daemon=True).start()
+    # torch is needed only for promotion (model metadata is read without it): import it now, off the
+    # request path. model.verify is what promotion runs; it imports torch and the generator.
+    threading.Thread(target=lambda: importlib.import_module("model.verify"), name="warm-up", daemon=True).start()
     logging.basicConfig(handlers=[_ToLoguru()], level=logging.INFO, force=True)
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers = []
