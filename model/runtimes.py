@@ -144,6 +144,10 @@ class NcnnRuntime(Runtime):
         # bf16: the body's activations and weights stored in bf16 (computed in fp32), the ends in
         # fp32 (model/ncnngraph.py); on a CPU without native bf16 too, as it halves memory traffic.
         opt.use_bf16_storage = opt.use_bf16_packed = precision == "bf16"
+        # Blobs and scratch from pools that live as long as the net: an extractor of its own
+        # allocates every blob afresh, paging tens of MB in per tile (measured: 3 % of the time).
+        self._blobs, self._work = ncnn.PoolAllocator(), ncnn.PoolAllocator()
+        opt.blob_allocator, opt.workspace_allocator = self._blobs, self._work
         if self.net.load_param_mem(param):
             raise RuntimeError("ncnn did not accept the generator's graph")
         # The Python binding loads weights from a file only (its in-memory load takes a str): a
