@@ -51,9 +51,16 @@ def natural_image(h: int, w: int, seed: int = 0) -> np.ndarray:
 @pytest.fixture(scope="session", autouse=True)
 def _runtime_cache(tmp_path_factory) -> None:
     """The runtime probe's cache (model/runtimes.py) of every test and its subprocesses goes to a
-    temp folder, never to the user's ~/.cache."""
+    temp folder of this run, never to the user's ~/.cache. Under pytest-xdist the workers share
+    it (the folder above their own temp folders), so a bundled model is probed once per run, not
+    once per worker (the cache file is written atomically; a lost update costs one more probe)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    cache = root / "xdg-cache"
+    cache.mkdir(exist_ok=True)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        mp.setenv("XDG_CACHE_HOME", str(cache))
         yield
 
 
