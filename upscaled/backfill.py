@@ -299,6 +299,9 @@ class Pool:
 
 
 IO_CPUS = 0.5  # what one decode or publish task asks of Ray
+# Files per call of a CPU actor: it works through them in turn, publishing each as it goes, so a
+# batch holds no pixels; fewer, larger calls leave less scheduling work to Ray beside the model.
+CPU_BATCH = 4
 
 
 def pool_shape(gpus: float, node_cpus: list[float], workers: int | None, device: str = "auto") -> Pool:
@@ -420,7 +423,7 @@ def _stream(ray, cfg, planned: Planned, model_path, jpeg_path, workers, failures
     ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 10_000))
     if not pool.whole:
         ds = ds.map(decode_row, num_cpus=IO_CPUS)
-    ds = ds.map_batches(Upscale, batch_size=1, batch_format="numpy", num_cpus=pool.cpus, num_gpus=pool.gpus,
+    ds = ds.map_batches(Upscale, batch_size=1 if pool.gpus else CPU_BATCH, batch_format="numpy", num_cpus=pool.cpus, num_gpus=pool.gpus,
                         compute=ray.data.ActorPoolStrategy(size=pool.actors),
                         fn_constructor_args=(cfg, model_path, jpeg_path, pool))
     if not pool.whole:
