@@ -48,6 +48,13 @@ def natural_image(h: int, w: int, seed: int = 0) -> np.ndarray:
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """Workers for `-n auto` (the default, pyproject.toml): most tests wait on real daemons and
+    subprocesses, so two workers help even on one or two cores; past four the daemons' own threads
+    would only compete."""
+    return min(4, max(2, len(os.sched_getaffinity(0))))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _runtime_cache(tmp_path_factory) -> None:
     """The runtime probe's cache (model/runtimes.py) of every test and its subprocesses goes to a
