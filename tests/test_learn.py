@@ -207,8 +207,9 @@ def test_the_teacher_path_runs_with_a_tiny_imported_model(tmp_path):
     assert cmd_import(load_config(config), tmp_path / "span_x4.pth", "teacher", None, None) == 0
     version = next(i.version for _, i in store.published(tmp_path / "models") if i.imported)
     # capped at 5 steps: the run ends once every label is made (learn.teacher_cpu_seconds bounds
-    # that) and a few steps are taken, not at the clock, so the budget is no race against labelling
-    r = learn_cli(config, "--minutes", "1", "--set", "learn.max_steps=5", "--teacher", version, "--no-publish")
+    # that, and half the budget: a busy machine may starve the idle-priority labeller) and a few
+    # steps are taken, not at the clock
+    r = learn_cli(config, "--minutes", "2", "--set", "learn.max_steps=5", "--teacher", version, "--no-publish")
     assert r.returncode == 0, r.stderr
     run = last_run(tmp_path)
     assert run["teacher"] == version and run["teacher_pairs"] > 0, run
@@ -218,6 +219,30 @@ def test_the_teacher_path_runs_with_a_tiny_imported_model(tmp_path):
     assert slice_digests and not any(c.name.split("@")[0].split("-")[-1].split(".")[0] in slice_digests for c in cached)
     with Image.open(cached[0]) as im:
         assert im.size == (32, 32)  # an 8-pixel crop at its own size, times the teacher's 4
+
+
+def test_the_teacher_labelling_stops_at_the_runs_time_budget(tmp_path):
+    """The labeller runs at idle priority, which a busy machine may starve for good: it is
+    stopped at half the run's budget and the run goes on with the labels cached so far."""
+    pytest.importorskip("spandrel")
+    from spandrel.architectures.SPAN.__arch.span import SPAN
+
+    from core.config import load as load_config
+    from upscaled.models_cmd import cmd_import
+
+    config = setup_root(tmp_path)
+    fill_learn_folder(tmp_path / "learn", 8)
+    torch.manual_seed(0)
+    torch.save(SPAN(num_in_ch=3, num_out_ch=3, feature_channels=8, upscale=4).state_dict(), tmp_path / "span_x4.pth")
+    assert cmd_import(load_config(config), tmp_path / "span_x4.pth", "teacher", None, None) == 0
+    version = next(i.version for _, i in store.published(tmp_path / "models") if i.imported)
+    # 3 s of budget: the labeller (a fresh process importing torch and spandrel) cannot be done in 1.5
+    t0 = time.monotonic()
+    r = learn_cli(config, "--minutes", "0.05", "--set", "learn.max_steps=2", "--teacher", version, "--no-publish")
+    assert r.returncode == 0, r.stderr
+    assert "stopped at the run's time budget" in r.stderr, r.stderr
+    assert last_run(tmp_path)["teacher"] == version
+    assert time.monotonic() - t0 < 60  # not held by a labeller that never finishes
 
 
 # ----------------------------------------------------------------------------- the web page

@@ -226,9 +226,13 @@ def label(teacher: str, files: list[str], lr_side: int, cache: str, cpu_seconds:
                 atomic_write_bytes(target, buf.getvalue())
 
 
-def teacher_pairs(cfg: Config, lc: LearnConfig, train_files: list[Path], scale: int, lr_side: int) -> tuple[list, dict]:
+def teacher_pairs(cfg: Config, lc: LearnConfig, train_files: list[Path], scale: int, lr_side: int,
+                  until: float | None = None) -> tuple[list, dict]:
     """(LR crop, teacher target) pairs for the training images: new labels made by a child
-    process at idle priority within learn.teacher_cpu_seconds, then everything cached read."""
+    process at idle priority within learn.teacher_cpu_seconds, and stopped at `until` (a
+    time.time(); the run's budget: at idle priority on a busy machine the child may get no CPU at
+    all), then everything cached read. Labels are written one by one, atomically, so a stopped
+    child loses only the one in hand."""
     path, _ = checkpoint_for(cfg, lc.teacher)
     info = read_info(path)
     if info.scale != scale:
@@ -241,8 +245,16 @@ def teacher_pairs(cfg: Config, lc: LearnConfig, train_files: list[Path], scale: 
         p = multiprocessing.get_context("spawn").Process(
             target=label, args=(str(path), [str(f) for f in train_files], lr_side, str(cache), lc.teacher_cpu_seconds))
         p.start()
-        p.join()
-        if p.exitcode:
+        p.join(None if until is None else max(1.0, until - time.time()))
+        if p.is_alive():
+            logger.warning("the teacher's labelling (idle priority) is stopped at the run's time budget; "
+                           "the labels cached so far are used, the next run goes on from there")
+            p.terminate()
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        elif p.exitcode:
             logger.warning("the teacher's labelling process exited with {}; using the labels cached so far", p.exitcode)
     pairs = []
     for f in train_files:
@@ -413,7 +425,9 @@ def learn(cfg: Config, run_dir: Path, *, minutes: float, publish: bool, teacher:
     provenance: dict = {}
     pairs: list = []
     if lc.teacher:
-        pairs, provenance = teacher_pairs(cfg, lc, material.train, scale, crop // scale)
+        # labelling may take half of what is left of the budget; training and measuring the rest
+        pairs, provenance = teacher_pairs(cfg, lc, material.train, scale, crop // scale,
+                                          until=time.time() + 0.5 * max(0.0, deadline - time.time()))
     degradations = Degradations(tc.degrade_blur, tc.degrade_noise, tc.degrade_jpeg, (tc.degrade_jpeg_min, tc.degrade_jpeg_max))
     data = LearnData(material.train, base=base, base_ratio=lc.base_ratio, degradations=degradations, teacher=pairs,
                      teacher_share=lc.teacher_share, scale=scale, crop=crop, batch=lc.batch, seed=seed, rank=0,
