@@ -192,20 +192,25 @@ def test_too_little_material_says_so_and_trains_nothing(tmp_path):
     assert not (tmp_path / "runs" / "learn-last.json").exists()
 
 
-def test_the_teacher_path_runs_with_a_tiny_imported_model(tmp_path):
-    spandrel = pytest.importorskip("spandrel")
+def with_a_tiny_teacher(root: Path) -> tuple[Path, str]:
+    """setup_root with 8 kept images and a tiny SPAN x4 imported as a teacher; (config, its version)."""
+    pytest.importorskip("spandrel")
     from spandrel.architectures.SPAN.__arch.span import SPAN
 
     from core.config import load as load_config
     from upscaled.models_cmd import cmd_import
 
-    config = setup_root(tmp_path)
-    fill_learn_folder(tmp_path / "learn", 8)
+    config = setup_root(root)
+    fill_learn_folder(root / "learn", 8)
     torch.manual_seed(0)
-    torch.save(SPAN(num_in_ch=3, num_out_ch=3, feature_channels=8, upscale=4).state_dict(), tmp_path / "span_x4.pth")
+    torch.save(SPAN(num_in_ch=3, num_out_ch=3, feature_channels=8, upscale=4).state_dict(), root / "span_x4.pth")
     # in-process: `upscaled models import` itself is tested in tests/test_foreign.py
-    assert cmd_import(load_config(config), tmp_path / "span_x4.pth", "teacher", None, None) == 0
-    version = next(i.version for _, i in store.published(tmp_path / "models") if i.imported)
+    assert cmd_import(load_config(config), root / "span_x4.pth", "teacher", None, None) == 0
+    return config, next(i.version for _, i in store.published(root / "models") if i.imported)
+
+
+def test_the_teacher_path_runs_with_a_tiny_imported_model(tmp_path):
+    config, version = with_a_tiny_teacher(tmp_path)
     # capped at 5 steps: the run ends once every label is made (learn.teacher_cpu_seconds bounds
     # that, and half the budget: a busy machine may starve the idle-priority labeller) and a few
     # steps are taken, not at the clock
@@ -224,18 +229,7 @@ def test_the_teacher_path_runs_with_a_tiny_imported_model(tmp_path):
 def test_the_teacher_labelling_stops_at_the_runs_time_budget(tmp_path):
     """The labeller runs at idle priority, which a busy machine may starve for good: it is
     stopped at half the run's budget and the run goes on with the labels cached so far."""
-    pytest.importorskip("spandrel")
-    from spandrel.architectures.SPAN.__arch.span import SPAN
-
-    from core.config import load as load_config
-    from upscaled.models_cmd import cmd_import
-
-    config = setup_root(tmp_path)
-    fill_learn_folder(tmp_path / "learn", 8)
-    torch.manual_seed(0)
-    torch.save(SPAN(num_in_ch=3, num_out_ch=3, feature_channels=8, upscale=4).state_dict(), tmp_path / "span_x4.pth")
-    assert cmd_import(load_config(config), tmp_path / "span_x4.pth", "teacher", None, None) == 0
-    version = next(i.version for _, i in store.published(tmp_path / "models") if i.imported)
+    config, version = with_a_tiny_teacher(tmp_path)
     # 3 s of budget: the labeller (a fresh process importing torch and spandrel) cannot be done in 1.5
     t0 = time.monotonic()
     r = learn_cli(config, "--minutes", "0.05", "--set", "learn.max_steps=2", "--teacher", version, "--no-publish")
